@@ -1,0 +1,151 @@
+"""From stored instances to a published result for one series.
+
+read files → classify the series → assemble the DWI volume → find the tumour SEG →
+:func:`dicom_node.analysis.analyse` (fit, ROI, features) → publish to the results API.
+Series that are not analysable are *skipped with a reason*, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.analysis import PIPELINE_VERSION, AnalysisSettings, analyse
+from dicom_node.assemble import AssemblyError, assemble_dwi
+from dicom_node.db import Instance, Series, SeriesState
+from dicom_node.publish import publish
+from dicom_node.roles import SeriesRole, classify_series
+
+_ANALYSABLE = {SeriesRole.DIFFUSION_TRACE, SeriesRole.DIFFUSION_DIRECTIONAL}
+_BUSY = (SeriesState.RECEIVING, SeriesState.QUEUED, SeriesState.ANALYSING)
+
+
+class Skipped(Exception):
+    """The series is recorded but not analysed; ``reason`` says why (no patient data)."""
+
+    def __init__(self, reason: str, role: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.role = role
+
+
+class Deferred(Exception):
+    """Try again later (e.g. the study's SEG is still arriving)."""
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    results_url: str
+    results_token: str
+    quiet_seconds: float
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+
+
+@dataclass(frozen=True)
+class PipelineOutcome:
+    result_id: str
+    publish_status: str
+    role: str
+
+
+def _current_paths(session: Session, series_uid: str) -> list[str]:
+    return list(
+        session.scalars(
+            select(Instance.path).where(
+                Instance.series_instance_uid == series_uid, Instance.current.is_(True)
+            )
+        )
+    )
+
+
+def _read(paths: list[str]) -> list[Dataset]:
+    return [pydicom.dcmread(p) for p in sorted(paths)]
+
+
+def _iso_datetime(ds: Dataset) -> str:
+    raw = str(ds.get("AcquisitionDateTime", "") or "")
+    if not raw:
+        date = str(ds.get("SeriesDate", "") or ds.get("StudyDate", "") or "")
+        time_ = str(ds.get("SeriesTime", "") or ds.get("StudyTime", "") or "000000")
+        raw = date + time_ if date else ""
+    if len(raw) < 8:
+        return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    digits = raw.split(".")[0].ljust(14, "0")[:14]
+    when = dt.datetime.strptime(digits, "%Y%m%d%H%M%S")
+    return when.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def build_payload(first: Dataset, analysis: Any, series_uid: str) -> dict[str, Any]:
+    """The results-API body (docs/results-api.md) for one analysed series."""
+    return {
+        "api_version": 1,
+        "pipeline_version": PIPELINE_VERSION,
+        "study_instance_uid": str(first.StudyInstanceUID),
+        "series_instance_uid": series_uid,
+        "accession_number": str(first.get("AccessionNumber", "") or ""),
+        "patient": {
+            "id": str(first.get("PatientID", "") or ""),
+            "issuer": str(first.get("IssuerOfPatientID", "") or ""),
+        },
+        "acquired_at": _iso_datetime(first),
+        "laterality": analysis.laterality,
+        "features": analysis.features,
+        "provenance": analysis.provenance,
+    }
+
+
+def _study_series(session: Session, study_uid: str) -> list[Series]:
+    return list(session.scalars(select(Series).where(Series.study_instance_uid == study_uid)))
+
+
+def run_pipeline(sessions: sessionmaker[Session], series_uid: str, settings: PipelineSettings) -> PipelineOutcome:
+    with sessions() as session:
+        series = session.get(Series, series_uid)
+        if series is None:
+            raise Skipped("series no longer indexed")
+        paths = _current_paths(session, series_uid)
+        siblings = _study_series(session, series.study_instance_uid)
+    if not paths:
+        raise Skipped("series has no instances")
+
+    if series.modality == "SEG":
+        # A ROI arrived: diffusion series of the study analysed without it are re-opened.
+        from dicom_node.jobs import reopen_series
+
+        targets = [
+            s.series_instance_uid for s in siblings
+            if s.role in {r.value for r in _ANALYSABLE} and s.series_instance_uid != series_uid
+        ]
+        reopen_series(sessions, targets, settings.quiet_seconds)
+        raise Skipped("segmentation stored; diffusion series of the study re-opened", role="seg")
+
+    datasets = _read(paths)
+    verdict = classify_series(datasets)
+    role = verdict.role.value
+    if verdict.role not in _ANALYSABLE:
+        raise Skipped(f"not a diffusion series ({role}): " + "; ".join(verdict.reasons), role=role)
+    if not verdict.is_breast:
+        raise Skipped("not a breast series: " + "; ".join(verdict.reasons), role=role)
+    if any(s.modality == "SEG" and s.state in _BUSY for s in siblings):
+        raise Deferred("a segmentation of this study is still arriving")
+
+    try:
+        dwi = assemble_dwi(datasets)
+    except AssemblyError as exc:
+        raise Skipped(f"unusable diffusion series: {exc}", role=role) from exc
+
+    segs: list[Dataset] = []
+    with sessions() as session:
+        for sib in siblings:
+            if sib.modality == "SEG":
+                segs.extend(_read(_current_paths(session, sib.series_instance_uid)))
+    analysis = analyse(dwi, segs=segs, settings=settings.analysis)
+    payload = build_payload(datasets[0], analysis, series_uid)
+    published = publish(settings.results_url, settings.results_token, payload)
+    return PipelineOutcome(result_id=published.result_id, publish_status=published.status, role=role)

@@ -1,0 +1,114 @@
+"""Series stability and job bookkeeping, driven by timestamps in the node database.
+
+Stability is a heuristic (a quiet period after the last instance); it is re-evaluated from the
+database on every tick, so a restart loses no timer, and a late instance simply re-opens the
+series (see :mod:`dicom_node.ingest`). Jobs whose message was lost or whose worker died are
+re-queued here; the worker's claim makes duplicates harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db import Job, JobState, Series, SeriesState
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+
+
+def promote_stable(sessions: sessionmaker[Session], quiet_seconds: float, *, now: float | None = None) -> list[str]:
+    """Queue a job for every series quiet for ``quiet_seconds``; returns the new job ids."""
+    now = time.time() if now is None else now
+    job_ids: list[str] = []
+    with sessions() as session:
+        due = session.scalars(
+            select(Series).where(
+                Series.state == SeriesState.RECEIVING,
+                Series.last_received_at <= now - quiet_seconds,
+            )
+        ).all()
+        for series in due:
+            job = Job(
+                id=str(uuid.uuid4()),
+                series_instance_uid=series.series_instance_uid,
+                generation=series.generation,
+                state=JobState.QUEUED,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(job)
+            series.state = SeriesState.QUEUED
+            job_ids.append(job.id)
+        session.commit()
+    for job_id in job_ids:
+        log.info("series stable; job queued", extra={"job_id": job_id})
+    return job_ids
+
+
+def stale_jobs(sessions: sessionmaker[Session], *, requeue_after: float = 120.0, now: float | None = None) -> list[str]:
+    """Jobs to send again: queued too long without a worker claim, or running with a dead lease."""
+    now = time.time() if now is None else now
+    with sessions() as session:
+        rows = session.scalars(
+            select(Job).where(
+                or_(
+                    (Job.state == JobState.QUEUED) & (Job.updated_at <= now - requeue_after),
+                    (Job.state == JobState.RUNNING) & (Job.lease_expires_at < now),
+                )
+            )
+        ).all()
+        ids = []
+        for job in rows:
+            if job.attempts >= MAX_ATTEMPTS:
+                job.state = JobState.FAILED
+                job.error = job.error or "gave up after repeated worker loss"
+                series = session.get(Series, job.series_instance_uid)
+                if series is not None and series.generation == job.generation:
+                    series.state = SeriesState.FAILED
+                    series.reason = job.error
+                continue
+            job.state = JobState.QUEUED
+            job.updated_at = now
+            ids.append(job.id)
+        session.commit()
+    return ids
+
+
+def pending_jobs(sessions: sessionmaker[Session]) -> list[str]:
+    """Every queued job: sent again at start-up in case the queue lost them."""
+    with sessions() as session:
+        return list(session.scalars(select(Job.id).where(Job.state == JobState.QUEUED)))
+
+
+def run_forever(
+    sessions: sessionmaker[Session],
+    enqueue: Callable[[str], object],
+    quiet_seconds: float,
+    stop: Callable[[], bool],
+    *,
+    tick: float = 0.5,
+    stale_every: float = 15.0,
+) -> None:
+    """The node's housekeeping loop (a thread of ``her2low node``)."""
+    for job_id in pending_jobs(sessions):
+        enqueue(job_id)
+    last_stale = 0.0
+    while not stop():
+        try:
+            for job_id in promote_stable(sessions, quiet_seconds):
+                enqueue(job_id)
+            if time.monotonic() - last_stale >= stale_every:
+                last_stale = time.monotonic()
+                for job_id in stale_jobs(sessions):
+                    log.warning("job re-queued", extra={"job_id": job_id})
+                    enqueue(job_id)
+        except Exception:  # keep the node alive; the next tick retries from the database
+            log.exception("housekeeping tick failed")
+        time.sleep(tick)

@@ -1,0 +1,82 @@
+"""Durable DICOM file store: an instance is acknowledged only once its bytes survive a crash.
+
+Write to a temporary file in the target folder, ``fsync`` it, ``rename`` it into place (atomic on
+POSIX) and ``fsync`` the folder, so a success status never points at a missing or torn file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_UID = re.compile(r"^[0-9.]{1,64}$")
+
+
+class StorageFull(OSError):
+    """The store could not take the instance (no space, quota, read-only); answer 0xA700."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: Path
+    sha256: str
+    size: int
+
+
+def _safe_uid(uid: str) -> str:
+    """UIDs become path components; anything but digits and dots is rejected (no traversal)."""
+    if not _UID.match(uid):
+        raise ValueError(f"not a DICOM UID: {uid[:70]!r}")
+    return uid
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class FileStore:
+    """Files laid out as ``root/<study>/<series>/<sop>[.v<n>].dcm``."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str, version: int) -> Path:
+        name = _safe_uid(sop_uid) + (f".v{version}" if version > 1 else "") + ".dcm"
+        return self.root / _safe_uid(study_uid) / _safe_uid(series_uid) / name
+
+    def write(
+        self, data: bytes, *, study_uid: str, series_uid: str, sop_uid: str, version: int = 1
+    ) -> StoredFile:
+        """Write ``data`` durably; raises :class:`StorageFull` when the disk refuses it."""
+        target = self.path_for(study_uid, series_uid, sop_uid, version)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{id(data):x}.tmp")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+            if self.fsync:
+                dir_fd = os.open(target.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise StorageFull(exc.errno, f"cannot store instance: {exc.strerror}") from exc
+        return StoredFile(path=target, sha256=digest(data), size=len(data))

@@ -1,0 +1,43 @@
+"""Serve the CDS service with gunicorn (production server) from code, on the configured port."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from her2low.settings import Settings
+
+
+class _Gunicorn(BaseApplication):  # type: ignore[misc]
+    def __init__(self, options: dict[str, Any], settings: Settings) -> None:
+        self.options = options
+        self.settings = settings
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from cds_service.app import create_app
+
+        return create_app(self.settings)
+
+
+def serve(settings: Settings, *, workers: int = 2) -> None:
+    # Fail fast in the parent on an un-migrated database rather than in every worker.
+    from cds_service.db import check_current
+
+    check_current(settings.cds_database_url)
+    options = {
+        "bind": f"{settings.cds_host}:{settings.cds_port}",
+        "workers": workers,
+        "worker_class": "gthread",
+        "threads": 4,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": "warning",
+        "timeout": 60,
+    }
+    _Gunicorn(options, settings).run()

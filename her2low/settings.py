@@ -1,0 +1,192 @@
+"""One documented list of every setting, read from ``HER2LOW_*`` variables and an optional TOML file.
+
+Every field has a safe default so that ``her2low up`` runs with no configuration at all; the
+scaled deployment changes only values here (database URLs, queue URL), never code.
+The TOML file is named by ``HER2LOW_CONFIG`` (default ``$HER2LOW_HOME/her2low.toml`` when it
+exists); environment variables win over the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class ConfigurationError(ValueError):
+    """A setting is missing or invalid; the message names the ``HER2LOW_*`` variable."""
+
+
+def _toml_path() -> Path | None:
+    explicit = os.environ.get("HER2LOW_CONFIG")
+    if explicit:
+        return Path(explicit)
+    home = Path(os.environ.get("HER2LOW_HOME", "var"))
+    candidate = home / "her2low.toml"
+    return candidate if candidate.is_file() else None
+
+
+class Settings(BaseSettings):
+    """All settings of node, worker and service. ``her2low config --show`` prints them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HER2LOW_", extra="ignore", validate_default=True, frozen=True
+    )
+
+    # --- where things live -------------------------------------------------------------------
+    home: Path = Field(Path("var"), description="Folder for databases, DICOM files, secrets, logs.")
+    log_level: str = Field("INFO", description="Python log level name.")
+    log_format: str = Field("json", description="'json' (one event per line) or 'text'.")
+
+    # --- DICOM node ----------------------------------------------------------------------------
+    node_ae_title: str = Field("HER2LOW", description="Called AE title the node answers to.")
+    node_host: str = Field("0.0.0.0", description="Address the DICOM node listens on.")
+    node_port: int = Field(11112, description="DICOM port.")
+    node_allowed_calling_aets: list[str] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to associate (JSON list); empty allows any.",
+    )
+    node_db_url: str = Field("", description="SQLAlchemy URL of the node database; default SQLite in home.")
+    node_storage_dir: Path | None = Field(None, description="DICOM file store; default home/dicom.")
+    node_quiet_seconds: float = Field(
+        10.0, description="Quiet period after the last instance before a series counts as stable."
+    )
+    node_max_associations: int = Field(10, description="Concurrent associations accepted.")
+    node_results_url: str = Field(
+        "http://127.0.0.1:8080", description="Base URL of the CDS service's results API."
+    )
+
+    # --- queue ---------------------------------------------------------------------------------
+    queue_url: str = Field(
+        "", description="'' for Huey on SQLite in home, or redis://host:port/db for Huey on Redis."
+    )
+    worker_count: int = Field(1, description="Worker threads of `her2low worker`.")
+
+    # --- shared secret between node and service -----------------------------------------------
+    results_api_token: str = Field(
+        "",
+        description="Bearer token the node presents to the results API; default: generated once "
+        "into home/secrets/results-api-token.",
+    )
+
+    # --- CDS service -------------------------------------------------------------------------
+    cds_host: str = Field("127.0.0.1", description="Address the CDS service listens on.")
+    cds_port: int = Field(8080, description="HTTP port of the CDS service.")
+    cds_db_url: str = Field("", description="SQLAlchemy URL of the service database; default SQLite.")
+    cds_public_base_url: str = Field(
+        "http://127.0.0.1:8080",
+        description="Public base URL as the EHR calls it; JWT 'aud' is checked against it.",
+    )
+    cds_trusted_issuers: dict[str, Any] = Field(
+        default_factory=dict,
+        description="JSON: issuer -> JWKS path or URL, or {jwks, algorithms, tenants}.",
+    )
+    cds_auth_required: bool = Field(True, description="false only for local development.")
+    cds_cors_origins: list[str] = Field(
+        default_factory=lambda: ["*"], description="Allowed browser origins (JSON list) or ['*']."
+    )
+    cds_patient_id_systems: dict[str, str] = Field(
+        default_factory=lambda: {"HER2LOW-DEMO": "urn:her2low:demo:mrn"},
+        description="JSON: DICOM IssuerOfPatientID -> FHIR Identifier.system.",
+    )
+    cds_fhir_timeout_seconds: float = Field(3.0, description="Timeout of prefetch fetches.")
+    cds_jwt_max_lifetime_seconds: int = Field(300, description="Longest accepted exp - iat.")
+    cds_jwt_leeway_seconds: int = Field(30, description="Clock skew allowed on exp/iat.")
+    model_dir: Path | None = Field(
+        None, description="Model registry folder; default: the shipped reference model."
+    )
+
+    @field_validator("node_ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        if not value or len(value) > 16 or "\\" in value:
+            raise ValueError("HER2LOW_NODE_AE_TITLE must be 1-16 characters without backslash")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _toml_path()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # --- derived values --------------------------------------------------------------------------
+    @property
+    def storage_dir(self) -> Path:
+        return self.node_storage_dir or self.home / "dicom"
+
+    @property
+    def node_database_url(self) -> str:
+        return self.node_db_url or f"sqlite:///{(self.home / 'node.db').resolve()}"
+
+    @property
+    def cds_database_url(self) -> str:
+        return self.cds_db_url or f"sqlite:///{(self.home / 'cds.db').resolve()}"
+
+    @property
+    def queue_path(self) -> Path:
+        return self.home / "queue.db"
+
+    def results_token(self) -> str:
+        """The node/service shared token, generated once (0600) when not configured."""
+        if self.results_api_token:
+            return self.results_api_token
+        path = self.home / "secrets" / "results-api-token"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32))
+        return path.read_text().strip()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, turning validation errors into a message that names the variable."""
+    try:
+        return Settings(**overrides)
+    except Exception as exc:  # pydantic.ValidationError, TOML errors
+        errors = getattr(exc, "errors", None)
+        if callable(errors):
+            parts = []
+            for err in errors():
+                loc = "_".join(str(p) for p in err.get("loc", ()))
+                parts.append(f"HER2LOW_{loc.upper()}: {err.get('msg')}")
+            raise ConfigurationError("; ".join(parts)) from exc
+        raise ConfigurationError(str(exc)) from exc
+
+
+def describe(settings: Settings) -> list[dict[str, Any]]:
+    """Rows for ``her2low config --show``: variable, value (secrets masked), description."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        if "token" in name and value:
+            value = "***"
+        if isinstance(value, Path):
+            value = str(value)
+        rows.append(
+            {
+                "variable": f"HER2LOW_{name.upper()}",
+                "value": json.loads(json.dumps(value, default=str)),
+                "description": field.description or "",
+            }
+        )
+    return rows

@@ -1,0 +1,1 @@
+"""Leaf library: feature schema, training, ONNX export, registry, runtime. Imports no sibling."""

@@ -1,0 +1,168 @@
+"""The node's store and index, without the network: durability, duplicates, versions, refusals."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from sqlalchemy import select
+
+from dicom_node.db import Instance, Job, JobState, Series, SeriesState, make_engine, make_sessionmaker
+from dicom_node.ingest import Ingestor
+from dicom_node.scheduler import pending_jobs, promote_stable, stale_jobs
+from dicom_node.status import StoreStatus
+from dicom_node.storage import FileStore, StorageFull
+from her2low.settings import load_settings
+from tests.node_data import encode, mr_dataset
+
+
+@pytest.fixture
+def ingestor(home: Path) -> Ingestor:
+    settings = load_settings()
+    return Ingestor(FileStore(settings.storage_dir), make_sessionmaker(make_engine(settings.node_database_url)))
+
+
+def _ingest(ingestor: Ingestor, data: bytes, sop_class: str = MRImageStorage, sop: str | None = None) -> object:
+    from io import BytesIO
+
+    import pydicom
+
+    ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+    return ingestor.ingest(
+        data,
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop or str(ds.SOPInstanceUID),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+
+
+def test_stored_instance_is_on_disk_and_indexed(ingestor: Ingestor) -> None:
+    ds = mr_dataset(generate_uid(), generate_uid())
+    outcome = _ingest(ingestor, encode(ds))
+    assert outcome.status is StoreStatus.SUCCESS and outcome.detail == "stored"
+    with ingestor.sessions() as s:
+        row = s.scalars(select(Instance)).one()
+        series = s.get(Series, ds.SeriesInstanceUID)
+    assert Path(row.path).read_bytes() == encode(ds)
+    assert series is not None and series.state is SeriesState.RECEIVING and series.instance_count == 1
+    assert not any(p.name.endswith(".tmp") for p in Path(row.path).parent.iterdir())
+
+
+def test_same_bytes_twice_is_success_without_new_work(ingestor: Ingestor) -> None:
+    ds = mr_dataset(generate_uid(), generate_uid())
+    _ingest(ingestor, encode(ds))
+    with ingestor.sessions() as s:
+        before = s.get(Series, ds.SeriesInstanceUID).last_received_at  # type: ignore[union-attr]
+    outcome = _ingest(ingestor, encode(ds))
+    assert outcome.status is StoreStatus.SUCCESS and outcome.detail == "duplicate"
+    with ingestor.sessions() as s:
+        assert s.query(Instance).count() == 1
+        assert s.get(Series, ds.SeriesInstanceUID).last_received_at == before  # type: ignore[union-attr]
+
+
+def test_same_uid_new_bytes_is_a_new_version_and_reopens_series(ingestor: Ingestor) -> None:
+    study, series_uid, sop = generate_uid(), generate_uid(), generate_uid()
+    _ingest(ingestor, encode(mr_dataset(study, series_uid, sop=sop, value=1)))
+    sessions = ingestor.sessions
+    promote_stable(sessions, 0.0, now=1e12)
+    with sessions() as s:
+        assert s.get(Series, series_uid).state is SeriesState.QUEUED  # type: ignore[union-attr]
+    outcome = _ingest(ingestor, encode(mr_dataset(study, series_uid, sop=sop, value=2)))
+    assert outcome.detail == "new-version"
+    with sessions() as s:
+        rows = s.scalars(select(Instance).order_by(Instance.version)).all()
+        series = s.get(Series, series_uid)
+        jobs = s.scalars(select(Job)).all()
+    assert [(r.version, r.current) for r in rows] == [(1, False), (2, True)]
+    assert series is not None and series.generation == 2 and series.state is SeriesState.RECEIVING
+    assert [j.state for j in jobs] == [JobState.SUPERSEDED]
+
+
+def test_dataset_not_matching_its_sop_class_is_a900(ingestor: Ingestor) -> None:
+    ds = mr_dataset(generate_uid(), generate_uid())
+    outcome = _ingest(ingestor, encode(ds), sop_class=CTImageStorage)
+    assert outcome.status is StoreStatus.DATASET_MISMATCH
+
+
+def test_dataset_without_series_uid_is_a900(ingestor: Ingestor) -> None:
+    ds = mr_dataset(generate_uid(), generate_uid())
+    del ds.SeriesInstanceUID
+    assert _ingest(ingestor, encode(ds)).status is StoreStatus.DATASET_MISMATCH
+
+
+def test_unreadable_bytes_are_c000_and_nothing_is_stored(ingestor: Ingestor) -> None:
+    outcome = ingestor.ingest(
+        b"\x00" * 10 + b"not dicom at all",
+        sop_class_uid=MRImageStorage,
+        sop_instance_uid=generate_uid(),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    assert outcome.status is StoreStatus.CANNOT_UNDERSTAND
+    with ingestor.sessions() as s:
+        assert s.query(Instance).count() == 0
+
+
+def test_uid_with_path_characters_is_refused(ingestor: Ingestor) -> None:
+    ds = mr_dataset("1.2.3", "../../etc")
+    assert _ingest(ingestor, encode(ds)).status is StoreStatus.DATASET_MISMATCH
+
+
+def test_disk_refusal_is_a700(home: Path) -> None:
+    settings = load_settings()
+    blocker = home / "not-a-folder"
+    blocker.write_text("a file where the store wants a folder")
+    store = FileStore(home / "dicom")
+    store.root = blocker  # every write now fails with an OSError, like a full or read-only disk
+    ingestor = Ingestor(store, make_sessionmaker(make_engine(settings.node_database_url)))
+    outcome = _ingest(ingestor, encode(mr_dataset(generate_uid(), generate_uid())))
+    assert outcome.status is StoreStatus.OUT_OF_RESOURCES
+    with ingestor.sessions() as s:
+        assert s.query(Instance).count() == 0
+
+
+def test_storage_full_is_raised_as_such(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    (tmp_path / "1.2").write_text("blocks the study folder")
+    with pytest.raises(StorageFull):
+        store.write(b"x", study_uid="1.2", series_uid="3.4", sop_uid="5.6")
+
+
+def test_stability_uses_database_timers(ingestor: Ingestor) -> None:
+    ds = mr_dataset(generate_uid(), generate_uid())
+    _ingest(ingestor, encode(ds))
+    sessions = ingestor.sessions
+    with sessions() as s:
+        last = s.get(Series, ds.SeriesInstanceUID).last_received_at  # type: ignore[union-attr]
+    assert promote_stable(sessions, 10.0, now=last + 5) == []
+    jobs = promote_stable(sessions, 10.0, now=last + 11)
+    assert len(jobs) == 1
+    assert promote_stable(sessions, 10.0, now=last + 20) == []  # queued once only
+    assert pending_jobs(sessions) == jobs
+
+
+def test_dead_worker_lease_requeues_then_gives_up(ingestor: Ingestor) -> None:
+    from dicom_node.jobs import claim
+
+    ds = mr_dataset(generate_uid(), generate_uid())
+    _ingest(ingestor, encode(ds))
+    sessions = ingestor.sessions
+    (job_id,) = promote_stable(sessions, 0.0, now=1e12)
+    for _ in range(3):
+        assert claim(sessions, job_id) is not None  # a worker takes it and dies
+        assert claim(sessions, job_id) is None  # nobody else may take a running job
+        assert stale_jobs(sessions, now=1e13) == [job_id]
+    assert claim(sessions, job_id) is not None
+    assert stale_jobs(sessions, now=1e13) == []
+    with sessions() as s:
+        assert s.get(Job, job_id).state is JobState.FAILED  # type: ignore[union-attr]
+        assert s.get(Series, ds.SeriesInstanceUID).state is SeriesState.FAILED  # type: ignore[union-attr]
+
+
+def test_no_temporary_files_left_after_many_writes(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    for i in range(20):
+        store.write(os.urandom(100), study_uid="1.2", series_uid="3.4", sop_uid=f"5.{i}")
+    names = [p.name for p in (tmp_path / "1.2" / "3.4").iterdir()]
+    assert len(names) == 20 and not [n for n in names if n.startswith(".")]
