@@ -183,3 +183,35 @@ def _touch_series(session: Session, series_uid: str, study_uid: str, modality: s
             .where(Job.series_instance_uid == series_uid, Job.state == JobState.QUEUED)
             .values(state=JobState.SUPERSEDED)
         )
+
+
+def recover(ingestor: Ingestor) -> int:
+    """Index what a crash left unindexed: orphaned temporary files and unindexed files.
+
+    Each is fed back through :meth:`Ingestor.ingest` (which de-duplicates by content), and the
+    orphan removed afterwards. Returns how many instances were recovered.
+    """
+    recovered = 0
+    with ingestor.sessions() as session:
+        known = set(session.scalars(select(Instance.path)))
+    candidates = ingestor.store.orphans() + [p for p in ingestor.store.files() if str(p) not in known]
+    for path in candidates:
+        data = path.read_bytes()
+        try:
+            meta = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            outcome = ingestor.ingest(
+                data,
+                sop_class_uid=str(meta.file_meta.MediaStorageSOPClassUID),
+                sop_instance_uid=str(meta.file_meta.MediaStorageSOPInstanceUID),
+                transfer_syntax_uid=str(meta.file_meta.TransferSyntaxUID),
+                calling_aet="recovered",
+            )
+        except Exception:
+            outcome = IngestOutcome(StoreStatus.CANNOT_UNDERSTAND, "unreadable")
+        if path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)  # a copy now lives under its final name, or it was torn
+        if outcome.status is StoreStatus.SUCCESS and outcome.detail != "duplicate":
+            recovered += 1
+    if candidates:
+        log.warning("recovered files after an unclean stop", extra={"found": len(candidates), "recovered": recovered})
+    return recovered

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicom_node import scheduler, scp
 from dicom_node.db import MIGRATIONS, VERSION_TABLE, make_engine, make_sessionmaker
-from dicom_node.ingest import Ingestor
+from dicom_node.ingest import Ingestor, recover
 from dicom_node.queue import make_huey, register
 from dicom_node.storage import FileStore
 from her2low.migrate import check_current
@@ -40,7 +40,9 @@ def run_node(settings: Settings, stop: threading.Event | None = None) -> None:
     """Listen for DICOM and turn stable series into queued jobs until ``stop`` (or a signal)."""
     stop = stop or threading.Event()
     sessions = _sessions(settings)
-    ingestor = Ingestor(FileStore(settings.storage_dir), sessions)
+    store = FileStore(settings.storage_dir, dir_fsync=settings.node_durability == "full")
+    ingestor = Ingestor(store, sessions)
+    recover(ingestor)
     huey = make_huey(settings)
     task = register(huey, lambda job_id: None)  # producer side: only enqueues
     server = scp.start(settings, ingestor)

