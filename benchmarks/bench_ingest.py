@@ -78,8 +78,21 @@ def send(folder: Path, port: int, called: str) -> float:
     env = {**os.environ, "TCP_NODELAY": "1"}
     start = time.perf_counter()
     subprocess.run(
-        ["storescu", "-aet", "BENCH", "-aec", called, "-xe", "+sd", "127.0.0.1", str(port), str(folder)],
-        check=True, env=env, capture_output=True,
+        [
+            "storescu",
+            "-aet",
+            "BENCH",
+            "-aec",
+            called,
+            "-xe",
+            "+sd",
+            "127.0.0.1",
+            str(port),
+            str(folder),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
     )
     return time.perf_counter() - start
 
@@ -91,16 +104,35 @@ def run_target(name: str, folder: Path, n: int, repeats: int) -> float:
         port = free_port()
         env = dict(os.environ)
         if name == "storescp":
-            cmd = ["storescp", "-aet", "STORESCP", "--output-directory", str(work), "+xe", str(port)]
+            cmd = [
+                "storescp",
+                "-aet",
+                "STORESCP",
+                "--output-directory",
+                str(work),
+                "+xe",
+                str(port),
+            ]
             called = "STORESCP"
         elif name.startswith("bare"):
-            cmd = [PY, str(ROOT / "benchmarks" / "bare_pynetdicom_scp.py"), str(port), str(work)] + (["--fsync"] if name == "bare+fsync" else [])
+            cmd = [
+                PY,
+                str(ROOT / "benchmarks" / "bare_pynetdicom_scp.py"),
+                str(port),
+                str(work),
+            ] + (["--fsync"] if name == "bare+fsync" else [])
             called = "BARE"
         else:
-            env.update(HER2LOW_HOME=str(work), HER2LOW_NODE_PORT=str(port),
-                       HER2LOW_NODE_HOST="127.0.0.1", HER2LOW_NODE_QUIET_SECONDS="3600",
-                       HER2LOW_LOG_LEVEL="WARNING")
-            subprocess.run([PY, "-m", "her2low", "db", "upgrade"], env=env, check=True, capture_output=True)
+            env.update(
+                HER2LOW_HOME=str(work),
+                HER2LOW_NODE_PORT=str(port),
+                HER2LOW_NODE_HOST="127.0.0.1",
+                HER2LOW_NODE_QUIET_SECONDS="3600",
+                HER2LOW_LOG_LEVEL="WARNING",
+            )
+            subprocess.run(
+                [PY, "-m", "her2low", "db", "upgrade"], env=env, check=True, capture_output=True
+            )
             cmd = [PY, "-m", "her2low", "node"]
             called = "HER2LOW"
         env["TCP_NODELAY"] = "1"  # DCMTK's receiver waits on Nagle too without it
@@ -111,7 +143,9 @@ def run_target(name: str, folder: Path, n: int, repeats: int) -> float:
         finally:
             proc.terminate()
             proc.wait(timeout=10)
-        stored = [p for p in work.rglob("*") if p.is_file() and (p.suffix == ".dcm" or name == "storescp")]
+        stored = [
+            p for p in work.rglob("*") if p.is_file() and (p.suffix == ".dcm" or name == "storescp")
+        ]
         if name != "node":
             assert len(stored) >= n, f"{name} stored {len(stored)} of {n}"
         else:
@@ -128,13 +162,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-series-") as tmp:
         folder = Path(tmp)
         write_series(folder, args.images)
-        rates = {name: run_target(name, folder, args.images, args.repeats)
-                 for name in ("storescp", "bare", "bare+fsync", "node")}
-    print(f"images: {args.images} x 256x256x16 bit, median of {args.repeats} runs, storescu with TCP_NODELAY=1")
+        rates = {
+            name: run_target(name, folder, args.images, args.repeats)
+            for name in ("storescp", "bare", "bare+fsync", "node")
+        }
+    print(
+        f"images: {args.images} x 256x256x16 bit, median of {args.repeats} runs, storescu with TCP_NODELAY=1"
+    )
     for name, rate in rates.items():
         print(f"  {name:9s} {rate:8.1f} images/s")
     print(f"  node / bare pynetdicom : {rates['node'] / rates['bare']:.2f}  (goal >= 0.9)")
-    print(f"  node / bare + fsync    : {rates['node'] / rates['bare+fsync']:.2f}  (same durability)")
+    print(
+        f"  node / bare + fsync    : {rates['node'] / rates['bare+fsync']:.2f}  (same durability)"
+    )
     print(f"  node / DCMTK storescp  : {rates['node'] / rates['storescp']:.2f}  (goal >= 0.5)")
 
 

@@ -117,7 +117,9 @@ class Ingestor:
             except ValueError as exc:
                 return IngestOutcome(StoreStatus.DATASET_MISMATCH, str(exc), series_uid)
             except SQLAlchemyError as exc:
-                log.error("index unavailable", extra={"series_uid": series_uid, "err": type(exc).__name__})
+                log.error(
+                    "index unavailable", extra={"series_uid": series_uid, "err": type(exc).__name__}
+                )
                 return IngestOutcome(StoreStatus.OUT_OF_RESOURCES, "index unavailable", series_uid)
         if version > 1:
             log.warning(
@@ -132,15 +134,19 @@ def _torn_element(ds: Dataset) -> str:
     """The tag of an element whose declared length exceeds the bytes present (pydicom reads
     such values short without complaint), or ''."""
     for tag, raw in ds._dict.items():
-        if isinstance(raw, RawDataElement) and raw.value is not None:
-            if raw.length != UNDEFINED_LENGTH and len(raw.value) != raw.length:
-                return str(tag)
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.value is not None
+            and raw.length != UNDEFINED_LENGTH
+            and len(raw.value) != raw.length
+        ):
+            return str(tag)
     return ""
 
 
-def _mismatch(header: object, sop_class_uid: str, sop_instance_uid: str) -> str:
+def _mismatch(header: Dataset, sop_class_uid: str, sop_instance_uid: str) -> str:
     """Why the dataset does not match the request (PS3.4 B.2.3 'does not match SOP Class')."""
-    get = getattr(header, "get")
+    get = header.get
     if str(get("SOPClassUID", "") or "") != sop_class_uid:
         return "SOPClassUID differs from the presentation context"
     if str(get("SOPInstanceUID", "") or "") != sop_instance_uid:
@@ -151,7 +157,9 @@ def _mismatch(header: object, sop_class_uid: str, sop_instance_uid: str) -> str:
     return ""
 
 
-def _touch_series(session: Session, series_uid: str, study_uid: str, modality: str, *, new: bool) -> None:
+def _touch_series(
+    session: Session, series_uid: str, study_uid: str, modality: str, *, new: bool
+) -> None:
     """Record the arrival: restart the quiet-period timer and re-open an analysed series."""
     now = time.time()
     series = session.get(Series, series_uid)
@@ -194,7 +202,9 @@ def recover(ingestor: Ingestor) -> int:
     recovered = 0
     with ingestor.sessions() as session:
         known = set(session.scalars(select(Instance.path)))
-    candidates = ingestor.store.orphans() + [p for p in ingestor.store.files() if str(p) not in known]
+    candidates = ingestor.store.orphans() + [
+        p for p in ingestor.store.files() if str(p) not in known
+    ]
     for path in candidates:
         data = path.read_bytes()
         try:
@@ -213,5 +223,8 @@ def recover(ingestor: Ingestor) -> int:
         if outcome.status is StoreStatus.SUCCESS and outcome.detail != "duplicate":
             recovered += 1
     if candidates:
-        log.warning("recovered files after an unclean stop", extra={"found": len(candidates), "recovered": recovered})
+        log.warning(
+            "recovered files after an unclean stop",
+            extra={"found": len(candidates), "recovered": recovered},
+        )
     return recovered

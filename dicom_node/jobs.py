@@ -107,8 +107,14 @@ def run_job(sessions: sessionmaker[Session], settings: PipelineSettings, job_id:
         outcome = run_pipeline(sessions, job.series_instance_uid, settings)
     except Skipped as skip:
         log.info("series not analysed", extra={**extra, "reason": skip.reason, "role": skip.role})
-        _finish(sessions, job, job_state=JobState.DONE, series_state=SeriesState.SKIPPED,
-                reason=skip.reason, role=skip.role)
+        _finish(
+            sessions,
+            job,
+            job_state=JobState.DONE,
+            series_state=SeriesState.SKIPPED,
+            reason=skip.reason,
+            role=skip.role,
+        )
         return
     except Deferred as wait:
         log.info("job deferred", extra={**extra, "reason": str(wait)})
@@ -119,23 +125,46 @@ def run_job(sessions: sessionmaker[Session], settings: PipelineSettings, job_id:
             requeue(sessions, job, str(exc))
             raise RetryLater(str(exc)) from exc
         log.error("publish failed", extra={**extra, "err": str(exc)[:300]})
-        _finish(sessions, job, job_state=JobState.FAILED, series_state=SeriesState.FAILED, reason=str(exc))
+        _finish(
+            sessions,
+            job,
+            job_state=JobState.FAILED,
+            series_state=SeriesState.FAILED,
+            reason=str(exc),
+        )
         return
     except Exception as exc:
         log.exception("analysis failed", extra=extra)
-        _finish(sessions, job, job_state=JobState.FAILED, series_state=SeriesState.FAILED,
-                reason=f"{type(exc).__name__}: {exc}"[:1000])
+        _finish(
+            sessions,
+            job,
+            job_state=JobState.FAILED,
+            series_state=SeriesState.FAILED,
+            reason=f"{type(exc).__name__}: {exc}"[:1000],
+        )
         return
-    _finish(sessions, job, job_state=JobState.DONE, series_state=SeriesState.DONE,
-            result_id=outcome.result_id, role=outcome.role)
+    _finish(
+        sessions,
+        job,
+        job_state=JobState.DONE,
+        series_state=SeriesState.DONE,
+        result_id=outcome.result_id,
+        role=outcome.role,
+    )
     log.info(
         "series analysed and published",
-        extra={**extra, "result_id": outcome.result_id, "publish_status": outcome.publish_status,
-               "seconds": round(time.perf_counter() - started, 3)},
+        extra={
+            **extra,
+            "result_id": outcome.result_id,
+            "publish_status": outcome.publish_status,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
     )
 
 
-def reopen_series(sessions: sessionmaker[Session], series_uids: list[str], quiet_seconds: float) -> None:
+def reopen_series(
+    sessions: sessionmaker[Session], series_uids: list[str], quiet_seconds: float
+) -> None:
     """Make analysed series due again (e.g. a SEG for them arrived after their analysis)."""
     now = time.time()
     with sessions() as session:

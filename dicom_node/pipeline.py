@@ -22,7 +22,7 @@ from dicom_node.db import Instance, Series, SeriesState
 from dicom_node.publish import publish
 from dicom_node.roles import SeriesRole, classify_series
 
-_ANALYSABLE = {SeriesRole.DIFFUSION_TRACE, SeriesRole.DIFFUSION_DIRECTIONAL}
+_FIT_INPUT_ROLES = {role.value for role in SeriesRole if role.is_fit_input}
 _BUSY = (SeriesState.RECEIVING, SeriesState.QUEUED, SeriesState.ANALYSING)
 
 
@@ -104,7 +104,9 @@ def _study_series(session: Session, study_uid: str) -> list[Series]:
     return list(session.scalars(select(Series).where(Series.study_instance_uid == study_uid)))
 
 
-def run_pipeline(sessions: sessionmaker[Session], series_uid: str, settings: PipelineSettings) -> PipelineOutcome:
+def run_pipeline(
+    sessions: sessionmaker[Session], series_uid: str, settings: PipelineSettings
+) -> PipelineOutcome:
     with sessions() as session:
         series = session.get(Series, series_uid)
         if series is None:
@@ -119,8 +121,9 @@ def run_pipeline(sessions: sessionmaker[Session], series_uid: str, settings: Pip
         from dicom_node.jobs import reopen_series
 
         targets = [
-            s.series_instance_uid for s in siblings
-            if s.role in {r.value for r in _ANALYSABLE} and s.series_instance_uid != series_uid
+            s.series_instance_uid
+            for s in siblings
+            if s.role in _FIT_INPUT_ROLES and s.series_instance_uid != series_uid
         ]
         reopen_series(sessions, targets, settings.quiet_seconds)
         raise Skipped("segmentation stored; diffusion series of the study re-opened", role="seg")
@@ -128,7 +131,7 @@ def run_pipeline(sessions: sessionmaker[Session], series_uid: str, settings: Pip
     datasets = _read(paths)
     verdict = classify_series(datasets)
     role = verdict.role.value
-    if verdict.role not in _ANALYSABLE:
+    if not verdict.role.is_fit_input:
         raise Skipped(f"not a diffusion series ({role}): " + "; ".join(verdict.reasons), role=role)
     if not verdict.is_breast:
         raise Skipped("not a breast series: " + "; ".join(verdict.reasons), role=role)
@@ -148,4 +151,6 @@ def run_pipeline(sessions: sessionmaker[Session], series_uid: str, settings: Pip
     analysis = analyse(dwi, segs=segs, settings=settings.analysis)
     payload = build_payload(datasets[0], analysis, series_uid)
     published = publish(settings.results_url, settings.results_token, payload)
-    return PipelineOutcome(result_id=published.result_id, publish_status=published.status, role=role)
+    return PipelineOutcome(
+        result_id=published.result_id, publish_status=published.status, role=role
+    )

@@ -22,14 +22,18 @@ class Published:
     status: str  # created | unchanged | updated
 
 
-def publish(base_url: str, token: str, payload: dict[str, Any], *, timeout: float = 10.0) -> Published:
+def publish(
+    base_url: str, token: str, payload: dict[str, Any], *, timeout: float = 10.0
+) -> Published:
     url = base_url.rstrip("/") + "/api/v1/results"
     try:
         response = requests.post(
             url, json=payload, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
         )
     except requests.RequestException as exc:
-        raise PublishError(f"results API unreachable: {type(exc).__name__}", transient=True) from exc
+        raise PublishError(
+            f"results API unreachable: {type(exc).__name__}", transient=True
+        ) from exc
     if response.status_code >= 500 or response.status_code in (408, 429):
         raise PublishError(f"results API answered {response.status_code}", transient=True)
     if response.status_code not in (200, 201):

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 
 
-def promote_stable(sessions: sessionmaker[Session], quiet_seconds: float, *, now: float | None = None) -> list[str]:
+def promote_stable(
+    sessions: sessionmaker[Session], quiet_seconds: float, *, now: float | None = None
+) -> list[str]:
     """Queue a job for every series quiet for ``quiet_seconds``; returns the new job ids."""
     now = time.time() if now is None else now
     job_ids: list[str] = []
@@ -52,7 +54,9 @@ def promote_stable(sessions: sessionmaker[Session], quiet_seconds: float, *, now
     return job_ids
 
 
-def stale_jobs(sessions: sessionmaker[Session], *, requeue_after: float = 120.0, now: float | None = None) -> list[str]:
+def stale_jobs(
+    sessions: sessionmaker[Session], *, requeue_after: float = 120.0, now: float | None = None
+) -> list[str]:
     """Jobs to send again: queued too long without a worker claim, or running with a dead lease."""
     now = time.time() if now is None else now
     with sessions() as session:

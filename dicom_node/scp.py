@@ -7,9 +7,10 @@ arguments (pynetdicom's ``(event, handler, [args])`` form) and return named stat
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -32,7 +33,7 @@ def handle_store(event: Event, ingestor: Ingestor) -> int:
         encoded = event.encoded_dataset(include_meta=True)
     except Exception:  # a dataset pynetdicom cannot even frame
         return int(StoreStatus.CANNOT_UNDERSTAND)
-    request = event.request
+    request = cast(C_STORE, event.request)
     outcome = ingestor.ingest(
         encoded,
         sop_class_uid=str(request.AffectedSOPClassUID),
@@ -65,8 +66,11 @@ def build_ae(settings: Settings) -> AE:
     ae.require_called_aet = True  # reject A-ASSOCIATE with a wrong called AE (reason 7)
     if settings.node_allowed_calling_aets:
         # rejected with "calling AE title not recognised" (PS3.8 7.1.1.9, reason 3)
-        ae.require_calling_aet = [aet.split("@", 1)[0] for aet in settings.node_allowed_calling_aets]
+        ae.require_calling_aet = [
+            aet.split("@", 1)[0] for aet in settings.node_allowed_calling_aets
+        ]
     for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
     return ae
@@ -75,7 +79,10 @@ def build_ae(settings: Settings) -> AE:
 def start(settings: Settings, ingestor: Ingestor, **kwargs: Any) -> ThreadedAssociationServer:
     """Start listening without blocking; stop with ``server.shutdown()``."""
     ae = build_ae(settings)
-    handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [ingestor])]
+    handlers: list[Any] = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [ingestor]),
+    ]
     server = ae.start_server(
         (settings.node_host, settings.node_port), block=False, evt_handlers=handlers, **kwargs
     )

@@ -49,8 +49,11 @@ def run_node(settings: Settings, stop: threading.Event | None = None) -> None:
     _install_signal_handlers(stop)
     log.info(
         "dicom node listening",
-        extra={"ae_title": settings.node_ae_title, "port": settings.node_port,
-               "storage": str(settings.storage_dir)},
+        extra={
+            "ae_title": settings.node_ae_title,
+            "port": settings.node_port,
+            "storage": str(settings.storage_dir),
+        },
     )
     housekeeping = threading.Thread(
         target=scheduler.run_forever,
@@ -80,8 +83,12 @@ def run_worker(settings: Settings) -> None:
 
     register(huey, work)
     consumer = huey.create_consumer(
-        workers=settings.worker_count, worker_type="thread", periodic=False,
-        initial_delay=0.1, backoff=1.15, max_delay=1.0,
+        workers=settings.worker_count,
+        worker_type="thread",
+        periodic=False,
+        initial_delay=0.1,
+        backoff=1.15,
+        max_delay=1.0,
     )
     log.info("worker started", extra={"workers": settings.worker_count})
     consumer.run()

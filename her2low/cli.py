@@ -124,17 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"her2low-cds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("up", help="start node, worker and service on embedded defaults (+ demo study)")
+    p = sub.add_parser(
+        "up", help="start node, worker and service on embedded defaults (+ demo study)"
+    )
     p.add_argument("--no-demo", action="store_true", help="do not load the synthetic demo study")
     p.set_defaults(func=cmd_up)
 
-    sub.add_parser("node", help="run the DICOM node (SCP + stability timers)").set_defaults(func=cmd_node)
+    sub.add_parser("node", help="run the DICOM node (SCP + stability timers)").set_defaults(
+        func=cmd_node
+    )
     sub.add_parser("worker", help="run analysis workers").set_defaults(func=cmd_worker)
     p = sub.add_parser("service", help="run the CDS service (gunicorn)")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_service)
 
-    p = sub.add_parser("demo", help="send the synthetic study to a running system and show the card")
+    p = sub.add_parser(
+        "demo", help="send the synthetic study to a running system and show the card"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object for EHR integrators")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=7)

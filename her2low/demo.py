@@ -46,7 +46,9 @@ def study_files(folder: Path) -> list[Path]:
 def patient_resource(first: pydicom.Dataset, settings: Settings) -> dict[str, Any]:
     """The FHIR Patient an EHR would hold for the DICOM patient (identifier via issuer table)."""
     issuer = str(first.get("IssuerOfPatientID", "") or "")
-    system = settings.cds_patient_id_systems.get(issuer, f"urn:her2low:issuer:{issuer or 'unknown'}")
+    system = settings.cds_patient_id_systems.get(
+        issuer, f"urn:her2low:issuer:{issuer or 'unknown'}"
+    )
     value = str(first.PatientID)
     return {
         "resourceType": "Patient",
@@ -80,7 +82,9 @@ def wait_for_result(settings: Settings, study_uid: str, timeout: float) -> dict[
     raise TimeoutError(f"no result for the demo study within {timeout:.0f} s ({last_error})")
 
 
-def call_hook(settings: Settings, patient: dict[str, Any], prefetch: dict[str, Any]) -> dict[str, Any]:
+def call_hook(
+    settings: Settings, patient: dict[str, Any], prefetch: dict[str, Any]
+) -> dict[str, Any]:
     base = settings.cds_public_base_url.rstrip("/")
     endpoint = f"{base}/cds-services/{SERVICE_ID}"
     body = {
@@ -101,7 +105,9 @@ def call_hook(settings: Settings, patient: dict[str, Any], prefetch: dict[str, A
     return dict(response.json())
 
 
-def demo(settings: Settings, *, as_json: bool = False, timeout: float = 120.0, seed: int = 7) -> int:
+def demo(
+    settings: Settings, *, as_json: bool = False, timeout: float = 120.0, seed: int = 7
+) -> int:
     folder = demo_study(settings, seed)
     files = study_files(folder)
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
@@ -109,7 +115,10 @@ def demo(settings: Settings, *, as_json: bool = False, timeout: float = 120.0, s
         files, _local(settings.node_host), settings.node_port, called_aet=settings.node_ae_title
     )
     if report.failed:
-        print(f"her2low demo: {len(report.failed)} instances refused: {report.failed}", file=sys.stderr)
+        print(
+            f"her2low demo: {len(report.failed)} instances refused: {report.failed}",
+            file=sys.stderr,
+        )
         return 1
     study_uid = str(first.StudyInstanceUID)
     try:

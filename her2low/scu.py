@@ -20,7 +20,12 @@ class SendReport:
 
 
 def send_files(
-    files: Iterable[Path], host: str, port: int, *, called_aet: str = "HER2LOW", calling_aet: str = "HER2LOW-DEMO"
+    files: Iterable[Path],
+    host: str,
+    port: int,
+    *,
+    called_aet: str = "HER2LOW",
+    calling_aet: str = "HER2LOW-DEMO",
 ) -> SendReport:
     paths = list(files)
     datasets = [pydicom.dcmread(f) for f in paths]
@@ -45,7 +50,9 @@ def send_files(
     return report
 
 
-def echo(host: str, port: int, *, called_aet: str = "HER2LOW", calling_aet: str = "HER2LOW-DEMO") -> bool:
+def echo(
+    host: str, port: int, *, called_aet: str = "HER2LOW", calling_aet: str = "HER2LOW-DEMO"
+) -> bool:
     ae = AE(ae_title=calling_aet)
     ae.add_requested_context("1.2.840.10008.1.1")
     ae.acse_timeout = 5

@@ -9,7 +9,7 @@ from gunicorn.app.base import BaseApplication
 from her2low.settings import Settings
 
 
-class _Gunicorn(BaseApplication):  # type: ignore[misc]
+class _Gunicorn(BaseApplication):
     def __init__(self, options: dict[str, Any], settings: Settings) -> None:
         self.options = options
         self.settings = settings

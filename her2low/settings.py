@@ -57,7 +57,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Calling AE titles allowed to associate (JSON list); empty allows any.",
     )
-    node_db_url: str = Field("", description="SQLAlchemy URL of the node database; default SQLite in home.")
+    node_db_url: str = Field(
+        "", description="SQLAlchemy URL of the node database; default SQLite in home."
+    )
     node_storage_dir: Path | None = Field(None, description="DICOM file store; default home/dicom.")
     node_quiet_seconds: float = Field(
         10.0, description="Quiet period after the last instance before a series counts as stable."
@@ -88,7 +90,9 @@ class Settings(BaseSettings):
     # --- CDS service -------------------------------------------------------------------------
     cds_host: str = Field("127.0.0.1", description="Address the CDS service listens on.")
     cds_port: int = Field(8080, description="HTTP port of the CDS service.")
-    cds_db_url: str = Field("", description="SQLAlchemy URL of the service database; default SQLite.")
+    cds_db_url: str = Field(
+        "", description="SQLAlchemy URL of the service database; default SQLite."
+    )
     cds_public_base_url: str = Field(
         "http://127.0.0.1:8080",
         description="Public base URL as the EHR calls it; JWT 'aud' is checked against it.",

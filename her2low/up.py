@@ -67,7 +67,9 @@ def up(settings: Settings, *, demo: bool = True) -> int:
             return 1
         base = settings.cds_public_base_url.rstrip("/")
         print("her2low is up (reference model, NOT clinically validated)")
-        print(f"  DICOM node     {settings.node_ae_title}@{socket.gethostname()}:{settings.node_port}")
+        print(
+            f"  DICOM node     {settings.node_ae_title}@{socket.gethostname()}:{settings.node_port}"
+        )
         print(f"  CDS discovery  {base}/cds-services")
         print(f"  review app     {base}/review/")
         print(f"  data           {home}")
@@ -75,12 +77,17 @@ def up(settings: Settings, *, demo: bool = True) -> int:
         print("  settings       her2low config --show")
         if demo:
             if not settings.cds_trusted_issuers:
-                print(f"  trusting the local demo EHR issuer {demo_ehr.ISSUER} (keys in {home / 'secrets'})")
+                print(
+                    f"  trusting the local demo EHR issuer {demo_ehr.ISSUER} (keys in {home / 'secrets'})"
+                )
             print("loading the synthetic demo study ...", flush=True)
             from her2low.demo import demo as run_demo
 
             if run_demo(settings, as_json=False, timeout=120) != 0:
-                print("her2low up: the demo study did not produce a card; see the logs", file=sys.stderr)
+                print(
+                    "her2low up: the demo study did not produce a card; see the logs",
+                    file=sys.stderr,
+                )
         print("press Ctrl-C to stop", flush=True)
         while all(c.poll() is None for c in children.values()):
             time.sleep(1)

@@ -7,11 +7,11 @@ turns it into a card, an Observation and a review page). Frozen and JSON-seriali
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class ModelVariant(str, Enum):
+class ModelVariant(StrEnum):
     """Which inputs the chosen model uses (the runtime picks by what is available)."""
 
     COMBINED = "combined"

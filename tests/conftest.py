@@ -38,9 +38,9 @@ def shared_dwi() -> Path:
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An isolated HER2LOW_HOME with both databases migrated."""
-    from her2low.settings import load_settings
-    from her2low.migrate import upgrade
     from dicom_node.db import MIGRATIONS
+    from her2low.migrate import upgrade
+    from her2low.settings import load_settings
 
     folder = tmp_path / "home"
     monkeypatch.setenv("HER2LOW_HOME", str(folder))
@@ -78,8 +78,12 @@ def start_node(settings) -> RunningNode:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
-            if echo("127.0.0.1", settings.node_port, called_aet=settings.node_ae_title,
-                    calling_aet=(settings.node_allowed_calling_aets or ["HER2LOW-DEMO"])[0]):
+            if echo(
+                "127.0.0.1",
+                settings.node_port,
+                called_aet=settings.node_ae_title,
+                calling_aet=(settings.node_allowed_calling_aets or ["HER2LOW-DEMO"])[0],
+            ):
                 break
         except Exception:
             pass

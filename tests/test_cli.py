@@ -14,8 +14,13 @@ from her2low.settings import ConfigurationError, load_settings
 
 
 def _her2low(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "her2low", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "her2low", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_config_show_lists_every_setting_with_a_description(tmp_path: Path) -> None:
@@ -23,21 +28,33 @@ def test_config_show_lists_every_setting_with_a_description(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     names = {row["variable"] for row in rows}
-    assert {"HER2LOW_NODE_AE_TITLE", "HER2LOW_CDS_TRUSTED_ISSUERS", "HER2LOW_CDS_PUBLIC_BASE_URL",
-            "HER2LOW_QUEUE_URL", "HER2LOW_NODE_PORT"} <= names
+    assert {
+        "HER2LOW_NODE_AE_TITLE",
+        "HER2LOW_CDS_TRUSTED_ISSUERS",
+        "HER2LOW_CDS_PUBLIC_BASE_URL",
+        "HER2LOW_QUEUE_URL",
+        "HER2LOW_NODE_PORT",
+    } <= names
     assert all(row["description"] for row in rows)
 
 
 def test_secret_values_are_masked(tmp_path: Path) -> None:
-    result = _her2low("config", "--show", "--json",
-                      env={"HER2LOW_HOME": str(tmp_path), "HER2LOW_RESULTS_API_TOKEN": "s3cret-value"})
+    result = _her2low(
+        "config",
+        "--show",
+        "--json",
+        env={"HER2LOW_HOME": str(tmp_path), "HER2LOW_RESULTS_API_TOKEN": "s3cret-value"},
+    )
     assert "s3cret-value" not in result.stdout
 
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("HER2LOW_NODE_PORT", "eleven"), ("HER2LOW_CDS_TRUSTED_ISSUERS", "{not json"),
-     ("HER2LOW_NODE_AE_TITLE", "A" * 17)],
+    [
+        ("HER2LOW_NODE_PORT", "eleven"),
+        ("HER2LOW_CDS_TRUSTED_ISSUERS", "{not json"),
+        ("HER2LOW_NODE_AE_TITLE", "A" * 17),
+    ],
 )
 def test_invalid_value_names_its_variable(tmp_path: Path, variable: str, value: str) -> None:
     result = _her2low("config", "--show", env={"HER2LOW_HOME": str(tmp_path), variable: value})
@@ -45,7 +62,9 @@ def test_invalid_value_names_its_variable(tmp_path: Path, variable: str, value: 
     assert variable in result.stderr
 
 
-def test_toml_file_is_read_and_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_toml_file_is_read_and_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tmp_path / "her2low.toml"
     config.write_text('node_ae_title = "FROMTOML"\nnode_port = 11200\n')
     monkeypatch.setenv("HER2LOW_CONFIG", str(config))
@@ -72,7 +91,9 @@ def test_db_upgrade_then_node_database_is_current(tmp_path: Path) -> None:
 
     result = _her2low("db", "upgrade", env={"HER2LOW_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
-    check_current(MIGRATIONS, f"sqlite:///{tmp_path / 'node.db'}", what="node", version_table=VERSION_TABLE)
+    check_current(
+        MIGRATIONS, f"sqlite:///{tmp_path / 'node.db'}", what="node", version_table=VERSION_TABLE
+    )
 
 
 def test_logs_carry_no_patient_fields() -> None:

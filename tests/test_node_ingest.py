@@ -9,7 +9,15 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from sqlalchemy import select
 
-from dicom_node.db import Instance, Job, JobState, Series, SeriesState, make_engine, make_sessionmaker
+from dicom_node.db import (
+    Instance,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+    make_engine,
+    make_sessionmaker,
+)
 from dicom_node.ingest import Ingestor
 from dicom_node.scheduler import pending_jobs, promote_stable, stale_jobs
 from dicom_node.status import StoreStatus
@@ -21,10 +29,14 @@ from tests.node_data import encode, mr_dataset
 @pytest.fixture
 def ingestor(home: Path) -> Ingestor:
     settings = load_settings()
-    return Ingestor(FileStore(settings.storage_dir), make_sessionmaker(make_engine(settings.node_database_url)))
+    return Ingestor(
+        FileStore(settings.storage_dir), make_sessionmaker(make_engine(settings.node_database_url))
+    )
 
 
-def _ingest(ingestor: Ingestor, data: bytes, sop_class: str = MRImageStorage, sop: str | None = None) -> object:
+def _ingest(
+    ingestor: Ingestor, data: bytes, sop_class: str = MRImageStorage, sop: str | None = None
+) -> object:
     from io import BytesIO
 
     import pydicom
@@ -46,7 +58,9 @@ def test_stored_instance_is_on_disk_and_indexed(ingestor: Ingestor) -> None:
         row = s.scalars(select(Instance)).one()
         series = s.get(Series, ds.SeriesInstanceUID)
     assert Path(row.path).read_bytes() == encode(ds)
-    assert series is not None and series.state is SeriesState.RECEIVING and series.instance_count == 1
+    assert (
+        series is not None and series.state is SeriesState.RECEIVING and series.instance_count == 1
+    )
     assert not any(p.name.endswith(".tmp") for p in Path(row.path).parent.iterdir())
 
 

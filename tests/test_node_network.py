@@ -57,7 +57,9 @@ def test_unknown_calling_ae_is_rejected(node_env: pytest.MonkeyPatch) -> None:
     node_env.setenv("HER2LOW_NODE_ALLOWED_CALLING_AETS", '["ORTHANC"]')
     running = start_node(load_settings())
     try:
-        result = _dcmtk("echoscu", "-aet", "STRANGER", "-aec", "HER2LOW", "127.0.0.1", str(running.port))
+        result = _dcmtk(
+            "echoscu", "-aet", "STRANGER", "-aec", "HER2LOW", "127.0.0.1", str(running.port)
+        )
         assert result.returncode != 0
         assert "Calling AE Title Not Recognized" in result.stderr
         ok = _dcmtk("echoscu", "-aet", "ORTHANC", "-aec", "HER2LOW", "127.0.0.1", str(running.port))
@@ -69,8 +71,18 @@ def test_unknown_calling_ae_is_rejected(node_env: pytest.MonkeyPatch) -> None:
 
 def test_storescu_series_is_stored_durably(node: RunningNode, shared_dwi: Path) -> None:
     folder = shared_dwi / "ge_signa_classic" / "dicom"
-    result = _dcmtk("storescu", "-aet", "PEER", "-aec", "HER2LOW", "+sd", "+r",
-                    "127.0.0.1", str(node.port), str(folder))
+    result = _dcmtk(
+        "storescu",
+        "-aet",
+        "PEER",
+        "-aec",
+        "HER2LOW",
+        "+sd",
+        "+r",
+        "127.0.0.1",
+        str(node.port),
+        str(folder),
+    )
     assert result.returncode == 0, result.stderr
     with node.sessions()() as s:
         rows = s.scalars(select(Instance)).all()
@@ -78,14 +90,26 @@ def test_storescu_series_is_stored_durably(node: RunningNode, shared_dwi: Path) 
     for row in rows:
         assert Path(row.path).stat().st_size == row.size
     # a router re-sending the whole series: every instance succeeds, nothing stored twice
-    again = _dcmtk("storescu", "-aet", "PEER", "-aec", "HER2LOW", "+sd", "+r",
-                   "127.0.0.1", str(node.port), str(folder))
+    again = _dcmtk(
+        "storescu",
+        "-aet",
+        "PEER",
+        "-aec",
+        "HER2LOW",
+        "+sd",
+        "+r",
+        "127.0.0.1",
+        str(node.port),
+        str(folder),
+    )
     assert again.returncode == 0, again.stderr
     with node.sessions()() as s:
         assert s.query(Instance).count() == 14
 
 
-def test_malformed_dataset_gets_c000_and_node_keeps_serving(node: RunningNode, tmp_path: Path) -> None:
+def test_malformed_dataset_gets_c000_and_node_keeps_serving(
+    node: RunningNode, tmp_path: Path
+) -> None:
     assoc = _assoc(node.port)
     assert assoc.is_established
     try:

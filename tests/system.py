@@ -1,0 +1,155 @@
+"""A whole her2low system (node, worker, service) as real processes, for integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import jwt
+import requests
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+
+from tests.conftest import free_port
+
+ISSUER = "https://ehr.example.test"
+
+
+class System:
+    def __init__(self, home: Path, env: dict[str, str], key: ec.EllipticCurvePrivateKey) -> None:
+        self.home = home
+        self.env = env
+        self.key = key
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def base(self) -> str:
+        return self.env["HER2LOW_CDS_PUBLIC_BASE_URL"]
+
+    @property
+    def node_port(self) -> int:
+        return int(self.env["HER2LOW_NODE_PORT"])
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "her2low", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start(self, name: str) -> None:
+        log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115
+        self.procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "her2low", name], env=self.env, stdout=log, stderr=log
+            )
+        )
+
+    def token(self, audience: str, **overrides: object) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "aud": audience,
+            "iat": now,
+            "exp": now + 60,
+            "jti": str(uuid.uuid4()),
+            **overrides,
+        }
+        return jwt.encode(claims, self.key, algorithm="ES384", headers={"kid": "k1", "typ": "JWT"})
+
+    def results_token(self) -> str:
+        return (self.home / "secrets" / "results-api-token").read_text().strip()
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.procs.clear()
+
+    def wait_result(self, study_uid: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                r = requests.get(
+                    f"{self.base}/api/v1/results",
+                    params={"study_instance_uid": study_uid},
+                    headers={"Authorization": f"Bearer {self.results_token()}"},
+                    timeout=5,
+                )
+                if r.ok:
+                    ready = [x for x in r.json().get("results", []) if x.get("prediction")]
+                    if ready:
+                        return dict(ready[0])
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise AssertionError("no result published in time\n" + self.logs())
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in self.home.glob("*.log")
+        )
+
+
+def _wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=2)
+            return
+        except requests.RequestException:
+            time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+@contextmanager
+def running_system(
+    tmp_path: Path, *, components: tuple[str, ...] = ("node", "worker", "service"), **extra_env: str
+) -> Iterator[System]:
+    home = tmp_path / "home"
+    home.mkdir()
+    key = ec.generate_private_key(ec.SECP384R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid="k1", alg="ES384", use="sig")
+    jwks = tmp_path / "ehr-jwks.json"
+    jwks.write_text(json.dumps({"keys": [jwk]}))
+    cds_port = free_port()
+    env = {
+        **os.environ,
+        "HER2LOW_HOME": str(home),
+        "HER2LOW_NODE_PORT": str(free_port()),
+        "HER2LOW_NODE_HOST": "127.0.0.1",
+        "HER2LOW_NODE_QUIET_SECONDS": "2",
+        "HER2LOW_CDS_PORT": str(cds_port),
+        "HER2LOW_CDS_PUBLIC_BASE_URL": f"http://127.0.0.1:{cds_port}",
+        "HER2LOW_NODE_RESULTS_URL": f"http://127.0.0.1:{cds_port}",
+        "HER2LOW_CDS_TRUSTED_ISSUERS": json.dumps({ISSUER: str(jwks)}),
+    }
+    env.update(extra_env)
+    sys_ = System(home, env, key)
+    upgraded = sys_.run("db", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    try:
+        for name in components:
+            sys_.start(name)
+        if "service" in components:
+            _wait_http(f"{sys_.base}/cds-services")
+        yield sys_
+    finally:
+        sys_.stop_all()
