@@ -180,3 +180,27 @@ def test_no_temporary_files_left_after_many_writes(tmp_path: Path) -> None:
         store.write(os.urandom(100), study_uid="1.2", series_uid="3.4", sop_uid=f"5.{i}")
     names = [p.name for p in (tmp_path / "1.2" / "3.4").iterdir()]
     assert len(names) == 20 and not [n for n in names if n.startswith(".")]
+
+
+def test_recovery_indexes_orphaned_and_unindexed_files(ingestor: Ingestor) -> None:
+    from dicom_node.ingest import recover
+
+    study, series_uid = generate_uid(), generate_uid()
+    orphan_ds = mr_dataset(study, series_uid)
+    lost_ds = mr_dataset(study, series_uid)
+    folder = ingestor.store.root / study / series_uid
+    folder.mkdir(parents=True)
+    # fsynced but the rename was lost (power cut between fsync and rename)
+    orphan = folder / f".{orphan_ds.SOPInstanceUID}.dcm.123.abc.tmp"
+    orphan.write_bytes(encode(orphan_ds))
+    # renamed but its index row was lost
+    (folder / f"{lost_ds.SOPInstanceUID}.dcm").write_bytes(encode(lost_ds))
+    torn = folder / ".torn.dcm.9.9.tmp"
+    torn.write_bytes(encode(mr_dataset(study, series_uid))[:200])
+
+    assert recover(ingestor) == 2
+    with ingestor.sessions() as s:
+        uids = set(s.scalars(select(Instance.sop_instance_uid)))
+    assert uids == {orphan_ds.SOPInstanceUID, lost_ds.SOPInstanceUID}
+    assert not orphan.exists() and not torn.exists()
+    assert recover(ingestor) == 0  # idempotent

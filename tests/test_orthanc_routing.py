@@ -1,0 +1,190 @@
+"""A real Orthanc (Debian package) as the routing PACS, auto-routing stable series to the node.
+
+DCMTK storescu sends the synthetic study to Orthanc; Orthanc's Lua ``OnStableSeries`` stores
+each stable MR/SEG series to the node; the node analyses the diffusion series once. Then the
+instance that was held back arrives late: Orthanc re-sends the *whole* series (as it does on
+every late instance), the node stores only the new instance and re-runs the analysis once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import free_port, require_tool
+from tests.system import System, running_system
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROUTE_LUA = """
+function OnStableSeries(seriesId, tags, metadata)
+  if tags['Modality'] == 'MR' or tags['Modality'] == 'SEG' then
+    RestApiPost('/modalities/her2low/store', DumpJson({Resources={seriesId}, Asynchronous=true}))
+  end
+end
+"""
+
+
+class Orthanc:
+    def __init__(self, http_port: int, dicom_port: int) -> None:
+        self.http = f"http://127.0.0.1:{http_port}"
+        self.dicom_port = dicom_port
+
+    def store(self, files: list[Path]) -> None:
+        """Send files to Orthanc with DCMTK storescu, as a modality would."""
+        result = subprocess.run(
+            [
+                "storescu",
+                "-aet",
+                "MODALITY",
+                "-aec",
+                "ORTHANC",
+                "-xe",
+                "127.0.0.1",
+                str(self.dicom_port),
+                *map(str, files),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def orthanc_for(tmp_path: Path):  # type: ignore[no-untyped-def]
+    require_tool("Orthanc")
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(node_port: int) -> Orthanc:
+        folder = tmp_path / "orthanc"
+        folder.mkdir()
+        (folder / "route.lua").write_text(ROUTE_LUA)
+        http_port, dicom_port = free_port(), free_port()
+        config = {
+            "Name": "her2low-test-pacs",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "index"),
+            "HttpPort": http_port,
+            "DicomPort": dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomModalities": {
+                "her2low": {"AET": "HER2LOW", "Host": "127.0.0.1", "Port": node_port}
+            },
+            "LuaScripts": [str(folder / "route.lua")],
+            "StableAge": 2,
+            "Plugins": [],
+        }
+        (folder / "config.json").write_text(json.dumps(config))
+        log = open(folder / "orthanc.log", "wb")  # noqa: SIM115
+        procs.append(
+            subprocess.Popen(
+                [shutil.which("Orthanc") or "Orthanc", str(folder / "config.json")],
+                cwd=folder,
+                stdout=log,
+                stderr=log,
+            )
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"http://127.0.0.1:{http_port}/system", timeout=1)
+                return Orthanc(http_port, dicom_port)
+            except requests.RequestException:
+                time.sleep(0.2)
+        raise AssertionError(
+            "Orthanc did not start: " + (folder / "orthanc.log").read_text()[-2000:]
+        )
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[System]:
+    with running_system(tmp_path, HER2LOW_NODE_QUIET_SECONDS="2") as running:
+        yield running
+
+
+def _node_db(system: System) -> sqlite3.Connection:
+    return sqlite3.connect(system.home / "node.db", timeout=30)
+
+
+def _jobs(system: System, series_uid: str) -> list[str]:
+    with _node_db(system) as db:
+        return [
+            row[0]
+            for row in db.execute(
+                "SELECT state FROM jobs WHERE series_instance_uid = ? ORDER BY created_at",
+                (series_uid,),
+            )
+        ]
+
+
+def _wait_jobs(system: System, series_uid: str, done: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _jobs(system, series_uid).count("DONE") >= done:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"jobs {_jobs(system, series_uid)}\n{system.logs()}")
+
+
+def test_orthanc_routes_series_and_late_instance_reruns_once(
+    system: System,
+    orthanc_for,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    require_tool("storescu")
+    orthanc = orthanc_for(system.node_port)
+    study = tmp_path / "study"
+    assert system.run("synth", "--out", str(study), "--seed", "21").returncode == 0
+    manifest = json.loads((study / "manifest.json").read_text())
+    dwi_uid = manifest["dwi"]["series_instance_uid"]
+    seg_uid = manifest["seg"]["series_instance_uid"]
+    dwi_files = [study / f for f in manifest["dwi"]["files"]]
+    late, early = dwi_files[-1], dwi_files[:-1]
+
+    # the radiologist's SEG is already in the PACS, then the MR series arrive
+    orthanc.store([study / f for f in manifest["seg"]["files"]])
+    _wait_jobs(system, seg_uid, 1)
+    orthanc.store(early + [study / f for f in manifest["t2"]["files"]])
+    _wait_jobs(system, dwi_uid, 1)
+    time.sleep(4)  # longer than both quiet periods: nothing else may start
+    assert _jobs(system, dwi_uid) == ["DONE"]
+    with _node_db(system) as db:
+        (count,) = db.execute(
+            "SELECT count(*) FROM instances WHERE series_instance_uid = ?", (dwi_uid,)
+        ).fetchone()
+    assert count == len(early)
+
+    # the late instance: Orthanc re-sends the whole series; only one instance is new
+    orthanc.store([late])
+    _wait_jobs(system, dwi_uid, 2)
+    time.sleep(4)
+    assert _jobs(system, dwi_uid) == ["DONE", "DONE"]
+    with _node_db(system) as db:
+        rows = db.execute(
+            "SELECT count(*), max(version) FROM instances WHERE series_instance_uid = ?", (dwi_uid,)
+        ).fetchone()
+        (series_state,) = db.execute(
+            "SELECT state FROM series WHERE series_instance_uid = ?", (dwi_uid,)
+        ).fetchone()
+    assert rows == (len(dwi_files), 1)  # nothing stored twice, no spurious versions
+    assert series_state == "DONE"
+    result = system.wait_result(manifest["study_instance_uid"])
+    assert result["provenance"]["roi"]["source"] == "seg"
