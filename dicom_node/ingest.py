@@ -86,13 +86,14 @@ class Ingestor:
                     if latest is not None and latest.sha256 == sha:
                         return IngestOutcome(StoreStatus.SUCCESS, "duplicate", series_uid)
                     version = 1 if latest is None else latest.version + 1
-                    stored = self.store.write(
+                    pending = self.store.begin_write(
                         encoded,
                         study_uid=study_uid,
                         series_uid=series_uid,
                         sop_uid=sop_instance_uid,
                         version=version,
                     )
+                    # Index while the device flushes; commit only once the bytes are durable.
                     _touch_series(session, series_uid, study_uid, modality, new=latest is None)
                     if latest is not None:
                         latest.current = False
@@ -104,12 +105,14 @@ class Ingestor:
                             study_instance_uid=study_uid,
                             sop_class_uid=sop_class_uid,
                             transfer_syntax_uid=transfer_syntax_uid,
-                            path=str(stored.path),
+                            path=str(pending.path),
                             sha256=sha,
-                            size=stored.size,
+                            size=len(encoded),
                             calling_aet=calling_aet,
                         )
                     )
+                    session.flush()
+                    pending.wait()
                     session.commit()
             except StorageFull as exc:
                 log.error("store refused", extra={"series_uid": series_uid, "errno": exc.errno})

@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import os
 import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,26 @@ class StoredFile:
     path: Path
     sha256: str
     size: int
+
+
+class PendingWrite:
+    """A write whose device flush runs on a pool thread while the caller indexes it.
+
+    :meth:`wait` returns once the bytes are fsynced and renamed into place (or raises
+    :class:`StorageFull`); only then may the caller commit the index and answer success.
+    """
+
+    def __init__(self, stored: StoredFile, future: Future[None]) -> None:
+        self.stored = stored
+        self._future = future
+
+    @property
+    def path(self) -> Path:
+        return self.stored.path
+
+    def wait(self) -> StoredFile:
+        self._future.result()
+        return self.stored
 
 
 def _safe_uid(uid: str) -> str:
@@ -49,6 +71,7 @@ class FileStore:
         self.fsync = fsync
         self.dir_fsync = dir_fsync
         self.root.mkdir(parents=True, exist_ok=True)
+        self._flusher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str, version: int) -> Path:
         name = _safe_uid(sop_uid) + (f".v{version}" if version > 1 else "") + ".dcm"
@@ -58,16 +81,35 @@ class FileStore:
         self, data: bytes, *, study_uid: str, series_uid: str, sop_uid: str, version: int = 1
     ) -> StoredFile:
         """Write ``data`` durably; raises :class:`StorageFull` when the disk refuses it."""
+        return self.begin_write(
+            data, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, version=version
+        ).wait()
+
+    def begin_write(
+        self, data: bytes, *, study_uid: str, series_uid: str, sop_uid: str, version: int = 1
+    ) -> PendingWrite:
+        """Write ``data`` to a temporary file now; flush and rename it on a pool thread."""
         target = self.path_for(study_uid, series_uid, sop_uid, version)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{id(data):x}.tmp")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident():x}.tmp")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        except OSError as exc:
+            raise StorageFull(exc.errno, f"cannot store instance: {exc.strerror}") from exc
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            os.close(fd)
+            self._discard(tmp)
+            raise StorageFull(exc.errno, f"cannot store instance: {exc.strerror}") from exc
+        stored = StoredFile(path=target, sha256=digest(data), size=len(data))
+        return PendingWrite(stored, self._flusher.submit(self._finish, fd, tmp, target))
+
+    def _finish(self, fd: int, tmp: Path, target: Path) -> None:
+        try:
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -80,10 +122,13 @@ class FileStore:
                 finally:
                     os.close(dir_fd)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            self._discard(tmp)
             raise StorageFull(exc.errno, f"cannot store instance: {exc.strerror}") from exc
-        return StoredFile(path=target, sha256=digest(data), size=len(data))
+
+    @staticmethod
+    def _discard(tmp: Path) -> None:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
     def orphans(self) -> list[Path]:
         """Temporary files left by a crash between fsync and rename (or before fsync)."""
