@@ -19,7 +19,7 @@ from dicom_node.db import (
     make_sessionmaker,
 )
 from dicom_node.ingest import Ingestor
-from dicom_node.scheduler import pending_jobs, promote_stable, stale_jobs
+from dicom_node.scheduler import MAX_ATTEMPTS, pending_jobs, promote_stable, stale_jobs
 from dicom_node.status import StoreStatus
 from dicom_node.storage import FileStore, StorageFull
 from her2low.settings import load_settings
@@ -163,12 +163,12 @@ def test_dead_worker_lease_requeues_then_gives_up(ingestor: Ingestor) -> None:
     _ingest(ingestor, encode(ds))
     sessions = ingestor.sessions
     (job_id,) = promote_stable(sessions, 0.0, now=1e12)
-    for _ in range(3):
+    for _ in range(MAX_ATTEMPTS - 1):
         assert claim(sessions, job_id) is not None  # a worker takes it and dies
         assert claim(sessions, job_id) is None  # nobody else may take a running job
         assert stale_jobs(sessions, now=1e13) == [job_id]
-    assert claim(sessions, job_id) is not None
-    assert stale_jobs(sessions, now=1e13) == []
+    assert claim(sessions, job_id) is not None  # the last attempt dies too
+    assert stale_jobs(sessions, now=1e13) == []  # given up, not re-queued
     with sessions() as s:
         assert s.get(Job, job_id).state is JobState.FAILED  # type: ignore[union-attr]
         assert s.get(Series, ds.SeriesInstanceUID).state is SeriesState.FAILED  # type: ignore[union-attr]
