@@ -88,13 +88,11 @@ def analyse_study(
             continue
         folder = out / study.study_uid / series_uid
         folder.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(
-            folder / "maps.npz",
-            **{name: np.asarray(values, dtype=np.float32) for name, values in result.maps.items()},
-            roi=result.roi.mask,
-            bvals=dwi.bvals,
-            affine=dwi.geometry.affine,
-        )
+        arrays: dict[str, Any] = {
+            name: np.asarray(values, dtype=np.float32) for name, values in result.maps.items()
+        }
+        arrays.update(roi=result.roi.mask, bvals=dwi.bvals, affine=dwi.geometry.affine)
+        np.savez_compressed(folder / "maps.npz", **arrays)
         for name, png in result.previews.items():
             (folder / (name if name.endswith(".png") else f"{name}.png")).write_bytes(png)
         document = {

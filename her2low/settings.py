@@ -110,6 +110,11 @@ class Settings(BaseSettings):
         description="JSON: DICOM IssuerOfPatientID -> FHIR Identifier.system.",
     )
     cds_fhir_timeout_seconds: float = Field(3.0, description="Timeout of prefetch fetches.")
+    cds_fhir_server_allowlist: list[str] = Field(
+        default_factory=list,
+        description="fhirServer URL prefixes the service may fetch missing prefetch data from "
+        "(JSON list); empty allows the fhirServer named by any trusted CDS client.",
+    )
     cds_jwt_max_lifetime_seconds: int = Field(300, description="Longest accepted exp - iat.")
     cds_jwt_leeway_seconds: int = Field(30, description="Clock skew allowed on exp/iat.")
     model_dir: Path | None = Field(
