@@ -1,0 +1,270 @@
+"""The quantitative pipeline for one DWI series: ROI, DKI and ADC fits, histogram features, QC.
+
+The output carries the 21 features and a ``provenance`` object in exactly the shape of the
+results API (docs/results-api.md): the fit method, b subsets, bounds and discretisation change
+the numbers by as much as the HER2 groups differ (dki-and-features notes), so they travel with
+every result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from dicom_node.adc import AdcFit, fit_adc
+from dicom_node.dki import (
+    DEFAULT_BOUNDS,
+    Bounds,
+    DkiFit,
+    DkiMethod,
+    DkiModel,
+    background_mask,
+    estimate_sigma,
+)
+from dicom_node.features import FEATURE_NAMES, MapFeatures, map_features
+from dicom_node.previews import histogram_png, map_slice_png
+from dicom_node.roi import Roi, auto_roi, roi_from_seg, seg_matches
+from dicom_node.volume import DwiVolume
+
+__all__ = [
+    "PIPELINE_VERSION",
+    "Analysis",
+    "AnalysisError",
+    "AnalysisSettings",
+    "FitRegion",
+    "analyse",
+]
+
+#: Version of the numbers: bump when any default below or any algorithm changes them.
+PIPELINE_VERSION = "dki-1"
+
+
+class AnalysisError(ValueError):
+    """The series cannot be analysed (too few b-values, no usable ROI, …); message says why."""
+
+
+class FitRegion(StrEnum):
+    """Where the DKI fit runs: the ROI plus a margin (fast), or every non-background voxel."""
+
+    ROI_MARGIN = "roi_margin"
+    NON_BACKGROUND = "non_background"
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """Fixed per model version (the HER2 signal is as small as the effect of these choices)."""
+
+    method: DkiMethod = DkiMethod.NLS
+    dki_bmin: float = 0.0
+    #: ADC b subset in s/mm²; ``None`` = lowest of b 0/50 present, and 800 (EUSOBI).
+    adc_b_values: tuple[float, ...] | None = None
+    bounds: Bounds = DEFAULT_BOUNDS
+    bin_width_adc: float = 2.5e-5
+    bin_width_dapp: float = 2.5e-5
+    bin_width_kapp: float = 0.025
+    bin_min: float = 0.0
+    #: SEG segment to use (number or label); ``None`` = the first segment.
+    segment: int | str | None = None
+    fit_region: FitRegion = FitRegion.ROI_MARGIN
+    roi_margin_voxels: int = 3
+    sigma: float | None = None
+    previews: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", DkiMethod(self.method))
+        object.__setattr__(self, "fit_region", FitRegion(self.fit_region))
+        for name in ("bin_width_adc", "bin_width_dapp", "bin_width_kapp"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.roi_margin_voxels < 0:
+            raise ValueError("roi_margin_voxels must be ≥ 0")
+
+    @property
+    def bin_widths(self) -> dict[str, float]:
+        return {"adc": self.bin_width_adc, "dapp": self.bin_width_dapp, "kapp": self.bin_width_kapp}
+
+
+@dataclass
+class Analysis:
+    """Everything the node publishes and shows for one DWI series."""
+
+    features: dict[str, float]
+    provenance: dict[str, Any]
+    laterality: str | None
+    roi: Roi
+    maps: dict[str, NDArray[np.float64]]
+    previews: dict[str, bytes]
+    fit: DkiFit
+    adc: AdcFit
+    map_features: MapFeatures
+    settings: AnalysisSettings
+    sigma: float | None
+    pipeline_version: str = PIPELINE_VERSION
+    problems: list[str] = field(default_factory=list)
+
+
+def _pick_seg(
+    segs: Sequence[pydicom.Dataset], dwi: DwiVolume, problems: list[str]
+) -> pydicom.Dataset | None:
+    """First SEG in the DWI's frame of reference, preferring one that references this series."""
+    usable = []
+    for ds in segs:
+        if getattr(ds, "Modality", None) != "SEG":
+            problems.append(f"object {getattr(ds, 'SOPInstanceUID', '?')} is not a SEG: ignored")
+        elif not seg_matches(ds, dwi.geometry):
+            problems.append(
+                f"SEG {getattr(ds, 'SeriesInstanceUID', '?')} is in another frame of reference:"
+                " ignored"
+            )
+        else:
+            usable.append(ds)
+    for ds in usable:
+        refs = getattr(ds, "ReferencedSeriesSequence", [])
+        if any(str(r.SeriesInstanceUID) == dwi.series_instance_uid for r in refs):
+            return ds
+    return usable[0] if usable else None
+
+
+def analyse(
+    dwi: DwiVolume,
+    *,
+    segs: Sequence[pydicom.Dataset] = (),
+    settings: AnalysisSettings | None = None,
+) -> Analysis:
+    """Run the quantitative pipeline on one trace-weighted DWI series.
+
+    ROI from the first usable SEG (same frame of reference), else an automatic unconfirmed
+    candidate; DKI fit over the ROI plus a margin (or every non-background voxel); ADC on the
+    declared b subset; IBSI first-order features of ADC, Dapp and Kapp inside the ROI; QC flag
+    counts; PNG previews. Raises :class:`AnalysisError` when the series cannot give features.
+    """
+    s = settings or AnalysisSettings()
+    problems: list[str] = []
+    data = dwi.data
+    try:
+        model = DkiModel(
+            dwi.bvals, method=s.method, dki_bmin=s.dki_bmin, bounds=s.bounds, sigma=s.sigma
+        )
+        adc_fit = fit_adc(data, dwi.bvals, adc_bvals=s.adc_b_values)
+    except ValueError as exc:
+        raise AnalysisError(str(exc)) from exc
+    sigma = s.sigma if s.sigma is not None else estimate_sigma(data, bvals=dwi.bvals)
+    if sigma is None:
+        problems.append("noise sigma could not be estimated (no air background)")
+    bg = background_mask(data, sigma, bvals=dwi.bvals, snr_threshold=model.background_snr)
+
+    seg = _pick_seg(segs, dwi, problems)
+    if seg is not None:
+        try:
+            roi = roi_from_seg(seg, dwi.geometry, segment=s.segment)
+        except ValueError as exc:
+            raise AnalysisError(f"SEG unusable: {exc}") from exc
+    else:
+        roi = auto_roi(data, dwi.bvals, dwi.geometry, adc=adc_fit.adc, sigma=sigma)
+        problems.append("ROI is an automatic candidate awaiting confirmation")
+    if roi.voxels == 0:
+        raise AnalysisError("no tumour ROI: no SEG was given and no automatic candidate found")
+
+    if s.fit_region is FitRegion.NON_BACKGROUND:
+        region = ~bg | roi.mask
+    else:
+        region = ndimage.binary_dilation(roi.mask, iterations=s.roi_margin_voxels) | roi.mask
+        if s.roi_margin_voxels == 0:
+            region = roi.mask.copy()
+    if sigma is not None and s.sigma is None:  # estimated once above: do not estimate again
+        model = DkiModel(
+            dwi.bvals, method=s.method, dki_bmin=s.dki_bmin, bounds=s.bounds, sigma=sigma
+        )
+    dki_fit = model.fit(data, mask=region)
+    maps = {"adc": adc_fit.adc, "dapp": dki_fit.dapp, "kapp": dki_fit.kapp}
+    try:
+        mf = map_features(
+            maps,
+            roi.mask,
+            voxel_volume_mm3=dwi.geometry.voxel_volume_mm3,
+            valid={"adc": adc_fit.valid},
+            flags=dki_fit.flags,
+            bin_widths=s.bin_widths,
+            bin_min=s.bin_min,
+        )
+    except ValueError as exc:
+        raise AnalysisError(f"features could not be computed in the ROI: {exc}") from exc
+    features = {name: mf.features[name] for name in FEATURE_NAMES}
+    bad = [k for k, v in features.items() if not np.isfinite(v)]
+    if bad:
+        raise AnalysisError(f"non-finite features {bad}")
+
+    flags = {
+        k: mf.flag_counts.get(k, 0) for k in ("at_bound", "dk_bmax", "low_signal", "background")
+    }
+    if flags["background"]:
+        problems.append(f"{flags['background']} ROI voxels are background (not fitted)")
+    if flags["at_bound"] > 0.1 * roi.voxels:
+        problems.append(f"{flags['at_bound']} of {roi.voxels} ROI voxels sit on a fit bound")
+    if flags["dk_bmax"] > 0.1 * roi.voxels:
+        problems.append(f"{flags['dk_bmax']} of {roi.voxels} ROI voxels have Dapp·Kapp·b_max ≥ 3")
+    if roi.voxels < 20:
+        problems.append(f"ROI has only {roi.voxels} voxels: histogram features are unstable")
+
+    provenance: dict[str, Any] = {
+        "b_values": [float(v) for v in dwi.bvals],
+        "fit": {
+            "method": s.method.value,
+            "dki_bmin": float(s.dki_bmin),
+            "bounds": s.bounds.to_dict(),
+        },
+        "adc_b_values": [float(v) for v in adc_fit.b_values],
+        "discretisation": {"bin_width": dict(s.bin_widths), "bin_min": float(s.bin_min)},
+        "roi": roi.provenance(),
+        "qc": {"flags": flags, "problems": list(problems)},
+    }
+    previews: dict[str, bytes] = {}
+    if s.previews:
+        previews = _previews(maps, roi, dki_fit, adc_fit, s)
+    return Analysis(
+        features=features,
+        provenance=provenance,
+        laterality=None if roi.laterality is None else roi.laterality.value,
+        roi=roi,
+        maps=maps,
+        previews=previews,
+        fit=dki_fit,
+        adc=adc_fit,
+        map_features=mf,
+        settings=s,
+        sigma=sigma,
+        problems=problems,
+    )
+
+
+def _previews(
+    maps: dict[str, NDArray[np.float64]], roi: Roi, fit: DkiFit, adc: AdcFit, s: AnalysisSettings
+) -> dict[str, bytes]:
+    """Map slices and ROI histograms; diffusivities shown in 10⁻³ mm²/s (DESIGN: units)."""
+    out: dict[str, bytes] = {}
+    spec = {
+        "adc": ("ADC", 1e3, "10⁻³ mm²/s", (0.0, 3.0), adc.valid),
+        "dapp": ("Dapp", 1e3, "10⁻³ mm²/s", (0.0, 3.5), (fit.flags & 8) == 0),
+        "kapp": ("Kapp", 1.0, "", (0.0, 2.0), (fit.flags & 8) == 0),
+    }
+    for name, (label, scale, unit, (lo, hi), ok) in spec.items():
+        out[f"{name}_slice.png"] = map_slice_png(
+            maps[name], roi.mask, title=label, scale=scale, unit_label=unit, vmin=lo, vmax=hi
+        )
+        vals = maps[name][roi.mask & ok]
+        out[f"{name}_histogram.png"] = histogram_png(
+            vals,
+            bin_width=s.bin_widths[name],
+            bin_min=s.bin_min,
+            scale=scale,
+            title=f"{label} in ROI ({vals.size} voxels)",
+            xlabel=f"{label} ({unit})" if unit else label,
+        )
+    return out
