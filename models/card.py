@@ -1,0 +1,210 @@
+"""Model cards: card.json for machines, card.md + PNG plots for people.
+
+The Markdown is rendered from the JSON only, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CARD_JSON = "card.json"
+CARD_MD = "card.md"
+CALIBRATION_PNG = "calibration.png"
+DECISION_CURVE_PNG = "decision_curve.png"
+
+_TASK_LABELS = {
+    "low_vs_rest": "HER2-low vs zero+over (multinomial model, P(low))",
+    "low_vs_zero": "HER2-low vs HER2-zero (binary model)",
+    "low_vs_over": "HER2-low vs HER2-over (binary model)",
+}
+
+
+def read_card(model_dir: Path) -> dict[str, Any]:
+    with (Path(model_dir) / CARD_JSON).open(encoding="utf-8") as fh:
+        card: dict[str, Any] = json.load(fh)
+    return card
+
+
+def write_card(card: dict[str, Any], out_dir: Path) -> None:
+    """Write card.json, the two plots and card.md into ``out_dir``."""
+    out_dir = Path(out_dir)
+    (out_dir / CARD_JSON).write_text(
+        json.dumps(card, indent=2, sort_keys=False) + "\n", encoding="utf-8"
+    )
+    plot_calibration(card, out_dir / CALIBRATION_PNG)
+    plot_decision_curve(card, out_dir / DECISION_CURVE_PNG)
+    (out_dir / CARD_MD).write_text(render_markdown(card), encoding="utf-8")
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    """The human card (FDA CDS criterion 4 content: use, inputs, performance, limitations)."""
+    ref = card["reference"]
+    lines = [
+        f"# Model card: {card['name']} {card['version']} ({card['variant']})",
+        "",
+    ]
+    if ref:
+        lines += [
+            "> **Reference model trained on simulated data. Not clinically validated.** It shows "
+            "how the system works end to end; a site must train and validate a model on its own "
+            "labelled cases before any clinical use.",
+            "",
+        ]
+    lines += [
+        "> The output is a statistical estimate of the HER2 group, not a pathology result. "
+        "Confirm HER2 status by IHC/ISH.",
+        "",
+        "## Intended use and users",
+        card["intended_use"],
+        "",
+        f"Users: {', '.join(card['intended_users'])}. Out of scope: "
+        f"{'; '.join(card['out_of_scope'])}.",
+        "",
+        "## Training data and provenance",
+    ]
+    td = card["training_data"]
+    counts = ", ".join(f"{k} {v}" for k, v in td["counts"].items())
+    lines += [
+        td["description"],
+        "",
+        f"- cases: {td['n']} ({counts}); target column `{td['target']}`",
+        "- by lesion type: "
+        + "; ".join(
+            f"{lt}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+            for lt, c in td["by_lesion_type"].items()
+        ),
+        f"- source file: `{td['source'] or 'in memory'}`"
+        + (f", SHA-256 `{td['sha256']}`" if td["sha256"] else ""),
+    ]
+    for key, value in td.get("provenance", {}).items():
+        lines.append(f"- {key}: {value}")
+    fs = card["fit_settings"]
+    lines += [
+        "",
+        "## Inputs and the settings they assume",
+        "| input | kind | ONNX type | unit |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| `{i['name']}` | {i['kind']} | {i['onnx_type']} [N,1] | {i['unit'] or ''} |"
+        for i in card["inputs"]
+    ]
+    lines += [
+        "",
+        f"Required for this variant to be chosen: {', '.join(card['required_inputs']) or 'none'}. "
+        "A descriptor not entered is the empty string (its own level); a missing number is NaN "
+        "(imputed with the training median).",
+        "",
+        f"DKI fit: method `{fs['method']}`, b = {fs['b_values']} s/mm², lowest b in the DKI fit "
+        f"{fs['dki_bmin']}, bounds Dapp {fs['bounds']['dapp']} mm²/s, Kapp {fs['bounds']['kapp']}; "
+        f"ADC on b = {fs['adc_b_values']}; kurtosis {fs['kurtosis']}; percentiles "
+        f"{fs['percentile_rule']}; entropy bins of fixed width {fs['discretisation']['bin_width']} "
+        f"from {fs['discretisation']['bin_min']}.",
+        "",
+    ]
+    sel = card.get("selection") or {}
+    if sel:
+        lines += [
+            f"Feature selection: {sel['method']} (α {sel['alpha_univariable']} / "
+            f"{sel['alpha_multivariable']}); kept: "
+            + ", ".join(f"`{k}` (p={v:.3g})" for k, v in sel["multivariable_p"].items()),
+            "",
+        ]
+    perf = card["performance"]
+    lines += [
+        "## Performance",
+        perf["evaluation"] + ".",
+        "",
+        "| task | subset | n | positives | AUC | 95% CI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in perf["metrics"]:
+        ci = f"{_fmt(m['ci_low'])}–{_fmt(m['ci_high'])}" if m["ci_low"] is not None else "n/a"
+        lines.append(
+            f"| {_TASK_LABELS.get(m['task'], m['task'])} | {m['subset']} | {m['n']} | "
+            f"{m['n_positive']} | {_fmt(m['auc'])} | {ci} |"
+        )
+    cal = card["calibration"]
+    thr = card["threshold"]
+    lines += [
+        "",
+        "## Calibration",
+        f"Out-of-fold P(HER2-low): Brier score {_fmt(cal['brier'])}, calibration slope "
+        f"{_fmt(cal['slope'], 2)}, intercept {_fmt(cal['intercept'], 2)} (logistic recalibration; "
+        "ideal 1 and 0).",
+        "",
+        f"![calibration]({CALIBRATION_PNG})",
+        "",
+        "## Decision curve",
+        f"![decision curve]({DECISION_CURVE_PNG})",
+        "",
+        "## Operating threshold",
+        f"P(HER2-low) ≥ {thr['value']:.3f}, chosen by {thr['method']}: sensitivity "
+        f"{_fmt(thr['sensitivity'], 2)}, specificity {_fmt(thr['specificity'], 2)} out of fold. "
+        "Sites should re-choose it on their own cases.",
+        "",
+        "## Explanations",
+        card["contributions"]["definition"],
+        "",
+        "## Limitations",
+        *[f"- {item}" for item in card["limitations"]],
+        "",
+        "## Version and integrity",
+        f"- name `{card['name']}`, version `{card['version']}`, variant `{card['variant']}`, "
+        f"reference model: {'yes' if ref else 'no'}, created {card['created']}",
+        f"- `{card['onnx']['file']}` SHA-256 `{card['onnx']['sha256']}`",
+        "- software: " + ", ".join(f"{k} {v}" for k, v in card["software"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_calibration(card: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cal = card["calibration"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="ideal")
+    ax.plot(cal["mean_predicted"], cal["observed_fraction"], marker="o", label="model (OOF)")
+    ax.set_xlabel("predicted P(HER2-low)")
+    ax.set_ylabel("observed fraction HER2-low")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{card['name']} {card['version']} ({card['variant']})", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def plot_decision_curve(card: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dc = card["decision_curve"]
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=100)
+    ax.plot(dc["thresholds"], dc["net_benefit_model"], label="model (OOF)")
+    ax.plot(dc["thresholds"], dc["net_benefit_treat_all"], linestyle="--", label="flag all")
+    ax.plot(dc["thresholds"], dc["net_benefit_treat_none"], color="grey", label="flag none")
+    top = max(max(dc["net_benefit_model"]), max(dc["net_benefit_treat_all"]), 0.05)
+    ax.set_ylim(-0.05, top * 1.1)
+    ax.set_xlabel("threshold probability P(HER2-low)")
+    ax.set_ylabel("net benefit")
+    ax.set_title(
+        f"Decision curve, {card['name']} {card['version']} ({card['variant']})", fontsize=9
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
