@@ -45,9 +45,10 @@ def test_storescu_to_card(system: System, tmp_path: Path) -> None:
             "+sd",
             "+r",
             "-xe",
+            "-R",  # propose exactly the SOP classes of the files (SEG is not in the default list)
             "127.0.0.1",
             str(system.node_port),
-            str(study),
+            *(str(study / part) for part in ("dwi", "t2", "seg")),
         ],
         capture_output=True,
         text=True,

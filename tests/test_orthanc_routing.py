@@ -49,6 +49,7 @@ class Orthanc:
                 "-aec",
                 "ORTHANC",
                 "-xe",
+                "-R",
                 "127.0.0.1",
                 str(self.dicom_port),
                 *map(str, files),

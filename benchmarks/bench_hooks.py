@@ -1,0 +1,453 @@
+"""Benchmark the patient-view hook against a bare Flask app returning a fixed card.
+
+Both run under gunicorn with the same worker count (2 sync workers) on loopback, loaded by
+``wrk`` with the same 20 connections for the same bounded duration, in one run. Our service does
+the full work of a real call: ES384 JWT verification (each request carries a fresh, pre-generated
+token because jti replay is refused), jti store write, patient matching, stored-prediction
+lookup, card and Observation building, audit write. Prints p50/p99 latency, throughput, errors
+and the throughput ratio. Goal: p99 <= 50 ms, throughput >= 0.5x bare, zero errors.
+
+    .venv/bin/python benchmarks/bench_hooks.py [--duration 10] [--connections 20] [--workers 2]
+
+Needs ``wrk`` (Debian: apt-get install -y wrk). Loopback only; stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+ISSUER = "https://ehr.bench.test"
+SERVICE_PATH = "/cds-services/her2low-mri"
+FIXED_CARD = {
+    "cards": [
+        {
+            "uuid": "9d4b1c7e-1f0a-4c55-9a59-3b1f1c2f6a10",
+            "summary": "MRI HER2-low likelihood 71% (at/above 50% threshold), left breast",
+            "indicator": "info",
+            "source": {"label": "bare"},
+        }
+    ]
+}
+
+LUA = r"""
+local counter = 0
+local tokens = {}
+local thread_id = 0
+local next_id = 0
+local body = nil
+
+function setup(thread)
+  thread:set("id", next_id)
+  next_id = next_id + 1
+end
+
+function init(args)
+  local folder = args[1]
+  local f = io.open(folder .. "/tokens-" .. id .. ".txt", "r")
+  if f then
+    for line in f:lines() do tokens[#tokens + 1] = line end
+    f:close()
+  end
+  local b = io.open(folder .. "/body.json", "r")
+  body = b:read("*a")
+  b:close()
+end
+
+function request()
+  counter = counter + 1
+  local headers = {["Content-Type"] = "application/json"}
+  if #tokens > 0 then
+    headers["Authorization"] = "Bearer " .. (tokens[counter] or "exhausted")
+  end
+  return wrk.format("POST", wrk.path, headers, body)
+end
+
+function done(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write
+      + summary.errors.status + summary.errors.timeout
+  io.write(string.format(
+    "JSON {\"requests\": %d, \"duration_us\": %d, \"errors\": %d, \"status_errors\": %d, " ..
+    "\"p50_ms\": %.3f, \"p90_ms\": %.3f, \"p95_ms\": %.3f, \"p99_ms\": %.3f, \"max_ms\": %.3f, " ..
+    "\"connect_errors\": %d, \"timeouts\": %d}\n",
+    summary.requests, summary.duration, errors, summary.errors.status,
+    latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(95) / 1000,
+    latency:percentile(99) / 1000, latency.max / 1000, summary.errors.connect, summary.errors.timeout))
+end
+"""
+
+
+def bare_app() -> Any:
+    """gunicorn factory of the comparison app: a fixed card, no work."""
+    from flask import Flask, jsonify
+
+    app = Flask("bare")
+
+    @app.post("/cds-services/her2low-mri")
+    def call() -> Any:
+        return jsonify(FIXED_CARD)
+
+    return app
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} did not start")
+
+
+def _gunicorn(
+    app: str,
+    port: int,
+    workers: int,
+    env: dict[str, str],
+    chdir: Path,
+    worker_class: str,
+    threads: int,
+) -> subprocess.Popen[bytes]:
+    exe = Path(sys.executable).parent / "gunicorn"
+    cmd = [
+        str(exe),
+        "-w",
+        str(workers),
+        "-k",
+        worker_class,
+        "--threads",
+        str(threads),
+        "-b",
+        f"127.0.0.1:{port}",
+        "--chdir",
+        str(chdir),
+        "--log-level",
+        "warning",
+        app,
+    ]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _wrk(url: str, folder: Path, duration: int, connections: int, threads: int) -> dict[str, Any]:
+    script = folder / "bench.lua"
+    script.write_text(LUA)
+    cmd = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{duration}s",
+        "--timeout",
+        "5s",
+        "-s",
+        str(script),
+        url,
+        "--",
+        str(folder),
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=duration + 60, check=True
+    ).stdout
+    match = re.search(r"^JSON (.*)$", out, re.M)
+    if not match:
+        raise RuntimeError(out)
+    data: dict[str, Any] = json.loads(match.group(1))
+    data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+    return data
+
+
+def _python_load(
+    port: int, body: bytes, tokens: list[str], duration: float, connections: int
+) -> dict[str, Any]:
+    """A bounded threaded client (http.client, one request per connection like wrk here).
+
+    Cross-checks wrk's latency figures with independent per-request timing.
+    """
+    import http.client
+    import threading
+    from collections import deque
+
+    queue = deque(tokens)
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop_at = time.monotonic() + duration
+
+    def worker() -> None:
+        local: list[float] = []
+        failures = 0
+        while time.monotonic() < stop_at:
+            headers = {"Content-Type": "application/json"}
+            if tokens:
+                try:
+                    headers["Authorization"] = "Bearer " + queue.popleft()
+                except IndexError:
+                    break
+            started = time.perf_counter()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("POST", SERVICE_PATH, body=body, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                conn.close()
+                if response.status != 200:
+                    failures += 1
+            except OSError:
+                failures += 1
+            local.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(local)
+            errors[0] += failures
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=duration + 30)
+    elapsed = time.monotonic() - began
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return (
+            latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0.0
+        )
+
+    return {
+        "requests": len(latencies),
+        "duration_us": int(elapsed * 1e6),
+        "rps": len(latencies) / elapsed,
+        "errors": errors[0],
+        "p50_ms": pct(0.50),
+        "p90_ms": pct(0.90),
+        "p99_ms": pct(0.99),
+        "max_ms": latencies[-1] * 1000 if latencies else 0.0,
+    }
+
+
+def _prepare(home: Path, port: int) -> tuple[dict[str, str], dict[str, Any]]:
+    """Migrate, publish a result and descriptors in-process, return env and the hook body."""
+    from test_cds_support import (
+        FULL_FEATURES,
+        MASS_DESCRIPTORS,
+        FakePredictor,
+        jwks,
+        patient_resource,
+        result_payload,
+    )
+
+    from cds_service import db
+    from cds_service.app import create_app
+    from her2low.settings import Settings
+
+    (home / "jwks.json").write_text(json.dumps(jwks("es", "rs")))
+    env = dict(os.environ)
+    env.update(
+        HER2LOW_HOME=str(home),
+        HER2LOW_CDS_DB_URL=f"sqlite:///{home / 'cds.db'}",
+        HER2LOW_CDS_PUBLIC_BASE_URL=f"http://127.0.0.1:{port}",
+        HER2LOW_CDS_TRUSTED_ISSUERS=json.dumps({ISSUER: str(home / "jwks.json")}),
+        HER2LOW_RESULTS_API_TOKEN="bench-results-token",
+        HER2LOW_CDS_PATIENT_ID_SYSTEMS=json.dumps({"HOSP": "urn:oid:1.2.3.4.5"}),
+        HER2LOW_LOG_LEVEL="WARNING",
+    )
+    settings = Settings(
+        home=home,
+        cds_db_url=env["HER2LOW_CDS_DB_URL"],
+        cds_public_base_url=env["HER2LOW_CDS_PUBLIC_BASE_URL"],
+        results_api_token="bench-results-token",
+        cds_patient_id_systems={"HOSP": "urn:oid:1.2.3.4.5"},
+    )
+    db.upgrade(settings.cds_database_url)
+    runtime: Any
+    try:
+        from models.runtime import ModelRuntime
+
+        runtime = ModelRuntime.load(None)
+    except ImportError:
+        runtime = FakePredictor()
+    app = create_app(settings, runtime=runtime)
+    client = app.test_client()
+    auth = {"Authorization": "Bearer bench-results-token"}
+    for i in range(200):  # other patients, so the lookup is not trivially small
+        other = result_payload(patient_id=f"MRN-{i + 100}")
+        other["features"] = FULL_FEATURES
+        client.post("/api/v1/results", json=other, headers=auth)
+    mine = result_payload()
+    mine["features"] = FULL_FEATURES
+    rid = client.post("/api/v1/results", json=mine, headers=auth).get_json()["result_id"]
+    values = {"values": MASS_DESCRIPTORS, "roi_confirmed": True, "entered_by": "bench"}
+    put = client.put(f"/api/v1/cases/{rid}/descriptors", json=values, headers=auth).get_json()
+    if put["prediction"]["error"]:
+        raise RuntimeError(f"prediction failed: {put['prediction']['error']}")
+    print(
+        f"model: {put['prediction']['model_version']} ({put['prediction']['variant']}, "
+        f"{type(runtime).__name__})",
+        flush=True,
+    )
+    app.extensions["her2low_cds"].engine.dispose()
+    body = {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "context": {"userId": "Practitioner/doc-1", "patientId": "pat-1"},
+        "prefetch": {"patient": patient_resource(), "her2": None},
+    }
+    return env, body
+
+
+def _tokens(folder: Path, aud: str, threads: int, per_thread: int) -> None:
+    from test_cds_support import make_token
+
+    for t in range(threads):
+        tokens = [make_token(aud, iss=ISSUER, lifetime=280) for _ in range(per_thread)]
+        (folder / f"tokens-{t}.txt").write_text("\n".join(tokens) + "\n")
+
+
+def _row(name: str, r: dict[str, Any], note: str = "") -> str:
+    return (
+        f"{name:8} {r['requests']:>9} {r['rps']:>9.1f} {r['p50_ms']:>8.2f} {r['p90_ms']:>8.2f} "
+        f"{r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} {r['errors']:>7}{note}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--tokens-per-thread", type=int, default=12000)
+    parser.add_argument("--worker-class", default="sync", help="gunicorn worker class (both apps)")
+    parser.add_argument("--worker-threads", type=int, default=1, help="gthread threads per worker")
+    parser.add_argument(
+        "--sequential", type=int, default=5, help="seconds of a 1-connection run (service time)"
+    )
+    parser.add_argument(
+        "--client", choices=("wrk", "python"), default="wrk", help="load generator of the main run"
+    )
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk not found: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    results: dict[str, dict[str, Any]] = {}
+    sequential: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-hooks-") as tmp:
+        home = Path(tmp)
+        port_ours, port_bare = _free_port(), _free_port()
+        env, body = _prepare(home, port_ours)
+        dirs = {n: home / n for n in ("ours", "bare")}
+        for folder in dirs.values():
+            folder.mkdir()
+            (folder / "body.json").write_text(json.dumps(body))
+        raw_body = json.dumps(body).encode()
+        started = time.monotonic()
+        aud = f"http://127.0.0.1:{port_ours}{SERVICE_PATH}"
+        _tokens(dirs["ours"], aud, args.threads, args.tokens_per_thread)
+        from test_cds_support import make_token
+
+        extra = [make_token(aud, iss=ISSUER, lifetime=280) for _ in range(5100)]
+        print(
+            f"generated {args.threads * args.tokens_per_thread + len(extra)} ES384 tokens in "
+            f"{time.monotonic() - started:.1f} s",
+            flush=True,
+        )
+        for name, app, port, chdir in (
+            ("bare", "bench_hooks:bare_app()", port_bare, ROOT / "benchmarks"),
+            ("ours", "cds_service.wsgi:app()", port_ours, ROOT),
+        ):
+            proc = _gunicorn(
+                app, port, args.workers, env, chdir, args.worker_class, args.worker_threads
+            )
+            url = f"http://127.0.0.1:{port}{SERVICE_PATH}"
+            tokens = extra if name == "ours" else []
+            try:
+                _wait(port)
+                # warm-up: each worker's first request pays lazy imports and connections
+                _python_load(port, raw_body, tokens[:20], 1.0, 1)
+                tokens = tokens[20:]
+                if args.sequential:
+                    sequential[name] = _python_load(port, raw_body, tokens, args.sequential, 1)
+                if args.client == "wrk":
+                    results[name] = _wrk(
+                        url, dirs[name], args.duration, args.connections, args.threads
+                    )
+                else:
+                    pool: list[str] = []
+                    if name == "ours":
+                        for t in range(args.threads):
+                            pool += (dirs[name] / f"tokens-{t}.txt").read_text().split()
+                    results[name] = _python_load(
+                        port, raw_body, pool, args.duration, args.connections
+                    )
+            finally:
+                _stop(proc)
+                stderr = proc.stderr.read().decode() if proc.stderr else ""
+                if "Traceback" in stderr:
+                    print(stderr[-3000:], file=sys.stderr)
+    print(
+        f"\nload: {args.client} ({args.threads} threads), {args.connections} connections, "
+        f"{args.duration} s; "
+        f"gunicorn {args.workers} {args.worker_class} workers x {args.worker_threads} threads "
+        "each; loopback"
+    )
+    header = ("app", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors")
+    print(
+        f"{header[0]:8} " + " ".join(f"{h:>{9 if i < 2 else 8}}" for i, h in enumerate(header[1:]))
+    )
+    for name, r in results.items():
+        print(_row(name, r))
+    for name, r in sequential.items():
+        print(_row(f"{name}/1c", r, "   (1 connection, Python client: service time)"))
+    ratio = results["ours"]["rps"] / results["bare"]["rps"]
+    ours = results["ours"]
+    print(f"throughput ratio ours/bare (20 connections): {ratio:.2f}")
+    goals = {
+        "p99 <= 50 ms": ours["p99_ms"] <= 50,
+        "throughput >= 0.5x bare": ratio >= 0.5,
+        "zero errors": all(r["errors"] == 0 for r in (*results.values(), *sequential.values())),
+        "tokens not exhausted": ours["requests"] <= args.threads * args.tokens_per_thread,
+    }
+    for goal, met in goals.items():
+        print(f"  {'met   ' if met else 'MISSED'} {goal}")
+    summary = {"results": results, "sequential": sequential, "ratio": ratio, "goals": goals}
+    print("JSON " + json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""``python -m cds_service``: the development server.
+
+Production: gunicorn ``'cds_service.wsgi:app()'``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from cds_service.app import create_app
+from cds_service.db import DatabaseNotMigratedError
+from her2low.logs import configure
+from her2low.settings import ConfigurationError, load_settings
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        print(f"her2low service: {exc}", file=sys.stderr)
+        return 2
+    configure(settings.log_level, settings.log_format)
+    try:
+        app = create_app(settings)
+    except (DatabaseNotMigratedError, ValueError) as exc:
+        print(f"her2low service: {exc}", file=sys.stderr)
+        return 2
+    app.run(host=settings.cds_host, port=settings.cds_port, threaded=True, use_reloader=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Application factory of the CDS service (Flask ``create_app`` pattern; nothing built at import).
+
+``create_app`` refuses to start on an un-migrated database and on malformed trust settings, and
+warns loudly when JWT checks are off (local development only).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify
+
+from cds_service.auth import JwksCache, TokenVerifier, parse_trusted_issuers
+from cds_service.cors import init_cors
+from cds_service.db import check_current, make_engine, session_factory
+from cds_service.errors import register_error_handlers
+from cds_service.predictions import PredictionService, Predictor, RuntimeProvider
+from cds_service.state import EXTENSION_KEY, ServiceState
+from cds_service.store import Store
+from her2low.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+def create_app(settings: Settings | None = None, *, runtime: Predictor | None = None) -> Flask:
+    """Build the service app.
+
+    ``runtime``: anything with ``predict(inputs) -> Prediction``; None loads
+    ``models.runtime.ModelRuntime.load(settings.model_dir)`` on first use.
+    Raises ``cds_service.db.DatabaseNotMigratedError`` if the database is not at head.
+    """
+    settings = settings or load_settings()
+    url = settings.cds_database_url
+    engine = make_engine(url)
+    try:
+        check_current(url, engine)
+    except Exception:
+        engine.dispose()
+        raise
+    policies = parse_trusted_issuers(settings.cds_trusted_issuers)
+    if not settings.cds_auth_required:
+        log.warning(
+            "!!! CDS Hooks JWT authentication is DISABLED (HER2LOW_CDS_AUTH_REQUIRED=false): "
+            "any caller can read cards. Local development only — never in production. !!!"
+        )
+    elif not policies:
+        log.warning("no trusted CDS client issuers configured: every CDS Hooks call will get 401")
+    store = Store(session_factory(engine))
+    provider = RuntimeProvider(runtime, settings.model_dir)
+    verifier = TokenVerifier(
+        policies,
+        max_lifetime=settings.cds_jwt_max_lifetime_seconds,
+        leeway=settings.cds_jwt_leeway_seconds,
+        cache=JwksCache(timeout=settings.cds_fhir_timeout_seconds),
+    )
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    app.extensions[EXTENSION_KEY] = ServiceState(
+        settings=settings,
+        engine=engine,
+        store=store,
+        verifier=verifier,
+        runtime=provider,
+        predictions=PredictionService(store, provider),
+    )
+    register_error_handlers(app)
+    init_cors(app, settings.cds_cors_origins, ("/cds-services",))
+
+    from cds_service.hooks import bp as hooks_bp
+    from cds_service.results import bp as results_bp
+    from cds_service.review import bp as review_bp
+
+    app.register_blueprint(hooks_bp)
+    app.register_blueprint(results_bp)
+    app.register_blueprint(review_bp)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"status": "ok"})
+
+    return app
+
+
+def state_of(app: Flask) -> Any:
+    """The ServiceState of an app (tests, CLI)."""
+    return app.extensions[EXTENSION_KEY]

@@ -1,0 +1,180 @@
+"""SQLAlchemy 2 table definitions of the service database (schema owned by Alembic migrations).
+
+Portable types only (String, Integer, Float, Boolean, JSON, DateTime) so the same migrations run
+on SQLite (default) and PostgreSQL (scaled deployment).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the offset otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Result(Base):
+    """One analysed series per pipeline version: the key the node re-publishes under."""
+
+    __tablename__ = "results"
+    __table_args__ = (
+        UniqueConstraint(
+            "series_instance_uid", "pipeline_version", name="uq_results_series_pipeline"
+        ),
+        Index("ix_results_patient", "patient_issuer", "patient_id"),
+        Index("ix_results_study", "study_instance_uid"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    pipeline_version: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    patient_issuer: Mapped[str] = mapped_column(String(64), default="")
+    patient_id: Mapped[str] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    acquired_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    laterality: Mapped[str | None] = mapped_column(String(1), nullable=True)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    review_flag: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    observation_override: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class ResultRevision(Base):
+    """Every distinct payload received for a result, kept for provenance (never overwritten)."""
+
+    __tablename__ = "result_revisions"
+    __table_args__ = (UniqueConstraint("result_id", "revision", name="uq_revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id"))
+    revision: Mapped[int] = mapped_column(Integer)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    acquired_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    laterality: Mapped[str | None] = mapped_column(String(1), nullable=True)
+    features: Mapped[dict[str, Any]] = mapped_column(JSON)
+    provenance: Mapped[dict[str, Any]] = mapped_column(JSON)
+    previews: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    payload_sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class DescriptorEntry(Base):
+    """One version of the radiologist's qualitative descriptors for a case (append-only)."""
+
+    __tablename__ = "descriptors"
+    __table_args__ = (UniqueConstraint("result_id", "version", name="uq_descriptor_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    entered_by: Mapped[str] = mapped_column(String(128))
+    entered_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    values: Mapped[dict[str, Any]] = mapped_column(JSON)
+    roi_confirmed: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class PredictionRow(Base):
+    """The prediction for one (result revision, descriptors version), with its prepared FHIR."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (Index("ix_predictions_result", "result_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id"))
+    revision: Mapped[int] = mapped_column(Integer)
+    descriptors_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    prediction: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    card_uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    observation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    observation_status: Mapped[str] = mapped_column(String(32), default="preliminary")
+    basis: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    computed_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class Feedback(Base):
+    """CDS Hooks feedback on a card; unique key makes repeated deliveries idempotent."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        UniqueConstraint("card_uuid", "outcome", "outcome_timestamp", name="uq_feedback"),
+        Index("ix_feedback_result", "result_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    card_uuid: Mapped[str] = mapped_column(String(64))
+    result_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    accepted_suggestions: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    override_reason: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    user_comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    outcome_timestamp: Mapped[datetime] = mapped_column(UtcDateTime())
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class AuditEvent(Base):
+    """Append-only audit trail: who did what to which case, when. Never updated or deleted."""
+
+    __tablename__ = "audit"
+    __table_args__ = (Index("ix_audit_result", "result_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(256))
+    action: Mapped[str] = mapped_column(String(64))
+    result_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class UsedJti(Base):
+    """JWT ids seen, kept until their ``exp`` to refuse replays (CDS Hooks 2.0.1 §Trusting)."""
+
+    __tablename__ = "jti_replay"
+
+    iss: Mapped[str] = mapped_column(String(255), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(255), primary_key=True)
+    exp: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)

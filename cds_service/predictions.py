@@ -1,0 +1,167 @@
+"""Recompute a case's prediction whenever its inputs change (features or descriptors).
+
+CDS Hooks 2.0.1 asks for answers in well under 500 ms, so the model runs here — on ingest and on
+descriptor entry — and the hook only reads the stored prediction and its prepared Observation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from cds_service.fhir import build_observation
+from cds_service.orm import PredictionRow, utcnow
+from cds_service.store import CaseSnapshot, ObservationStatus, Store, json_safe
+from models import schema as feature_schema
+from models.prediction import Prediction
+
+log = logging.getLogger(__name__)
+
+
+class Predictor(Protocol):
+    """What the service needs from ``models.runtime.ModelRuntime``."""
+
+    def predict(self, inputs: Mapping[str, str | float | None]) -> Prediction: ...
+
+
+class RuntimeUnavailableError(RuntimeError):
+    """The model runtime could not be loaded."""
+
+
+class RuntimeProvider:
+    """The injected predictor, or ``ModelRuntime.load(model_dir)`` loaded once on first use."""
+
+    def __init__(self, injected: Predictor | None, model_dir: Path | None) -> None:
+        self._runtime = injected
+        self._model_dir = model_dir
+        self._lock = threading.Lock()
+
+    def get(self) -> Predictor:
+        if self._runtime is not None:
+            return self._runtime
+        with self._lock:
+            if self._runtime is None:
+                try:
+                    from models.runtime import ModelRuntime
+                except ImportError as exc:
+                    raise RuntimeUnavailableError("models.runtime is not installed") from exc
+                try:
+                    self._runtime = ModelRuntime.load(self._model_dir)
+                except Exception as exc:
+                    raise RuntimeUnavailableError(f"model could not be loaded: {exc}") from exc
+            return self._runtime
+
+    @property
+    def model_card(self) -> str | None:
+        """The model card text, when the runtime exposes one."""
+        try:
+            runtime = self.get()
+        except RuntimeUnavailableError:
+            return None
+        cards = getattr(runtime, "cards", None)  # ModelRuntime: variant -> model card dict
+        if isinstance(cards, Mapping) and cards:
+            try:
+                from models.card import render_markdown
+            except ImportError:
+                return "\n\n".join(json.dumps(c, indent=2, default=str) for c in cards.values())
+            return "\n\n---\n\n".join(render_markdown(c) for c in cards.values())
+        card = getattr(runtime, "model_card", None)
+        if callable(card):
+            card = card()
+        return card if isinstance(card, str) else None
+
+
+def model_inputs(case: CaseSnapshot) -> dict[str, str | float | None]:
+    """All schema inputs: features from the result, descriptors from the latest entry."""
+    inputs: dict[str, str | float | None] = {}
+    features = case.revision.features or {}
+    for name in feature_schema.QUANTITATIVE_NAMES:
+        value = features.get(name)
+        inputs[name] = (
+            float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+        )
+    values = case.descriptors.values if case.descriptors else {}
+    for name in feature_schema.DESCRIPTOR_NAMES:
+        inputs[name] = values.get(name) or None
+    return inputs
+
+
+def observation_status(case: CaseSnapshot) -> ObservationStatus:
+    """A tumour-board override (amended / entered-in-error) wins; otherwise final once a
+    radiologist entered descriptors and confirmed the ROI; else preliminary (FHIR R4
+    ObservationStatus)."""
+    if case.result.observation_override:
+        return ObservationStatus(case.result.observation_override)
+    if case.descriptors is not None and case.descriptors.roi_confirmed:
+        return ObservationStatus.FINAL
+    return ObservationStatus.PRELIMINARY
+
+
+class PredictionService:
+    """Runs the model for a case and stores the prediction with its Observation."""
+
+    def __init__(self, store: Store, runtime: RuntimeProvider) -> None:
+        self.store = store
+        self.runtime = runtime
+
+    def recompute(self, result_id: str) -> PredictionRow | None:
+        case = self.store.case(result_id)
+        if case is None:
+            return None
+        row = PredictionRow(
+            result_id=result_id,
+            revision=case.result.revision,
+            descriptors_version=case.descriptors.version if case.descriptors else None,
+            card_uuid=str(uuid.uuid4()),
+            computed_at=utcnow(),
+        )
+        status = observation_status(case)
+        row.observation_status = status.value
+        provenance = case.revision.provenance or {}
+        row.basis = json_safe(
+            {
+                "roi": provenance.get("roi"),
+                "qc": provenance.get("qc"),
+                "descriptors_entered": case.descriptors is not None,
+            }
+        )
+        try:
+            prediction = self.runtime.get().predict(model_inputs(case))
+        except (ValueError, RuntimeUnavailableError) as exc:
+            # FeatureValidationError is a ValueError; keep the case, say why there is no estimate.
+            row.error = str(exc)[:2000]
+            log.warning(
+                "prediction failed",
+                extra={"result_id": result_id, "error_class": type(exc).__name__},
+            )
+            return self.store.save_prediction(row)
+        features = {k: v for k, v in (case.revision.features or {}).items() if v is not None}
+        row.prediction = json_safe(prediction.to_dict())
+        row.probability = prediction.probability
+        row.observation = build_observation(
+            prediction=prediction,
+            prediction_key=f"{result_id}/{row.card_uuid}",
+            status=status.value,
+            study_instance_uid=case.result.study_instance_uid,
+            acquired_at=case.result.acquired_at,
+            computed_at=row.computed_at,
+            laterality=case.result.laterality,
+            features=features,
+            descriptors=case.descriptors.values if case.descriptors else {},
+        )
+        log.info(
+            "prediction stored",
+            extra={
+                "result_id": result_id,
+                "series_uid": case.result.series_instance_uid,
+                "variant": prediction.variant.value,
+                "model_version": prediction.model_version,
+            },
+        )
+        return self.store.save_prediction(row)

@@ -1,0 +1,36 @@
+"""Per-app service objects, kept in ``app.extensions`` (Flask's place for extension state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app
+from sqlalchemy import Engine
+
+from cds_service.auth import TokenVerifier
+from cds_service.predictions import PredictionService, RuntimeProvider
+from cds_service.store import Store
+from her2low.settings import Settings
+
+EXTENSION_KEY = "her2low_cds"
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    engine: Engine
+    store: Store
+    verifier: TokenVerifier
+    runtime: RuntimeProvider
+    predictions: PredictionService
+
+    @property
+    def base_url(self) -> str:
+        return self.settings.cds_public_base_url.rstrip("/")
+
+
+def state() -> ServiceState:
+    """The state of the current app."""
+    value = current_app.extensions[EXTENSION_KEY]
+    assert isinstance(value, ServiceState)
+    return value
