@@ -183,7 +183,7 @@ def prediction_card(prediction: Prediction, ctx: CardContext, patient_id: str) -
     detail = [
         "**Statistical estimate — confirm HER2 status by IHC/ISH.** Not a pathology result.",
         "",
-        f"Likelihood of HER2-low (vs HER2 0) from breast MRI: **{percent:.0f}%** "
+        f"Likelihood of HER2-low (among HER2 0, HER2-low and HER2-positive) from breast MRI: **{percent:.0f}%** "
         f"(operating threshold {threshold:.0f}%).",
         "",
     ]

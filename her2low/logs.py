@@ -56,3 +56,4 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("huey").setLevel(logging.WARNING)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)

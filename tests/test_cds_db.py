@@ -64,15 +64,3 @@ def test_schema_and_hot_query_compile_for_postgresql() -> None:
         assert "AUTOINCREMENT" not in ddl.upper()
         for index in table.indexes:
             str(CreateIndex(index).compile(dialect=dialect))
-
-
-@pytest.mark.skipif(
-    not __import__("os").environ.get("HER2LOW_TEST_PG_URL"),
-    reason="set HER2LOW_TEST_PG_URL (postgresql+psycopg://…) to run against PostgreSQL",
-)
-def test_migrations_on_postgresql() -> None:
-    import os
-
-    url = os.environ["HER2LOW_TEST_PG_URL"]
-    db.upgrade(url)
-    db.check_current(url)
