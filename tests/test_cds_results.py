@@ -172,6 +172,8 @@ def test_worklist_and_case_page(service: Service) -> None:
         "Model card",
         'name="lesion_type"',
         "Contribution",
+        # the features table, typeset (dapp_mean is not among the fake contributions)
+        "<td>Dapp mean</td><td>1.2 ×10⁻³ mm²/s</td>",
     ):
         assert text in page.text, text
     assert requests.get(service.url + "/review/model-card", timeout=10).status_code == 200

@@ -72,6 +72,7 @@ def _fmt(name: str, value: Any) -> str:
     if spec.is_categorical:
         return dict(zip(spec.values, spec.value_labels, strict=True)).get(str(value), str(value))
     unit = f" {spec.display_unit}" if spec.display_unit and spec.display_unit != "1" else ""
+    unit = unit.replace("10^-3 mm2/s", "×10⁻³ mm²/s")  # the schema's ASCII form, typeset
     return f"{float(value) * spec.display_scale:.4g}{unit}"
 
 
@@ -115,7 +116,7 @@ def _render_case(
     provenance = case.revision.provenance or {}
     roi = _section(provenance, "roi")
     qc = _section(provenance, "qc")
-    [
+    features = [
         {"label": _label(n), "value": _fmt(n, case.revision.features.get(n))}
         for n in feature_schema.QUANTITATIVE_NAMES
         if n in (case.revision.features or {})
@@ -137,6 +138,7 @@ def _render_case(
             {"label": _label(c.feature), "value": _fmt(c.feature, c.value), "log_odds": c.log_odds}
             for c in (prediction.contributions if prediction else ())
         ],
+        features=features,
         descriptor_fields=_descriptor_fields(),
         decisions=[(d.value, label) for d, label in _DECISIONS],
         reasons=[(r.value, r.display) for r in BoardReason],
