@@ -7,6 +7,7 @@ Series that are not analysable are *skipped with a reason*, never dropped silent
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,11 @@ def build_payload(first: Dataset, analysis: Any, series_uid: str) -> dict[str, A
         "laterality": analysis.laterality,
         "features": analysis.features,
         "provenance": analysis.provenance,
+        # map slices and histograms for the review page (PNG, base64)
+        "previews": {
+            name.removesuffix(".png"): base64.b64encode(png).decode("ascii")
+            for name, png in analysis.previews.items()
+        },
     }
 
 

@@ -96,6 +96,9 @@ def test_storescu_to_card(system: System, tmp_path: Path) -> None:
     assert "not clinically validated" in card["detail"].lower()
     # the result came from the tumour of the generated study, on the side the generator chose
     assert result["laterality"] == manifest["laterality"]
+    # the case page a tumour board opens from the card shows the maps the node published
+    page = requests.get(card["links"][0]["url"], timeout=10)
+    assert page.status_code == 200 and "data:image/png;base64," in page.text
 
     # the same call without a token is refused, with a JSON body
     refused = requests.post(url, json=body, timeout=10)
