@@ -83,6 +83,7 @@ class ProblemKind(Enum):
     SEVERAL_STACKS = "several stacks"
     MISSING_SLICES = "missing slices"
     UNSUPPORTED_PIXELS = "unsupported pixel data"
+    UNREADABLE_HEADER = "unreadable header"
 
 
 @dataclass(frozen=True)
@@ -596,6 +597,29 @@ def _combine_shell(vols: list[tuple[VolumePlan, NDArray[np.float64]]],
     return np.asarray(np.mean(np.stack(per_dir), axis=0), dtype=np.float64)
 
 
+_SHAPE_KEYWORDS = ("Rows", "Columns", "NumberOfFrames", "BitsAllocated", "SamplesPerPixel")
+
+
+def check_headers(datasets: Sequence[Dataset]) -> None:
+    """Raise :class:`AssemblyError` naming every instance whose header pydicom cannot convert
+    (unknown VR, wrong value length) or whose image shape attributes are not single integers;
+    later steps may then read any attribute without guarding it."""
+    problems = []
+    for index, ds in enumerate(datasets):
+        try:
+            for _ in ds.iterall():  # converts every raw element, nested ones too
+                pass
+            for keyword in _SHAPE_KEYWORDS:
+                value = ds.get(keyword)
+                if value is not None:
+                    int(value)
+        except Exception as exc:  # pydicom raises many types on corrupt input
+            problems.append(Problem(ProblemKind.UNREADABLE_HEADER,
+                                    f"instance {index}: {type(exc).__name__}: {exc}"[:300]))
+    if problems:
+        raise AssemblyError(problems)
+
+
 def assemble_dwi(
     datasets: Sequence[Dataset],
     *,
@@ -609,6 +633,7 @@ def assemble_dwi(
     """
     if not datasets:
         raise AssemblyError([Problem(ProblemKind.NO_IMAGES, "no datasets given")])
+    check_headers(datasets)
     uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(uids) > 1:
         raise AssemblyError([Problem(ProblemKind.MIXED_SERIES,

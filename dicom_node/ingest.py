@@ -7,6 +7,7 @@ code so that it can be tested and benchmarked without an association.
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from io import BytesIO
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -56,22 +57,21 @@ class Ingestor:
         calling_aet: str = "",
     ) -> IngestOutcome:
         """Store one instance given as a DICOM file (preamble, file meta, dataset)."""
+        stream = BytesIO(encoded)
         try:
-            header = dcmread(BytesIO(encoded), stop_before_pixels=True)
-            torn = _torn_element(header)
-        except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, TypeError) as exc:
-            return IngestOutcome(StoreStatus.CANNOT_UNDERSTAND, f"unreadable: {type(exc).__name__}")
-        except Exception as exc:  # pydicom raises many types on corrupt input
+            header = dcmread(stream, stop_before_pixels=True)
+            torn = _torn_element(header) or _torn_pixel_data(encoded, stream.tell(), header)
+            if not torn:
+                problem = _mismatch(header, sop_class_uid, sop_instance_uid)
+                study_uid = str(header.StudyInstanceUID) if not problem else ""
+                series_uid = str(header.SeriesInstanceUID) if not problem else ""
+                modality = str(header.get("Modality", "") or "")
+        except Exception as exc:  # pydicom raises many types on corrupt input, also on access
             return IngestOutcome(StoreStatus.CANNOT_UNDERSTAND, f"unreadable: {type(exc).__name__}")
         if torn:
             return IngestOutcome(StoreStatus.CANNOT_UNDERSTAND, f"element {torn} runs past the end")
-
-        problem = _mismatch(header, sop_class_uid, sop_instance_uid)
         if problem:
             return IngestOutcome(StoreStatus.DATASET_MISMATCH, problem)
-        study_uid = str(header.StudyInstanceUID)
-        series_uid = str(header.SeriesInstanceUID)
-        modality = str(header.get("Modality", "") or "")
         sha = digest(encoded)
 
         with self._lock:
@@ -144,6 +144,31 @@ def _torn_element(ds: Dataset) -> str:
             and len(raw.value) != raw.length
         ):
             return str(tag)
+    return ""
+
+
+def _torn_pixel_data(encoded: bytes, offset: int, header: Dataset) -> str:
+    """The tag of the element the header read stopped at (Pixel Data) when its declared length
+    runs past the end of ``encoded``, or ''. ``offset`` is where that element starts."""
+    syntax = header.file_meta.get("TransferSyntaxUID")
+    if syntax is None or syntax == DeflatedExplicitVRLittleEndian or offset >= len(encoded):
+        return ""
+    little = syntax != ExplicitVRBigEndian
+    implicit = syntax == ImplicitVRLittleEndian
+    end = "<" if little else ">"
+    if offset + 8 > len(encoded):
+        return "(7FE0,0010)"
+    group, element = struct.unpack_from(f"{end}HH", encoded, offset)
+    if implicit:
+        (length,) = struct.unpack_from(f"{end}I", encoded, offset + 4)
+        start = offset + 8
+    else:
+        if offset + 12 > len(encoded):
+            return f"({group:04X},{element:04X})"
+        (length,) = struct.unpack_from(f"{end}I", encoded, offset + 8)
+        start = offset + 12
+    if length != UNDEFINED_LENGTH and start + length > len(encoded):
+        return f"({group:04X},{element:04X})"
     return ""
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicom_node.assemble import plan_layout
+from dicom_node.assemble import check_headers, plan_layout
 from dicom_node.bvalues import b_label
 from dicom_node.dicomio import read_datasets
 from dicom_node.roles import BreastRules, SeriesRole, classify_series
@@ -30,7 +30,9 @@ _DIFFUSION_INPUT = (SeriesRole.DWI_TRACE, SeriesRole.DWI_DIRECTIONAL)
 
 def inspect_series(datasets: Sequence[Dataset], rules: BreastRules = BreastRules()
                    ) -> dict[str, Any]:
-    """Report entry for the instances of one series (headers only)."""
+    """Report entry for the instances of one series (headers only); raises
+    :class:`~dicom_node.assemble.AssemblyError` for headers pydicom cannot convert."""
+    check_headers(datasets)
     ds = datasets[0]
     classification = classify_series(datasets, rules)
     layout = plan_layout(datasets)
