@@ -2,8 +2,10 @@
 
 Stability is a heuristic (a quiet period after the last instance); it is re-evaluated from the
 database on every tick, so a restart loses no timer, and a late instance simply re-opens the
-series (see :mod:`dicom_node.ingest`). Jobs whose message was lost or whose worker died are
-re-queued here; the worker's claim makes duplicates harmless.
+series (see :mod:`dicom_node.ingest`). A series whose headers declare its size and that has
+fully arrived is promoted at once (:func:`promote_complete`, :mod:`dicom_node.expected`). Jobs
+whose message was lost or whose worker died are re-queued here; the worker's claim makes
+duplicates harmless.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import time
 import uuid
 from collections.abc import Callable
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db import Job, JobState, Series, SeriesState
+from dicom_node.db import Instance, Job, JobState, Series, SeriesState
+from dicom_node.expected import CompletenessTracker
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,80 @@ def promote_stable(
         session.commit()
     for job_id in job_ids:
         log.info("series stable; job queued", extra={"job_id": job_id})
+    return job_ids
+
+
+def promote_complete(
+    sessions: sessionmaker[Session],
+    tracker: CompletenessTracker,
+    *,
+    now: float | None = None,
+) -> list[str]:
+    """Queue a job for every receiving series its headers show complete; returns job ids.
+
+    The promotion is conditional on the series being unchanged since it was assessed (same
+    generation, instance count and last arrival), so an instance arriving meanwhile wins.
+    """
+    now = time.time() if now is None else now
+    job_ids: list[str] = []
+    watched: list[str] = []
+    with sessions() as session:
+        receiving = session.scalars(
+            select(Series).where(Series.state == SeriesState.RECEIVING)
+        ).all()
+        for series in receiving:
+            paths = list(
+                session.scalars(
+                    select(Instance.path)
+                    .where(
+                        Instance.series_instance_uid == series.series_instance_uid,
+                        Instance.current.is_(True),
+                    )
+                    .order_by(Instance.id)
+                )
+            )
+            watched.extend(paths)
+            if len(paths) != series.instance_count:
+                continue
+            verdict = tracker.assess(paths)
+            if not verdict.complete:
+                continue
+            promoted = session.execute(
+                update(Series)
+                .where(
+                    Series.series_instance_uid == series.series_instance_uid,
+                    Series.state == SeriesState.RECEIVING,
+                    Series.generation == series.generation,
+                    Series.instance_count == series.instance_count,
+                    Series.last_received_at == series.last_received_at,
+                )
+                .values(state=SeriesState.QUEUED)
+                .execution_options(synchronize_session=False)
+            )
+            if promoted.rowcount != 1:  # type: ignore[attr-defined]
+                continue
+            job = Job(
+                id=str(uuid.uuid4()),
+                series_instance_uid=series.series_instance_uid,
+                generation=series.generation,
+                state=JobState.QUEUED,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(job)
+            session.commit()
+            job_ids.append(job.id)
+            log.info(
+                "series complete by its headers; job queued",
+                extra={
+                    "job_id": job.id,
+                    "series_uid": series.series_instance_uid,
+                    "expected": verdict.expected,
+                    "source": verdict.source.value if verdict.source else "",
+                },
+            )
+        session.commit()
+    tracker.forget_all_but(watched)
     return job_ids
 
 
@@ -99,13 +176,18 @@ def run_forever(
     *,
     tick: float = 0.5,
     stale_every: float = 15.0,
+    early_promotion: bool = True,
 ) -> None:
     """The node's housekeeping loop (a thread of ``her2low node``)."""
     for job_id in pending_jobs(sessions):
         enqueue(job_id)
     last_stale = 0.0
+    tracker = CompletenessTracker()
     while not stop():
         try:
+            if early_promotion:
+                for job_id in promote_complete(sessions, tracker):
+                    enqueue(job_id)
             for job_id in promote_stable(sessions, quiet_seconds):
                 enqueue(job_id)
             if time.monotonic() - last_stale >= stale_every:

@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     node_port: int = Field(11112, description="DICOM port.")
     node_allowed_calling_aets: list[str] = Field(
         default_factory=list,
-        description="Calling AE titles allowed to associate (JSON list); empty allows any.",
+        description="Calling AE titles allowed to associate (JSON list of 'AET' for any host or "
+        "'AET@host', 'AET@ip' or 'AET@cidr'); empty allows any.",
     )
     node_db_url: str = Field(
         "", description="SQLAlchemy URL of the node database; default SQLite in home."
@@ -70,6 +71,24 @@ class Settings(BaseSettings):
         "'full': also fsync the folder (a second device flush per instance).",
     )
     node_max_associations: int = Field(10, description="Concurrent associations accepted.")
+    node_acse_timeout: float = Field(
+        30.0, description="Seconds to wait for association request/release messages (ACSE)."
+    )
+    node_dimse_timeout: float = Field(
+        60.0, description="Seconds to wait for the next DIMSE message of an association."
+    )
+    node_network_timeout: float = Field(
+        60.0, description="Seconds an association may stay silent before it is aborted."
+    )
+    node_tls_cert: Path | None = Field(
+        None, description="PEM certificate (chain) of the node; with node_tls_key turns on TLS."
+    )
+    node_tls_key: Path | None = Field(None, description="PEM private key of node_tls_cert.")
+    node_tls_ca: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set, peers must present a certificate it signed "
+        "(mutual TLS).",
+    )
     node_results_url: str = Field(
         "http://127.0.0.1:8080", description="Base URL of the CDS service's results API."
     )
