@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.analysis import PIPELINE_VERSION, AnalysisSettings, analyse
-from dicom_node.assemble import AssemblyError, assemble_dwi
+from dicom_node.assemble import AssemblyError, assemble_dwi, check_headers
 from dicom_node.db import Instance, Series, SeriesState
 from dicom_node.publish import publish
 from dicom_node.roles import SeriesRole, classify_series
@@ -134,15 +134,20 @@ def run_pipeline(
         reopen_series(sessions, targets, settings.quiet_seconds)
         raise Skipped("segmentation stored; diffusion series of the study re-opened", role="seg")
 
+    if any(s.modality == "SEG" and s.state in _BUSY for s in siblings):
+        # Checked before any file is read: the retry is cheap while the SEG finishes arriving.
+        raise Deferred("a segmentation of this study is still arriving")
     datasets = _read(paths)
+    try:
+        check_headers(datasets)
+    except AssemblyError as exc:
+        raise Skipped(f"unreadable headers: {exc}") from exc
     verdict = classify_series(datasets)
     role = verdict.role.value
     if not verdict.role.is_fit_input:
         raise Skipped(f"not a diffusion series ({role}): " + "; ".join(verdict.reasons), role=role)
     if not verdict.is_breast:
         raise Skipped("not a breast series: " + "; ".join(verdict.reasons), role=role)
-    if any(s.modality == "SEG" and s.state in _BUSY for s in siblings):
-        raise Deferred("a segmentation of this study is still arriving")
 
     try:
         dwi = assemble_dwi(datasets)

@@ -28,7 +28,7 @@ def make_huey(settings: Settings) -> Huey:
 def register(huey: Huey, run_job: Callable[[str], None]) -> Any:
     """Register the analysis task; producer and consumer call this with the same name."""
 
-    @huey.task(name=TASK_NAME, retries=30, retry_delay=3)
+    @huey.task(name=TASK_NAME, retries=60, retry_delay=1)
     def analyse_series(job_id: str) -> None:
         run_job(job_id)
 

@@ -88,7 +88,7 @@ def run_worker(settings: Settings) -> None:
         periodic=False,
         initial_delay=0.1,
         backoff=1.15,
-        max_delay=1.0,
+        max_delay=0.5,  # queue polling interval at rest: bounds the wait for a new job
     )
     log.info("worker started", extra={"workers": settings.worker_count})
     consumer.run()

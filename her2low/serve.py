@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -21,8 +22,15 @@ class _Gunicorn(BaseApplication):
 
     def load(self) -> Any:
         from cds_service.app import create_app
+        from cds_service.state import state
 
-        return create_app(self.settings)
+        app = create_app(self.settings)
+        with app.app_context():
+            try:  # load and hash-check the model now, not on the first result or hook call
+                state().runtime.get()
+            except Exception:
+                logging.getLogger(__name__).exception("model not loaded at start-up")
+        return app
 
 
 def serve(settings: Settings, *, workers: int = 2) -> None:

@@ -82,7 +82,7 @@ def start_node(settings) -> RunningNode:  # type: ignore[no-untyped-def]
                 "127.0.0.1",
                 settings.node_port,
                 called_aet=settings.node_ae_title,
-                calling_aet=(settings.node_allowed_calling_aets or ["HER2LOW-DEMO"])[0],
+                calling_aet=(settings.node_allowed_calling_aets or ["HER2LOW-DEMO"])[0].split("@")[0],
             ):
                 break
         except Exception:
