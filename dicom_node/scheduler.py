@@ -39,7 +39,9 @@ def promote_stable(
                 Series.last_received_at <= now - quiet_seconds,
             )
         ).all()
-        for series in due:
+        # A study's SEG first: its diffusion series, due in the same tick, then find it done
+        # instead of deferring for it.
+        for series in sorted(due, key=lambda s: (s.modality != "SEG", s.last_received_at)):
             job = Job(
                 id=str(uuid.uuid4()),
                 series_instance_uid=series.series_instance_uid,

@@ -204,3 +204,16 @@ def test_recovery_indexes_orphaned_and_unindexed_files(ingestor: Ingestor) -> No
     assert uids == {orphan_ds.SOPInstanceUID, lost_ds.SOPInstanceUID}
     assert not orphan.exists() and not torn.exists()
     assert recover(ingestor) == 0  # idempotent
+
+
+def test_a_studys_seg_is_queued_before_its_images(ingestor: Ingestor) -> None:
+    study = generate_uid()
+    images = mr_dataset(study, generate_uid())
+    seg = mr_dataset(study, generate_uid())
+    seg.Modality = "SEG"
+    _ingest(ingestor, encode(images))
+    _ingest(ingestor, encode(seg))  # arrives last, goes quiet in the same tick
+    jobs = promote_stable(ingestor.sessions, 0.0, now=1e12)
+    with ingestor.sessions() as s:
+        order = [s.get(Job, job_id).series_instance_uid for job_id in jobs]  # type: ignore[union-attr]
+    assert order == [seg.SeriesInstanceUID, images.SeriesInstanceUID]
