@@ -25,6 +25,7 @@ from dicom_node.dki import (
     DkiFit,
     DkiMethod,
     DkiModel,
+    FitFlag,
     background_mask,
     estimate_sigma,
 )
@@ -227,7 +228,12 @@ def analyse(
     }
     previews: dict[str, bytes] = {}
     if s.previews:
-        previews = _previews(maps, roi, dki_fit, adc_fit, s)
+        underlay = data[..., int(np.argmin(dwi.bvals))]
+        fitted = {
+            "adc": adc_fit.valid & ~bg,
+            "dki": region & ~dki_fit.has_flag(FitFlag.BACKGROUND),
+        }
+        previews = _previews(maps, roi, underlay, fitted, adc_fit.valid, s)
     return Analysis(
         features=features,
         provenance=provenance,
@@ -245,18 +251,35 @@ def analyse(
 
 
 def _previews(
-    maps: dict[str, NDArray[np.float64]], roi: Roi, fit: DkiFit, adc: AdcFit, s: AnalysisSettings
+    maps: dict[str, NDArray[np.float64]],
+    roi: Roi,
+    underlay: NDArray[Any],
+    fitted: dict[str, NDArray[np.bool_]],
+    adc_valid: NDArray[np.bool_],
+    s: AnalysisSettings,
 ) -> dict[str, bytes]:
-    """Map slices and ROI histograms; diffusivities shown in 10⁻³ mm²/s (DESIGN: units)."""
+    """Map slices over the lowest-b image and ROI histograms (docs: units — diffusivities shown
+    in 10⁻³ mm²/s, Kapp unitless). Each map is coloured only where it was fitted: ADC on every
+    valid non-background voxel, Dapp/Kapp on the fit region; elsewhere they hold zeros. The
+    histograms keep the feature masks (ROI ∩ valid ADC, ROI ∩ fitted DKI)."""
     out: dict[str, bytes] = {}
     spec = {
-        "adc": ("ADC", 1e3, "10⁻³ mm²/s", (0.0, 3.0), adc.valid),
-        "dapp": ("Dapp", 1e3, "10⁻³ mm²/s", (0.0, 3.5), (fit.flags & 8) == 0),
-        "kapp": ("Kapp", 1.0, "", (0.0, 2.0), (fit.flags & 8) == 0),
+        "adc": ("ADC", 1e3, "10⁻³ mm²/s", (0.0, 3.0), fitted["adc"], adc_valid),
+        "dapp": ("Dapp", 1e3, "10⁻³ mm²/s", (0.0, 3.5), fitted["dki"], fitted["dki"]),
+        "kapp": ("Kapp", 1.0, "unitless", (0.0, 2.0), fitted["dki"], fitted["dki"]),
     }
-    for name, (label, scale, unit, (lo, hi), ok) in spec.items():
+    for name, (label, scale, unit, (lo, hi), shown, ok) in spec.items():
         out[f"{name}_slice.png"] = map_slice_png(
-            maps[name], roi.mask, title=label, scale=scale, unit_label=unit, vmin=lo, vmax=hi
+            maps[name],
+            roi.mask,
+            underlay=underlay,
+            fitted=shown,
+            title=label,
+            roi_confirmed=roi.confirmed,
+            scale=scale,
+            unit_label=f"{label} ({unit})",
+            vmin=lo,
+            vmax=hi,
         )
         vals = maps[name][roi.mask & ok]
         out[f"{name}_histogram.png"] = histogram_png(
@@ -265,6 +288,6 @@ def _previews(
             bin_min=s.bin_min,
             scale=scale,
             title=f"{label} in ROI ({vals.size} voxels)",
-            xlabel=f"{label} ({unit})" if unit else label,
+            xlabel=f"{label} ({unit})",
         )
     return out

@@ -16,10 +16,13 @@ which is only physical while the curve falls, b < 3 / (Dapp·Kapp). Three fit me
   Reson Med 1995) so the noise floor at high b no longer inflates Kapp.
 
 All voxels of a block are solved together (no Python loop per voxel): the WLS normal equations
-are BLAS products over the b axis; each Levenberg–Marquardt iteration needs two BLAS products of
-b-moments, one ``exp`` and closed-form (adjugate) 3×3 solves, run in float32. Converged voxels
-leave the working arrays; the slow tail of every block is pooled into one second pass. Blocks
-bound the memory on a whole breast volume and may be spread over threads (``n_threads``).
+are BLAS products over the b axis. Each Levenberg–Marquardt iteration, run in float32, is one
+``exp`` and five elementwise passes over the ``(n_b, M)`` block, three small BLAS products that
+give the cost and the b-moments of the next normal matrix, and ~70 passes over ``(M,)`` vectors
+(the 3×3 systems in scaled unknowns, solved by LDLᵀ; the box constraints; the step acceptance).
+A voxel's result is stored when it converges and finished voxels leave the working arrays; the
+slow tail of every block is pooled into one second pass. Blocks bound the memory on a whole
+breast volume and may be spread over threads (``n_threads``).
 """
 
 from __future__ import annotations
@@ -291,34 +294,37 @@ def _solve3(
     return x0, x1, x2
 
 
-def _wls_block(
-    y: NDArray[np.float64],
-    b: NDArray[np.float64],
-    n: NDArray[np.float64],
-    weight_signal: NDArray[np.float64] | None = None,
-) -> NDArray[np.float64]:
-    """Log-linear WLS (weights n·S², as DIPY msdki) for a ``(n_b, N)`` block of positive signal.
+class _WlsDesign:
+    """Weight matrices of the log-linear WLS normal equations, built once per b set.
 
-    Returns ``(3, N)``: S0, D (internal units), K. The signal is expected pre-scaled to O(1).
-    ``weight_signal`` replaces the measured S in the weights (iteratively reweighted least
-    squares with the predicted signal, Veraart et al., NeuroImage 2013;81:335).
+    With the weights w = n·S² written as n times a per-voxel factor u, the six distinct entries
+    of XᵀWX are one BLAS product ``normal @ u`` and XᵀW·log S one ``rhs @ (u·log S)``: two
+    passes over the block instead of nine weighted sums.
     """
-    logy = np.log(y)
-    ws = y if weight_signal is None else weight_signal
-    w = n[:, None] * ws * ws
-    x0, x1 = -b, b * b / 6.0
-    wl = w * logy
-    a00 = (x0 * x0) @ w
-    a01 = (x0 * x1) @ w
-    a02 = x0 @ w
-    a11 = (x1 * x1) @ w
-    a12 = x1 @ w
-    ones = np.ones_like(b)
-    a22 = ones @ w
-    r0 = x0 @ wl
-    r1 = x1 @ wl
-    r2 = ones @ wl
-    d, dk, lns0 = _solve3(a00, a01, a02, a11, a12, a22, r0, r1, r2)
+
+    def __init__(self, b: NDArray[Any], n: NDArray[Any]) -> None:
+        x0, x1, one = -b, b * b / 6.0, np.ones_like(b)
+        self.design = np.stack([x0, x1, one], axis=1)  # (n_b, 3): log S = X·(D, DK, ln S0)
+        self.normal = np.stack([x0 * x0, x0 * x1, x0, x1 * x1, x1, one]) * n
+        self.rhs = np.stack([x0, x1, one]) * n
+
+    def solve(self, u: NDArray[Any], logy: NDArray[Any]) -> tuple[NDArray[Any], ...]:
+        """Weighted solution (D, D²K, ln S0) for weights n·u, each ``(M,)``.
+
+        float64 (the ``wls`` method, held to DIPY at 1e-9) uses the adjugate; the float32 start
+        of the iterative fits the cheaper LDLᵀ (XᵀWX is positive definite).
+        """
+        a = self.normal @ u
+        if u.dtype == np.float64:
+            r = self.rhs @ (u * logy)
+            return _solve3(a[0], a[1], a[2], a[3], a[4], a[5], r[0], r[1], r[2])
+        g = (self.rhs @ (u * logy)) * -1.0  # _ldl3 solves A·x = −g
+        return _ldl3(a[0], a[1], a[2], a[3], a[4], a[5], g[0], g[1], g[2])
+
+
+def _wls_params(sol: tuple[NDArray[Any], ...]) -> NDArray[Any]:
+    """(D, D²K, ln S0) → stacked (S0, D, K)."""
+    d, dk, lns0 = sol
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         k = dk / (d * d)
         s0 = np.exp(lns0)
@@ -379,28 +385,51 @@ def _rician_mean(
     return e, de
 
 
-def _evaluate(
-    design: NDArray[Any],
-    y: NDArray[Any],
-    n: NDArray[Any],
-    sigma: NDArray[Any] | None,
-    theta: NDArray[Any],
-) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any] | None]:
-    """Attenuation E, residual, weighted cost and (Rician only) dE[|S|]/dS for a block.
+def _ldl3(
+    a00: NDArray[Any],
+    a01: NDArray[Any],
+    a02: NDArray[Any],
+    a11: NDArray[Any],
+    a12: NDArray[Any],
+    a22: NDArray[Any],
+    g0: NDArray[Any],
+    g1: NDArray[Any],
+    g2: NDArray[Any],
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
+    """x = −A⁻¹·g for symmetric positive definite 3×3 systems of every voxel, by LDLᵀ.
 
-    The exponent −b·D + b²·D²K/6 of every voxel and b is one BLAS product of the ``(n_b, 2)``
-    design ``[−b, b²/6]`` with the ``(2, M)`` coefficients ``[D, D²K]``.
+    The damped Gauss–Newton matrix is positive definite, so the factorisation needs no pivoting
+    and takes ~25 array operations where the adjugate takes ~40.
     """
-    d = theta[1]
-    e = np.exp(design @ np.stack([d, d * d * theta[2]]))
-    s = e * theta[0]
-    dmean = None
-    if sigma is not None:
-        mean, dmean = _rician_mean(s, sigma)
-        r = mean - y
-    else:
-        r = s - y
-    return e, r, n @ (r * r), dmean
+    i0 = 1.0 / a00
+    l10 = a01 * i0
+    l20 = a02 * i0
+    i1 = 1.0 / (a11 - l10 * a01)
+    u = a12 - l20 * a01
+    l21 = u * i1
+    z1 = l10 * g0 - g1
+    x2 = (l20 * g0 - g2 - l21 * z1) / (a22 - l20 * a02 - l21 * u)
+    x1 = z1 * i1 - l21 * x2
+    x0 = (a01 * x1 + a02 * x2 + g0) * -i0
+    return x0, x1, x2
+
+
+def _lm_normal(th: NDArray[Any], q: NDArray[Any], lam: NDArray[Any]) -> tuple[NDArray[Any], ...]:
+    """Damped normal matrix (a00, a01, a02, a11, a12, a22) and scaled gradient g1 of a block.
+
+    In the unknowns scaled by (1, S0, S0·D²/6) the entries are b-moments: a02 = m2, a12 =
+    c·m4 − m3, a22 = m4, g0 = rho0, g2 = rho2 with c = DK/3; Marquardt's damping multiplies the
+    diagonal by 1 + λ.
+    """
+    dt = th.dtype.type
+    m0, m1, m2, m3, m4, rho1, rho2 = q[1], q[2], q[3], q[4], q[5], q[7], q[8]
+    c1 = th[1] * th[2] * dt(1.0 / 3.0)
+    a01 = c1 * m2 - m1
+    a12 = c1 * m4 - m3
+    a11 = c1 * (a12 - m3) + m2
+    g1 = c1 * rho2 - rho1
+    damp = lam + dt(1.0)
+    return m0 * damp, a01, m2, a11 * damp, a12, m4 * damp, g1
 
 
 def _lm(
@@ -414,107 +443,154 @@ def _lm(
     *,
     max_iter: int,
     tol: float,
-    compact_at: float = 0.8,
+    compact_at: float = 0.25,
 ) -> tuple[NDArray[Any], NDArray[np.intp]]:
     """Projected Levenberg–Marquardt (Marquardt's diagonal scaling) for all voxels of a block.
 
     ``y`` is ``(n_b, M)``, ``theta`` ``(3, M)`` = (S0, D, K) in internal units. The Jacobian
-    columns are E, S0·E·(b²·DK/3 − b) and S0·E·b²·D²/6, so every entry of JᵀJ and Jᵀr is a
-    polynomial in per-voxel scalars times a b-moment Σ n·bᵖ·E² (p ≤ 4) or Σ n·bᵖ·E·r (p ≤ 2):
-    two BLAS products per iteration instead of nine weighted sums. Parameters on a bound whose
-    descent points out of the box are frozen for the step (an active set), trial points are
+    columns are S0·E·(b²·DK/3 − b) and S0·E·b²·D²/6 besides E; scaling the unknowns by
+    (1, S0, S0·D²/6) — which leaves Marquardt's step unchanged — makes every entry of JᵀJ and
+    Jᵀr a b-moment Σ n·bᵖ·E² (p ≤ 4) or Σ n·bᵖ·E·r (p ≤ 2), times at most the scalar DK/3.
+    Those moments and the cost Σ n·r² of a trial point come out of three small BLAS products;
+    they are kept per voxel, so E and r never outlive the evaluation and a rejected step
+    restores nine numbers. The 3×3 systems are solved by LDLᵀ. Parameters on a bound whose
+    descent points out of the box are frozen for the step (an active set); trial points are
     projected onto the box and kept only if they lower the cost. A voxel has converged when a
-    step changes its cost by ≤ tol (relative) or the predicted decrease is ≤ 10·tol; converged
-    voxels are dropped from the working arrays once ``compact_at`` of them have finished (the
-    gather costs more than letting a few idle along). Returns parameters and iterations.
+    step changes its cost by ≤ tol (relative) or the predicted decrease is ≤ 10·tol; its result
+    is stored then, and finished voxels leave the working arrays once ``compact_at`` of them
+    have finished (a gather of ~20 rows costs about a tenth of an iteration). S0 has no upper
+    bound (``hi[0]`` is inf). Returns parameters and iterations.
     """
+    dt = theta.dtype.type
+    nb, m = y.shape
     lo_c, hi_c = lo[:, None], hi[:, None]
-    out = np.clip(theta, lo_c, hi_c)
-    iters = np.full(out.shape[1], max_iter, dtype=np.intp)
-    ids = np.arange(out.shape[1])
-    th = out.copy()
-    design = np.stack([-b, b * b / 6.0], axis=1)
-    moments = np.stack([n * b**p for p in range(5)])  # (5, n_b)
-    yw, sw = y, sigma
-    e, r, cost, dmean = _evaluate(design, yw, n, sw, th)
-    lam = np.full(th.shape[1], 1e-3, dtype=th.dtype)
-    fin = np.zeros(th.shape[1], dtype=bool)  # converged, still in the working arrays
-    conv = np.full(th.shape[1], max_iter, dtype=np.intp)  # iteration of convergence
+    out = np.empty((3, m), dtype=theta.dtype)
+    iters = np.full(m, max_iter, dtype=np.intp)
+    ids = np.arange(m)
+    design = np.stack([-b, b * b / 6.0], axis=1)  # exponent = design · (D, D²K)
+    moments = np.stack([n * b**p for p in range(5)])
+    n_row, rho_moments = n[None, :], np.ascontiguousarray(moments[:3])
+    e_buf, r_buf = np.empty((nb, m), dtype=dt), np.empty((nb, m), dtype=dt)
+    s_buf = np.empty((3 * nb, m), dtype=dt)
     span = np.where(np.isfinite(hi - lo), hi - lo, 1.0)
-    eps_lo, eps_hi = (lo + 1e-9 * span)[:, None], (hi - 1e-9 * span)[:, None]
-    one = th.dtype.type(1.0)
-    zero = th.dtype.type(0.0)
-    for it in range(max_iter):
-        s0, d, k = th[0], th[1], th[2]
-        et = e if dmean is None else e * dmean
-        m = moments @ (et * et)
-        rho = moments[:3] @ (et * r)
-        c1 = d * k / 3.0
-        c2 = d * d / 6.0
-        s02 = s0 * s0
-        t1 = c1 * m[4] - m[3]
-        a00 = m[0]
-        a01 = s0 * (c1 * m[2] - m[1])
-        a02 = s0 * c2 * m[2]
-        a11 = s02 * (c1 * t1 - c1 * m[3] + m[2])
-        a12 = s02 * c2 * t1
-        a22 = s02 * c2 * c2 * m[4]
-        g = np.stack([rho[0], s0 * (c1 * rho[2] - rho[1]), s0 * c2 * rho[2]])
-        # Active set: freeze parameters pinned at a bound whose descent points out of the box
-        # (their row and column of the damped normal matrix become the identity, their
-        # gradient 0), written with 0/1 multipliers so no voxel is singled out.
-        pinned = ((th <= eps_lo) & (g > 0)) | ((th >= eps_hi) & (g < 0))
-        f = np.logical_not(pinned).astype(th.dtype)
-        f0, f1, f2 = f[0], f[1], f[2]
-        damp = one + lam
-        dx = np.stack(
-            _solve3(
-                (a00 * damp - one) * f0 + one, a01 * (f0 * f1), a02 * (f0 * f2),
-                (a11 * damp - one) * f1 + one, a12 * (f1 * f2), (a22 * damp - one) * f2 + one,
-                -g[0] * f0, -g[1] * f1, -g[2] * f2,
-            )
-        )  # fmt: skip
-        # Gauss–Newton predicted decrease −g·dx: when it is below 10·tol·cost the voxel converges
-        # with this step, saving the confirming iteration (measured: Kapp moves < 0.005 at the
-        # 99th percentile, ~2 % of its noise at SNR 30).
-        tiny = np.abs(np.einsum("ij,ij->j", g, dx)) <= (10.0 * tol) * cost
-        trial = th + dx
-        trial[~np.isfinite(trial)] = zero
-        np.clip(trial, lo_c, hi_c, out=trial)
-        e_t, r_t, cost_t, dmean_t = _evaluate(design, yw, n, sw, trial)
-        better = cost_t < cost
-        # Converged when the step changes the cost by less than tol (relative) either way.
-        flat = np.abs(cost - cost_t) <= tol * cost
-        # Most steps are accepted: adopt the trial arrays and patch back the rejected columns.
-        # A rejected step that changes the cost by less than tol is as good as the current
-        # point (it only happens at convergence), so those voxels are not patched.
-        rej = np.flatnonzero(~(better | flat | fin))
-        if rej.size:
-            trial[:, rej], e_t[:, rej], r_t[:, rej] = th[:, rej], e[:, rej], r[:, rej]
-            if dmean is not None and dmean_t is not None:
-                dmean_t[:, rej] = dmean[:, rej]
-        th, e, r, dmean = trial, e_t, r_t, dmean_t
-        cost = np.where(better, cost_t, cost)
-        lam = np.where(better, np.maximum(lam * 0.1, 1e-9), lam * 10.0)
-        new = (flat | (better & tiny) | (lam > 1e7)) & ~fin
-        if new.any():
-            conv[new] = it + 1
+    eps_lo, eps_hi = lo + 1e-9 * span, hi - 1e-9 * span
+    tol10 = dt(10.0 * tol)
+
+    def free(x: NDArray[Any], g: NDArray[Any], p: int) -> NDArray[Any]:
+        """1 where parameter ``p`` may move; 0 where it sits on a bound and descent leaves."""
+        pinned = ((x <= eps_lo[p]) & (g > 0)) | ((x >= eps_hi[p]) & (g < 0))
+        return np.logical_not(pinned).astype(dt)
+
+    def evaluate(th: NDArray[Any], yw: NDArray[Any], sw: NDArray[Any] | None) -> NDArray[Any]:
+        """Sums (cost, m0..m4, rho0..rho2) at ``th``; fills its 4th row with D²K."""
+        k = th.shape[1]
+        e, r, s = e_buf[:, :k], r_buf[:, :k], s_buf[:, :k]
+        q = np.empty((9, k), dtype=dt)
+        np.multiply(th[1], th[1], out=th[3])
+        th[3] *= th[2]
+        np.matmul(design, th[1::2], out=e)
+        np.exp(e, out=e)
+        np.multiply(e, th[0], out=r)
+        if sw is None:
+            r -= yw
+        else:
+            mean, dmean = _rician_mean(r, sw)
+            np.subtract(mean, yw, out=r)
+            e *= dmean  # Jacobian of E[|S|]: chain rule through dE/dS
+        np.multiply(r, r, out=s[:nb])
+        np.multiply(e, e, out=s[nb : 2 * nb])
+        np.multiply(e, r, out=s[2 * nb :])
+        # Three small products: one block-diagonal product measured 1.7x slower (OpenBLAS).
+        np.matmul(n_row, s[:nb], out=q[:1])
+        np.matmul(moments, s[nb : 2 * nb], out=q[1:6])
+        np.matmul(rho_moments, s[2 * nb :], out=q[6:])
+        return q
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        th = np.empty((4, m), dtype=dt)  # S0, D, K and D²K (filled by evaluate)
+        np.clip(theta, lo_c, hi_c, out=th[:3])
+        yw, sw = y, sigma
+        q = evaluate(th, yw, sw)
+        lam = np.full(m, 1e-3, dtype=dt)
+        fin = np.zeros(m, dtype=bool)  # converged and stored, idling until the next compaction
+        n_fin = 0
+        for it in range(max_iter):
+            s0, d, k = th[0], th[1], th[2]
+            cost, rho0 = q[0], q[6]
+            a00, a01, a02, a11, a12, a22, g1 = _lm_normal(th, q, lam)
+            g2 = q[8]
+            # Active set: a parameter on a bound whose descent points out of the box gets an
+            # identity row and column and a zero gradient (0/1 multipliers, no branches). S0
+            # reaches its bound (1e-9 of the block maximum) only after a failed step: test
+            # cheaply first. The scaling keeps the sign of every gradient entry.
+            if bool((s0 <= eps_lo[0]).any()):
+                f0 = free(s0, rho0, 0)
+                a00 = (a00 - 1) * f0 + 1
+                a01 = a01 * f0
+                a02 = a02 * f0
+                rho0 = rho0 * f0
+            f1, f2 = free(d, g1, 1), free(k, g2, 2)
+            a11 = (a11 - 1) * f1 + 1
+            a22 = (a22 - 1) * f2 + 1
+            a01 = a01 * f1
+            a02 = a02 * f2
+            a12 = a12 * (f1 * f2)
+            g1 = g1 * f1
+            g2 = g2 * f2
+            x0, x1, x2 = _ldl3(a00, a01, a02, a11, a12, a22, rho0, g1, g2)
+            # Gauss–Newton predicted decrease −g·dx (invariant under the scaling): when it is
+            # below 10·tol·cost the voxel converges with this step, saving the confirming
+            # iteration (measured: Kapp moves < 0.005 at the 99th percentile).
+            tiny = np.abs(rho0 * x0 + g1 * x1 + g2 * x2) <= tol10 * cost
+            trial = np.empty((4, th.shape[1]), dtype=dt)
+            np.add(s0, x0, out=trial[0])
+            inv = dt(1.0) / s0
+            np.multiply(x1, inv, out=trial[1])
+            trial[1] += d
+            np.multiply(x2, inv * dt(6.0) / (d * d), out=trial[2])
+            trial[2] += k
+            # A NaN step (singular system) survives the projection, gives a NaN cost and is
+            # rejected below like any step that does not lower the cost.
+            np.clip(trial[:3], lo_c, hi_c, out=trial[:3])
+            qt = evaluate(trial, yw, sw)
+            cost_t = qt[0]
+            better = cost_t < cost
+            # Converged when the step changes the cost by less than tol (relative) either way;
+            # such a step is as good as the current point and is kept.
+            flat = np.abs(cost - cost_t) <= tol * cost
+            rej = np.flatnonzero(~(better | flat))
+            if rej.size:  # most steps are accepted: patch back the rejected columns only
+                for new_row, old_row in zip(trial[:3], th, strict=False):
+                    new_row.put(rej, old_row.take(rej))
+                qt[:, rej] = q[:, rej]
+            lam *= np.where(better, dt(0.1), dt(10.0))
+            np.maximum(lam, dt(1e-9), out=lam)
+            new = flat | (better & tiny) | (lam > 1e7)
+            if n_fin:
+                new &= ~fin
+            th, q = trial, qt
+            if not new.any():
+                continue
+            done = np.flatnonzero(new)
+            at = ids[done]
+            for p in range(3):  # row by row: 1-D take/put beat 2-D fancy indexing ~5x
+                out[p, at] = th[p].take(done)
+            iters[ids[done]] = it + 1
             fin |= new
-            # Compact only when it pays: converged voxels idle along cheaply until then.
-            if fin.all():
-                break
-            if fin.mean() >= compact_at:
-                done_ids = ids[fin]
-                out[:, done_ids] = np.compress(fin, th, axis=1)
-                iters[done_ids] = conv[fin]
+            n_fin += done.size
+            if n_fin == fin.size:
+                return out, iters
+            if n_fin >= compact_at * fin.size:
                 keep = ~fin  # np.compress gathers columns ~3x faster than boolean indexing
-                ids, cost, lam, conv = ids[keep], cost[keep], lam[keep], conv[keep]
-                fin = fin[keep]
-                th, e, r, yw = (np.compress(keep, a, axis=1) for a in (th, e, r, yw))
-                if dmean is not None and sw is not None:
-                    dmean, sw = np.compress(keep, dmean, axis=1), sw[keep]
-    out[:, ids] = th
-    iters[ids] = conv
+                ids, lam = ids[keep], lam[keep]
+                # Row 3 of th (D²K) is rewritten by the next evaluation: three rows suffice.
+                th, q, yw = (np.compress(keep, a, axis=1) for a in (th[:3], q, yw))
+                if sw is not None:
+                    sw = sw[keep]
+                fin = np.zeros(ids.size, dtype=bool)
+                n_fin = 0
+    left = np.flatnonzero(~fin)
+    out[:, ids[left]] = th[:3, left]
     return out, iters
 
 
@@ -737,6 +813,7 @@ class DkiModel:
         flags[bg] = FitFlag.BACKGROUND
         flat = arr.reshape(-1, arr.shape[-1])
         p_flat, f_flat, i_flat = params.reshape(-1, 3), flags.reshape(-1), iters.reshape(-1)
+        p_cols = [p_flat[:, j] for j in range(3)]
         first = min(self.max_iter, self.first_pass_iter)
         leftovers: list[NDArray[np.intp]] = []
 
@@ -750,7 +827,9 @@ class DkiModel:
         def first_pass(start: int) -> None:
             sel = flat_idx[start : start + self.chunk_size]
             p, it, fl = self._fit_block(gather(sel), sigma, max_iter=first)
-            p_flat[sel], i_flat[sel], f_flat[sel] = p.T, it, fl
+            for col, row in zip(p_cols, p, strict=True):  # 1-D scatters: 2x faster than rows
+                col[sel] = row
+            i_flat[sel], f_flat[sel] = it, fl
             pending = it >= first
             if self.method is not DkiMethod.WLS and pending.any():
                 leftovers.append(sel[pending])
@@ -760,7 +839,9 @@ class DkiModel:
             p, it, fl = self._fit_block(
                 gather(sel), sigma, theta0=p_flat[sel].T, max_iter=self.max_iter - first
             )
-            p_flat[sel], f_flat[sel] = p.T, fl
+            for col, row in zip(p_cols, p, strict=True):
+                col[sel] = row
+            f_flat[sel] = fl
             i_flat[sel] += it
 
         # The per-block BLAS products are small: a multi-threaded BLAS only adds hand-offs
@@ -795,35 +876,45 @@ class DkiModel:
         dt = y.dtype.type
         scale = y.max(axis=0)
         scale = np.where(scale > 0, scale, dt(1.0))
-        yn = np.maximum(y / scale, 1e-4 / scale)  # DIPY's MIN_POSITIVE_SIGNAL, in scaled units
+        inv_scale = dt(1.0) / scale
+        yn = y * inv_scale
+        np.maximum(yn, 1e-4 * inv_scale, out=yn)  # DIPY's MIN_POSITIVE_SIGNAL, scaled units
         b, n = self._b.astype(dt), self.counts.astype(dt)
+        wd = _WlsDesign(b, n)
         dlo, dhi = self.bounds.dapp
         klo, khi = self.bounds.kapp
         lo = np.array([1e-9, max(dlo * _B_SCALE, 1e-6), klo], dtype=dt)
         hi = np.array([np.inf, dhi * _B_SCALE, khi], dtype=dt)
-        sig_n = None if sigma is None else dt(sigma) / scale
+        sig_n = None if sigma is None else dt(sigma) * inv_scale
         if theta0 is not None:
-            theta = np.stack([theta0[0] / scale, theta0[1] * _B_SCALE, theta0[2]]).astype(dt)
+            theta = np.stack([theta0[0] * inv_scale, theta0[1] * _B_SCALE, theta0[2]]).astype(dt)
         elif self.method is DkiMethod.NLS_RICIAN and sig_n is not None:
             # Start from the squared-signal bias correction: A² ≈ E[S²] − 2σ².
             ys = np.sqrt(np.maximum(yn * yn - 2.0 * sig_n * sig_n, (0.5 * sig_n) ** 2))
-            theta = _wls_block(ys, b, n)
+            theta = _wls_params(wd.solve(ys * ys, np.log(ys)))
         else:
-            theta = _wls_block(yn, b, n)
-            if self.method is DkiMethod.NLS:
+            logy = np.log(yn)
+            sol = wd.solve(yn * yn, logy)
+            if self.method is not DkiMethod.NLS:
+                theta = _wls_params(sol)
+            else:
                 # One reweighting with the predicted signal moves the start towards the
-                # magnitude least-squares optimum (fewer Levenberg–Marquardt iterations).
+                # magnitude least-squares optimum (fewer Levenberg–Marquardt iterations). The
+                # log prediction is X·(D, DK, ln S0), so the squared weights are one exp.
                 with np.errstate(over="ignore", invalid="ignore"):
-                    bd = np.outer(b, theta[1])
-                    pred = theta[0] * np.exp(bd * (bd * (theta[2] / 6.0) - 1.0))
-                    ok = np.isfinite(pred) & (pred > 0)
-                theta = _wls_block(yn, b, n, np.where(ok, pred, yn))
+                    u = np.exp((2.0 * wd.design).astype(dt) @ np.stack(sol))
+                    theta = _wls_params(wd.solve(u, logy))
+                # Where the reweighted solve failed (overflowing prediction), keep the first.
+                failed = np.flatnonzero(~np.isfinite(theta.sum(axis=0)))
+                if failed.size:
+                    theta[:, failed] = _wls_params(tuple(x[failed] for x in sol))
         iters = np.zeros(y.shape[1], dtype=np.intp)
         if self.method is DkiMethod.WLS:
             out = theta
         else:
-            bad = ~np.all(np.isfinite(theta), axis=0)
-            theta[:, bad] = np.array([[1.0], [1.0], [0.5]], dtype=dt)
+            bad = ~np.isfinite(theta.sum(axis=0))
+            if bad.any():
+                theta[:, bad] = np.array([[1.0], [1.0], [0.5]], dtype=dt)
             rice = sig_n if self.method is DkiMethod.NLS_RICIAN else None
             out, iters = _lm(yn, b, n, lo, hi, theta, rice, max_iter=max_iter, tol=self.tol)
         out = out.astype(np.float64)

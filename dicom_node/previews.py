@@ -1,7 +1,13 @@
-"""PNG previews for the review app: a map slice with the ROI outline, and the ROI histogram.
+"""PNG previews for the review app: a map slice over its anatomy with the ROI, and the ROI histogram.
 
 Figures are built with matplotlib's object API on an Agg canvas (``Figure`` + ``FigureCanvasAgg``)
 so nothing touches pyplot's global state and rendering is thread-safe and headless.
+
+A map slice is read the way radiologists read a fused image: the b≈0 (lowest-b) image of the same
+slice in grey for anatomy, the map semi-transparent only where it was fitted (elsewhere it holds
+placeholder zeros that would read as "no diffusion"), the ROI outline on top, a colour bar with
+the unit, and a title that says when the ROI is an unconfirmed automatic candidate. The title and
+slice are also written into the PNG's text chunks so the review app and tests can read them.
 """
 
 from __future__ import annotations
@@ -11,62 +17,129 @@ from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["best_slice", "histogram_png", "map_slice_png"]
+__all__ = ["best_slice", "histogram_png", "map_slice_png", "map_slice_title"]
 
 _DPI = 100
+_ROI_COLOUR = "#ff2d2d"
 
 
 def best_slice(roi: NDArray[np.bool_]) -> int:
-    """Slice holding the most ROI voxels (the middle slice for an empty ROI)."""
+    """Slice holding the most ROI voxels — the ROI's largest cross-section (middle if empty)."""
     counts = np.asarray(roi, dtype=bool).reshape(roi.shape[0], -1).sum(axis=1)
     return int(np.argmax(counts)) if counts.any() else roi.shape[0] // 2
 
 
-def _png(fig: Figure) -> bytes:
+def map_slice_title(
+    label: str, slice_index: int, n_slices: int, *, roi_confirmed: bool | None = None
+) -> str:
+    """Title of a map preview: map name and slice (1-based, "of N"), then the ROI status.
+
+    ``roi_confirmed=False`` (an automatic candidate nobody has confirmed yet) adds a second line
+    "ROI unconfirmed (automatic)" so a reader never takes the outline for a radiologist's.
+    """
+    head = f"slice {slice_index + 1} of {n_slices}"
+    if label:
+        head = f"{label} — {head}"
+    return f"{head}\nROI unconfirmed (automatic)" if roi_confirmed is False else head
+
+
+def _png(fig: Figure, metadata: dict[str, str] | None = None) -> bytes:
     canvas = FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    canvas.print_png(buf)
+    canvas.print_png(buf, metadata=metadata)
     return buf.getvalue()
+
+
+def _grey_window(img: NDArray[np.float64]) -> tuple[float, float]:
+    """Display window of an anatomical slice: 0 to the 99.5th percentile of its positive pixels,
+    so air stays black and a few bright voxels (vessels, artefacts) do not wash out the breast."""
+    pos = img[np.isfinite(img) & (img > 0)]
+    hi = float(np.percentile(pos, 99.5)) if pos.size else 0.0
+    return 0.0, hi if hi > 0 else 1.0
 
 
 def map_slice_png(
     values: ArrayLike,
     roi: NDArray[np.bool_] | None = None,
     *,
+    underlay: ArrayLike | None = None,
+    fitted: ArrayLike | None = None,
     slice_index: int | None = None,
     title: str = "",
+    roi_confirmed: bool | None = None,
     scale: float = 1.0,
     unit_label: str = "",
     vmin: float | None = None,
     vmax: float | None = None,
     cmap: str = "viridis",
-    size_inches: tuple[float, float] = (4.0, 4.0),
+    alpha: float = 0.7,
+    size_inches: tuple[float, float] = (5.0, 4.4),
 ) -> bytes:
-    """One slice of a parameter map (times ``scale``, e.g. 1e3 for 10⁻³ mm²/s) with the ROI
-    outlined in red. Shown as stored (rows down, columns right), like a DICOM viewer."""
+    """One slice of a parameter map (times ``scale``, e.g. 1e3 for 10⁻³ mm²/s) over its anatomy.
+
+    ``underlay`` is the lowest-b image on the same ``(slice, row, column)`` grid, drawn in grey;
+    the map is drawn with opacity ``alpha`` only where ``fitted`` is True (everywhere finite if
+    ``fitted`` is None); the ROI is outlined on top. The slice defaults to the ROI's largest
+    cross-section. ``title`` is the map name; :func:`map_slice_title` adds slice and ROI status.
+    Shown as stored (rows down, columns right), like a DICOM viewer. PNG text chunks: ``Title``,
+    ``Slice`` (0-based index) and ``ROI`` (confirmed / unconfirmed / unknown).
+    """
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 3:
         raise ValueError(f"map must be 3-D (slice, row, column), got {arr.shape}")
+    for name, other in (("roi", roi), ("underlay", underlay), ("fitted", fitted)):
+        if other is not None and np.shape(other) != arr.shape:
+            raise ValueError(f"{name} shape {np.shape(other)} does not match map {arr.shape}")
     k = best_slice(roi) if slice_index is None and roi is not None else slice_index
     k = arr.shape[0] // 2 if k is None else int(k)
     if not 0 <= k < arr.shape[0]:
         raise ValueError(f"slice {k} outside 0..{arr.shape[0] - 1}")
     img = arr[k] * scale
+    shown = np.isfinite(img)
+    if fitted is not None:
+        shown &= np.asarray(fitted, dtype=bool)[k]
+    if vmin is None or vmax is None:
+        vals = img[shown]
+        lo, hi = (float(v) for v in np.percentile(vals, [1.0, 99.0])) if vals.size else (0.0, 1.0)
+        vmin = lo if vmin is None else vmin
+        vmax = (hi if hi > lo else lo + 1.0) if vmax is None else vmax
+    norm = Normalize(vmin=vmin, vmax=vmax)
+
     fig = Figure(figsize=size_inches, dpi=_DPI)
     ax = fig.add_subplot()
-    im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    if underlay is not None:
+        anat = np.asarray(underlay, dtype=np.float64)[k]
+        glo, ghi = _grey_window(anat)
+        ax.imshow(anat, cmap="gray", vmin=glo, vmax=ghi, interpolation="nearest")
+    ax.imshow(
+        np.ma.masked_where(~shown, img),
+        cmap=cmap,
+        norm=norm,
+        alpha=alpha if underlay is not None else 1.0,
+        interpolation="nearest",
+    )
     if roi is not None and np.asarray(roi)[k].any():
-        ax.contour(np.asarray(roi)[k].astype(float), levels=[0.5], colors="red", linewidths=1.0)
-    ax.set_title(f"{title} (slice {k})" if title else f"slice {k}", fontsize=9)
+        ax.contour(
+            np.asarray(roi)[k].astype(float), levels=[0.5], colors=_ROI_COLOUR, linewidths=1.2
+        )
+    full_title = map_slice_title(title, k, arr.shape[0], roi_confirmed=roi_confirmed)
+    ax.set_title(
+        full_title, fontsize=10, color="black" if roi_confirmed is not False else "#b00000"
+    )
     ax.set_axis_off()
-    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    # A solid colour bar (not the semi-transparent overlay's colours) reads values reliably.
+    cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.046, pad=0.03)
+    cb.ax.tick_params(labelsize=8)
     if unit_label:
-        cb.set_label(unit_label, fontsize=8)
+        cb.set_label(unit_label, fontsize=9)
     fig.tight_layout()
-    return _png(fig)
+    status = {True: "confirmed", False: "unconfirmed", None: "unknown"}[roi_confirmed]
+    return _png(fig, {"Title": full_title, "Slice": str(k), "ROI": status})
 
 
 def histogram_png(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,6 +37,10 @@ from dicom_node.features import FEATURE_NAMES
 from dicom_node.volume import DwiVolume
 
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_text(png: bytes) -> dict[str, str]:
+    return dict(Image.open(io.BytesIO(png)).text)
 
 
 def _dwi(ph: Phantom) -> DwiVolume:
@@ -87,6 +93,12 @@ def test_auto_roi_pipeline(phantom: Phantom) -> None:
         f"{m}_{kind}.png" for m in ("adc", "dapp", "kapp") for kind in ("slice", "histogram")
     }
     assert all(png.startswith(PNG) for png in a.previews.values())
+    # Map slices: the largest ROI cross-section, flagged as an unconfirmed automatic ROI.
+    largest = int(np.argmax(a.roi.mask.sum(axis=(1, 2))))
+    for m in ("adc", "dapp", "kapp"):
+        text = _png_text(a.previews[f"{m}_slice.png"])
+        assert "ROI unconfirmed" in text["Title"] and text["ROI"] == "unconfirmed"
+        assert text["Slice"] == str(largest)
 
 
 def test_seg_pipeline_recovers_tumour_values(phantom: Phantom) -> None:
@@ -98,6 +110,8 @@ def test_seg_pipeline_recovers_tumour_values(phantom: Phantom) -> None:
     seg = make_seg(source, truth)
     a = analyse(dwi, segs=[seg])
     assert a.roi.source.value == "seg" and a.roi.confirmed
+    title = _png_text(a.previews["kapp_slice.png"])["Title"]
+    assert title.startswith("Kapp — slice") and "unconfirmed" not in title
     assert a.provenance["roi"]["seg_series_uid"] == seg.SeriesInstanceUID
     assert a.provenance["roi"]["voxels"] == int(truth.sum())
     f = a.features
