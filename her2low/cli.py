@@ -104,6 +104,24 @@ def cmd_model_schema(args: argparse.Namespace) -> int:
     return cmd_schema(args.json)
 
 
+def cmd_model_list(args: argparse.Namespace) -> int:
+    from models.cli import cmd_list
+
+    return cmd_list(args.registry)
+
+
+def cmd_model_add(args: argparse.Namespace) -> int:
+    from models.cli import cmd_add
+
+    return cmd_add(args.model_dir, args.registry)
+
+
+def cmd_model_compare(args: argparse.Namespace) -> int:
+    from models.cli import cmd_compare
+
+    return cmd_compare(args.model_dirs)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from models.cli import cmd_train as run
 
@@ -173,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = msub.add_parser("schema", help="list the model's input features")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_model_schema)
+    q = msub.add_parser("list", help="models, versions and variants in a registry")
+    q.add_argument("--registry", type=Path, default=None, help="default: the shipped reference")
+    q.set_defaults(func=cmd_model_list)
+    q = msub.add_parser("add", help="add a trained model folder to a registry (hash checked)")
+    q.add_argument("model_dir", type=Path)
+    q.add_argument("--registry", type=Path, required=True)
+    q.set_defaults(func=cmd_model_add)
+    q = msub.add_parser("compare", help="AUC (95% CI) overall/mass/NME of models side by side")
+    q.add_argument("model_dirs", nargs="+", type=Path)
+    q.set_defaults(func=cmd_model_compare)
 
     p = sub.add_parser("train", help="train and export a model from a labelled cohort CSV")
     p.add_argument("cohort", type=Path)

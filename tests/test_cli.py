@@ -108,3 +108,22 @@ def test_logs_carry_no_patient_fields() -> None:
     line = json.loads(JsonFormatter().format(record))
     assert line["series_uid"] == "1.2.3"
     assert "patient_name" not in line and "access_token" not in line
+
+
+def test_model_schema_json_lists_every_feature(tmp_path: Path) -> None:
+    result = _her2low("model", "schema", "--json", env={"HER2LOW_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    features = {f["name"]: f for f in json.loads(result.stdout)["features"]}
+    assert features["mass_shape"]["kind"] == "categorical"
+    assert set(features["mass_shape"]["values"]) == {"oval", "round", "irregular"}
+    assert features["mass_shape"]["applies_to"] == ["mass"]
+    assert features["dapp_median"]["kind"] == "numeric"
+    assert features["dapp_median"]["unit"] == "mm2/s" and len(features["dapp_median"]["range"]) == 2
+    assert len([f for f in features.values() if f["kind"] == "numeric"]) == 21
+
+
+def test_model_list_shows_the_reference_variants(tmp_path: Path) -> None:
+    result = _her2low("model", "list", env={"HER2LOW_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    for variant in ("combined", "descriptors", "quantitative"):
+        assert f"her2low-reference 0.1.0 {variant} reference" in result.stdout
