@@ -26,6 +26,18 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 
 
+def _new_job(series: Series, now: float) -> Job:
+    """A queued analysis job for the series' current generation."""
+    return Job(
+        id=str(uuid.uuid4()),
+        series_instance_uid=series.series_instance_uid,
+        generation=series.generation,
+        state=JobState.QUEUED,
+        created_at=now,
+        updated_at=now,
+    )
+
+
 def promote_stable(
     sessions: sessionmaker[Session], quiet_seconds: float, *, now: float | None = None
 ) -> list[str]:
@@ -42,14 +54,7 @@ def promote_stable(
         # A study's SEG first: its diffusion series, due in the same tick, then find it done
         # instead of deferring for it.
         for series in sorted(due, key=lambda s: (s.modality != "SEG", s.last_received_at)):
-            job = Job(
-                id=str(uuid.uuid4()),
-                series_instance_uid=series.series_instance_uid,
-                generation=series.generation,
-                state=JobState.QUEUED,
-                created_at=now,
-                updated_at=now,
-            )
+            job = _new_job(series, now)
             session.add(job)
             series.state = SeriesState.QUEUED
             job_ids.append(job.id)
@@ -108,14 +113,7 @@ def promote_complete(
             )
             if promoted.rowcount != 1:  # type: ignore[attr-defined]
                 continue
-            job = Job(
-                id=str(uuid.uuid4()),
-                series_instance_uid=series.series_instance_uid,
-                generation=series.generation,
-                state=JobState.QUEUED,
-                created_at=now,
-                updated_at=now,
-            )
+            job = _new_job(series, now)
             session.add(job)
             session.commit()
             job_ids.append(job.id)
