@@ -12,12 +12,13 @@ import threading
 import time
 from dataclasses import dataclass
 from io import BytesIO
+from typing import cast
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
-from sqlalchemy import select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +29,52 @@ from dicom_node.storage import FileStore, StorageFull, digest
 log = logging.getLogger(__name__)
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+_INSTANCES = cast(Table, Instance.__table__)
+_SERIES = cast(Table, Series.__table__)
+_JOBS = cast(Table, Job.__table__)
+
+# Built once: constructing SQL expressions cost more per C-STORE than executing them.
+_LATEST_VERSION = (
+    select(_INSTANCES.c.id, _INSTANCES.c.version, _INSTANCES.c.sha256)
+    .where(_INSTANCES.c.sop_instance_uid == bindparam("sop_uid"))
+    .order_by(_INSTANCES.c.version.desc())
+    .limit(1)
+)
+_RETIRE_VERSION = (
+    update(_INSTANCES).where(_INSTANCES.c.id == bindparam("row_id")).values(current=False)
+)
+_ADD_INSTANCE = insert(_INSTANCES)
+_SERIES_STATE = select(_SERIES.c.state).where(
+    _SERIES.c.series_instance_uid == bindparam("series_uid")
+)
+_ADD_SERIES = insert(_SERIES)
+_TOUCH_SERIES = (
+    update(_SERIES)
+    .where(_SERIES.c.series_instance_uid == bindparam("series_uid"))
+    .values(
+        last_received_at=bindparam("now"),
+        instance_count=_SERIES.c.instance_count + bindparam("added"),
+    )
+)
+_REOPEN_SERIES = (
+    update(_SERIES)
+    .where(_SERIES.c.series_instance_uid == bindparam("series_uid"))
+    .values(
+        last_received_at=bindparam("now"),
+        instance_count=_SERIES.c.instance_count + bindparam("added"),
+        generation=_SERIES.c.generation + 1,
+        state=SeriesState.RECEIVING,
+        reason="",
+    )
+)
+_SUPERSEDE_JOBS = (
+    update(_JOBS)
+    .where(
+        _JOBS.c.series_instance_uid == bindparam("series_uid"),
+        _JOBS.c.state == JobState.QUEUED,
+    )
+    .values(state=JobState.SUPERSEDED)
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +91,7 @@ class Ingestor:
     def __init__(self, store: FileStore, sessions: sessionmaker[Session]) -> None:
         self.store = store
         self.sessions = sessions
+        self.engine: Engine = sessions.kw["bind"]
         # SQLite has one writer at a time; serialising here avoids busy retries under load.
         self._lock = threading.Lock()
 
@@ -76,13 +124,10 @@ class Ingestor:
 
         with self._lock:
             try:
-                with self.sessions() as session:
-                    latest = session.scalars(
-                        select(Instance)
-                        .where(Instance.sop_instance_uid == sop_instance_uid)
-                        .order_by(Instance.version.desc())
-                        .limit(1)
-                    ).first()
+                # Core statements on one connection: the index is on the C-STORE's critical
+                # path, and ORM unit-of-work bookkeeping cost more than the SQL itself.
+                with self.engine.begin() as conn:
+                    latest = conn.execute(_LATEST_VERSION, {"sop_uid": sop_instance_uid}).first()
                     if latest is not None and latest.sha256 == sha:
                         return IngestOutcome(StoreStatus.SUCCESS, "duplicate", series_uid)
                     version = 1 if latest is None else latest.version + 1
@@ -94,26 +139,27 @@ class Ingestor:
                         version=version,
                     )
                     # Index while the device flushes; commit only once the bytes are durable.
-                    _touch_series(session, series_uid, study_uid, modality, new=latest is None)
+                    _touch_series(conn, series_uid, study_uid, modality, new=latest is None)
                     if latest is not None:
-                        latest.current = False
-                    session.add(
-                        Instance(
-                            sop_instance_uid=sop_instance_uid,
-                            version=version,
-                            series_instance_uid=series_uid,
-                            study_instance_uid=study_uid,
-                            sop_class_uid=sop_class_uid,
-                            transfer_syntax_uid=transfer_syntax_uid,
-                            path=str(pending.path),
-                            sha256=sha,
-                            size=len(encoded),
-                            calling_aet=calling_aet,
-                        )
+                        conn.execute(_RETIRE_VERSION, {"row_id": latest.id})
+                    conn.execute(
+                        _ADD_INSTANCE,
+                        {
+                            "sop_instance_uid": sop_instance_uid,
+                            "version": version,
+                            "series_instance_uid": series_uid,
+                            "study_instance_uid": study_uid,
+                            "sop_class_uid": sop_class_uid,
+                            "transfer_syntax_uid": transfer_syntax_uid,
+                            "path": str(pending.path),
+                            "sha256": sha,
+                            "size": len(encoded),
+                            "calling_aet": calling_aet,
+                            "received_at": time.time(),
+                            "current": True,
+                        },
                     )
-                    session.flush()
                     pending.wait()
-                    session.commit()
             except StorageFull as exc:
                 log.error("store refused", extra={"series_uid": series_uid, "errno": exc.errno})
                 return IngestOutcome(StoreStatus.OUT_OF_RESOURCES, "storage full", series_uid)
@@ -186,40 +232,37 @@ def _mismatch(header: Dataset, sop_class_uid: str, sop_instance_uid: str) -> str
 
 
 def _touch_series(
-    session: Session, series_uid: str, study_uid: str, modality: str, *, new: bool
+    conn: Connection, series_uid: str, study_uid: str, modality: str, *, new: bool
 ) -> None:
     """Record the arrival: restart the quiet-period timer and re-open an analysed series."""
     now = time.time()
-    series = session.get(Series, series_uid)
-    if series is None:
-        session.add(
-            Series(
-                series_instance_uid=series_uid,
-                study_instance_uid=study_uid,
-                modality=modality,
-                state=SeriesState.RECEIVING,
-                generation=1,
-                instance_count=1,
-                first_received_at=now,
-                last_received_at=now,
-            )
+    row = conn.execute(_SERIES_STATE, {"series_uid": series_uid}).first()
+    if row is None:
+        conn.execute(
+            _ADD_SERIES,
+            {
+                "series_instance_uid": series_uid,
+                "study_instance_uid": study_uid,
+                "modality": modality,
+                "state": SeriesState.RECEIVING,
+                "generation": 1,
+                "analysed_generation": 0,
+                "instance_count": 1,
+                "first_received_at": now,
+                "last_received_at": now,
+                "role": "",
+                "reason": "",
+                "result_id": "",
+            },
         )
-        session.flush()
         return
-    series.last_received_at = now
-    if new:
-        series.instance_count += 1
-    if series.state is not SeriesState.RECEIVING:
-        # A late or changed instance: a new generation will be analysed after the quiet period.
-        series.generation += 1
-        series.state = SeriesState.RECEIVING
-        series.reason = ""
-        session.execute(
-            update(Job)
-            .where(Job.series_instance_uid == series_uid, Job.state == JobState.QUEUED)
-            .values(state=JobState.SUPERSEDED)
-        )
-
+    params = {"series_uid": series_uid, "now": now, "added": 1 if new else 0}
+    if row.state is SeriesState.RECEIVING:
+        conn.execute(_TOUCH_SERIES, params)
+        return
+    # A late or changed instance: a new generation will be analysed after the quiet period.
+    conn.execute(_REOPEN_SERIES, params)
+    conn.execute(_SUPERSEDE_JOBS, {"series_uid": series_uid})
 
 def recover(ingestor: Ingestor) -> int:
     """Index what a crash left unindexed: orphaned temporary files and unindexed files.

@@ -72,6 +72,7 @@ class FileStore:
         self.dir_fsync = dir_fsync
         self.root.mkdir(parents=True, exist_ok=True)
         self._flusher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
+        self._folders: set[Path] = set()  # series folders known to exist
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str, version: int) -> Path:
         name = _safe_uid(sop_uid) + (f".v{version}" if version > 1 else "") + ".dcm"
@@ -92,7 +93,9 @@ class FileStore:
         target = self.path_for(study_uid, series_uid, sop_uid, version)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident():x}.tmp")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.parent not in self._folders:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._folders.add(target.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         except OSError as exc:
             raise StorageFull(exc.errno, f"cannot store instance: {exc.strerror}") from exc
