@@ -155,7 +155,8 @@ def _basis(prediction: Prediction, ctx: CardContext) -> list[str]:
     return lines
 
 
-def _biopsy_line(biopsy: BiopsyReading) -> str:
+def biopsy_line(biopsy: BiopsyReading) -> str:
+    """The detail line on the chart's biopsy HER2 result (varies per call: from the prefetch)."""
     if biopsy.status is BiopsyHer2.UNKNOWN:
         return "- **Biopsy HER2:** no HER2 result found in the chart"
     when = f" ({biopsy.date[:10]})" if biopsy.date else ""
@@ -163,11 +164,37 @@ def _biopsy_line(biopsy: BiopsyReading) -> str:
     return f"- **Biopsy HER2:** {reading}, LOINC {biopsy.code}{when}"
 
 
+def is_discordant(prediction: Prediction, biopsy: BiopsyReading) -> bool:
+    """Biopsy HER2 0 while the MRI estimate is at/above threshold (the only ``warning``)."""
+    return prediction.above_threshold and biopsy.status is BiopsyHer2.ZERO
+
+
 def prediction_card(prediction: Prediction, ctx: CardContext, patient_id: str) -> dict[str, Any]:
     """The card for a stored prediction (discordance → warning)."""
+    return build_prediction_card(
+        prediction,
+        ctx,
+        patient_id,
+        discordant=is_discordant(prediction, ctx.biopsy),
+        biopsy_text=biopsy_line(ctx.biopsy),
+    )
+
+
+def build_prediction_card(
+    prediction: Prediction,
+    ctx: CardContext,
+    patient_id: str,
+    *,
+    discordant: bool,
+    biopsy_text: str,
+) -> dict[str, Any]:
+    """The card with the per-call parts (patient, biopsy line, discordance) given explicitly.
+
+    Split out so the hook can prepare the card once per stored prediction with placeholders
+    for the per-call parts (``card_cache``) and only substitute them on each call.
+    """
     percent = prediction.probability * 100
     threshold = prediction.threshold * 100
-    discordant = prediction.above_threshold and ctx.biopsy.status is BiopsyHer2.ZERO
     side = _side(ctx.laterality)
     if discordant:
         summary = (
@@ -198,7 +225,7 @@ def prediction_card(prediction: Prediction, ctx: CardContext, patient_id: str) -
             f"Radiologist descriptors have not been entered: [enter them]({ctx.descriptors_url}) "
             "to obtain the combined estimate."
         )
-    detail += ["", *_basis(prediction, ctx), _biopsy_line(ctx.biopsy), ""]
+    detail += ["", *_basis(prediction, ctx), biopsy_text, ""]
     detail.append(f"[Model card]({ctx.model_card_url}) · [Case in review app]({ctx.case_url})")
     card: dict[str, Any] = {
         "uuid": ctx.card_uuid,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import current_app
 from sqlalchemy import Engine
 
 from cds_service.auth import TokenVerifier
+from cds_service.card_cache import CardCache
 from cds_service.predictions import PredictionService, RuntimeProvider
 from cds_service.store import Store
 from her2low.settings import Settings
@@ -23,6 +24,7 @@ class ServiceState:
     verifier: TokenVerifier
     runtime: RuntimeProvider
     predictions: PredictionService
+    cards: CardCache = field(default_factory=CardCache)  # per process: rows are immutable
 
     @property
     def base_url(self) -> str:

@@ -6,18 +6,35 @@ idempotence under concurrent workers. Nothing here knows about HTTP or FHIR.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import logging
 import math
+import os
+import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Engine, Table, and_, delete, func, insert, or_, select
+from sqlalchemy import (
+    Engine,
+    Insert,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -104,7 +121,11 @@ def json_safe(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class HookRow:
-    """What a hook call needs of one result: identity keys and its latest prediction."""
+    """What a hook call needs of one result: identity keys and its latest prediction's key.
+
+    Light columns only: the prediction's JSON (prediction, Observation, basis) is read by
+    ``prediction_parts`` only when a worker has not yet prepared the card of that prediction.
+    """
 
     result_id: str
     patient_issuer: str
@@ -113,12 +134,127 @@ class HookRow:
     acquired_at: datetime
     laterality: str | None
     prediction_id: int | None
-    prediction: dict[str, Any] | None
-    observation: dict[str, Any] | None
     observation_status: str | None
     card_uuid: str | None
     computed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class PredictionParts:
+    """The JSON columns of one prediction row (immutable once inserted)."""
+
+    prediction: dict[str, Any] | None
+    observation: dict[str, Any] | None
     basis: dict[str, Any] | None
+
+
+AuditTuple = tuple[str, str, str | None, dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class UsedToken:
+    """A verified token's replay key, kept until ``expires`` (exp + leeway)."""
+
+    iss: str
+    jti: str
+    expires: datetime
+
+    @classmethod
+    def of(cls, iss: str, jti: str, exp: int, leeway: int) -> UsedToken:
+        return cls(iss, jti, datetime.fromtimestamp(exp, UTC) + timedelta(seconds=leeway))
+
+
+class WriteGate:
+    """Serializes this host's writers to one SQLite file: a thread lock plus ``flock``.
+
+    SQLite lets one writer in at a time and makes the others poll with growing sleeps (1, 2, 5,
+    10 … ms, its default busy handler), which under a few concurrent hook calls turned into
+    tails of 100+ ms. Queuing on a lock instead wakes the next writer as soon as the lock is
+    released. The thread lock covers gunicorn threads, ``flock`` (kernel-queued, released if the
+    process dies) covers the workers; the file descriptor is reopened after a fork because
+    ``flock`` belongs to the open file description. Other databases: no gate.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+
+    @classmethod
+    def for_engine(cls, engine: Engine) -> WriteGate:
+        database = engine.url.database
+        if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            return cls(None)
+        return cls(f"{database}.write-lock")
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            assert self.path is not None
+            if self._fd is not None:
+                os.close(self._fd)  # the parent's description; the parent keeps its own
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.path is None:
+            yield
+            return
+        with self._lock:
+            fd = self._descriptor()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+class _Replayed(Exception):
+    """Internal: the jti insert hit the unique key; rolls back the whole call transaction."""
+
+
+@functools.lru_cache(maxsize=16)
+def _hook_query(pairs: int) -> Select[Any]:
+    """The hook lookup for ``pairs`` (issuer, PatientID) keys, built once per key count.
+
+    Bind parameters ``i0, v0, i1, v1 …``: the statement object is reused, so each call skips
+    building the expression tree (SQLAlchemy still hits its compiled cache).
+    """
+    r, p = RESULTS, PREDICTIONS
+    latest = select(func.max(p.c.id)).where(p.c.result_id == r.c.id).correlate(r).scalar_subquery()
+    keys = or_(
+        *(
+            and_(r.c.patient_issuer == bindparam(f"i{k}"), r.c.patient_id == bindparam(f"v{k}"))
+            for k in range(pairs)
+        )
+    )
+    return (
+        select(
+            r.c.id,
+            r.c.patient_issuer,
+            r.c.patient_id,
+            r.c.review_flag,
+            r.c.acquired_at,
+            r.c.laterality,
+            p.c.id,
+            p.c.observation_status,
+            p.c.card_uuid,
+            p.c.computed_at,
+        )
+        .select_from(r.outerjoin(p, p.c.id == latest))
+        .where(keys)
+        .order_by(r.c.acquired_at.desc(), r.c.updated_at.desc())
+        .limit(50)
+    )
+
+
+_PARTS_QUERY: Select[Any] = select(
+    PREDICTIONS.c.prediction, PREDICTIONS.c.observation, PREDICTIONS.c.basis
+).where(PREDICTIONS.c.id == bindparam("pid"))
+_INSERT_JTI: Insert = insert(JTI)
+_INSERT_AUDIT: Insert = insert(AUDIT)
 
 
 @dataclass(frozen=True)
@@ -139,6 +275,7 @@ class Store:
         engine = sessions.kw["bind"]
         assert isinstance(engine, Engine)
         self.engine: Engine = engine
+        self.write_gate = WriteGate.for_engine(engine)
 
     # --- results -----------------------------------------------------------------------
     def ingest_result(self, payload: ResultPayload) -> tuple[str, IngestStatus]:
@@ -294,40 +431,26 @@ class Store:
             return [(r, self._latest_prediction(s, r.id)) for r in rows]
 
     def hook_rows(self, keys: Iterable[tuple[str, str]]) -> list[HookRow]:
-        """Results of (issuer, PatientID) keys with their latest prediction, in one query.
+        """Results of (issuer, PatientID) keys with their latest prediction's key, in one query.
 
-        Core, not ORM: this is the hot path of every patient-view call.
+        Core, not ORM, and a prebuilt statement: this is the hot path of every patient-view call.
         """
         pairs = list(keys)
         if not pairs:
             return []
-        r, p = RESULTS, PREDICTIONS
-        latest = (
-            select(func.max(p.c.id)).where(p.c.result_id == r.c.id).correlate(r).scalar_subquery()
-        )
-        query = (
-            select(
-                r.c.id,
-                r.c.patient_issuer,
-                r.c.patient_id,
-                r.c.review_flag,
-                r.c.acquired_at,
-                r.c.laterality,
-                p.c.id,
-                p.c.prediction,
-                p.c.observation,
-                p.c.observation_status,
-                p.c.card_uuid,
-                p.c.computed_at,
-                p.c.basis,
-            )
-            .select_from(r.outerjoin(p, p.c.id == latest))
-            .where(or_(*(and_(r.c.patient_issuer == i, r.c.patient_id == v) for i, v in pairs)))
-            .order_by(r.c.acquired_at.desc(), r.c.updated_at.desc())
-            .limit(50)
-        )
+        params: dict[str, str] = {}
+        for k, (issuer, value) in enumerate(pairs):
+            params[f"i{k}"] = issuer
+            params[f"v{k}"] = value
         with self.engine.connect() as conn:
-            return [HookRow(*row) for row in conn.execute(query)]  # type: ignore[call-arg]
+            rows = conn.execute(_hook_query(len(pairs)), params)
+            return [HookRow(*row) for row in rows]
+
+    def prediction_parts(self, prediction_id: int) -> PredictionParts | None:
+        """The JSON columns of one prediction (read once per worker per prediction)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(_PARTS_QUERY, {"pid": prediction_id}).first()
+        return None if row is None else PredictionParts(row[0], row[1], row[2])
 
     def flag(
         self, result_ids: Sequence[str], flag: ReviewFlag, actor: str, detail: dict[str, Any]
@@ -483,19 +606,42 @@ class Store:
     ) -> None:
         self.audit_many([(actor, action, result_id, detail)])
 
-    def audit_many(
-        self, events: Sequence[tuple[str, str, str | None, dict[str, Any] | None]]
-    ) -> None:
+    def audit_many(self, events: Sequence[AuditTuple]) -> None:
         """Append audit events in one transaction (Core insert: also on the hook's hot path)."""
-        if not events:
-            return
+        if events:
+            self.record_call(None, events)
+
+    def record_call(self, token: UsedToken | None, events: Sequence[AuditTuple]) -> bool:
+        """Record a token's jti and the call's audit events in ONE transaction.
+
+        False (and nothing written) if the jti was seen before: a replay. The unique key, not a
+        read, decides, so concurrent workers and instances sharing the database agree. One commit
+        instead of two is what makes this worth having on the hook path.
+        """
         now = utcnow()
         rows = [
             {"at": now, "actor": a, "action": act, "result_id": rid, "detail": d}
             for a, act, rid, d in events
         ]
-        with self.engine.begin() as conn:
-            conn.execute(insert(AUDIT), rows)
+        if token is None and not rows:
+            return True
+        try:
+            with self.write_gate(), self.engine.begin() as conn:
+                if token is not None:
+                    try:
+                        conn.execute(
+                            _INSERT_JTI, {"iss": token.iss, "jti": token.jti, "exp": token.expires}
+                        )
+                    except IntegrityError:
+                        raise _Replayed from None
+                if rows:
+                    conn.execute(_INSERT_AUDIT, rows)
+        except _Replayed:
+            return False
+        if token is not None and uuid.uuid4().int % 256 == 0:  # amortised purge, no scheduler
+            with self.write_gate(), self.engine.begin() as conn:
+                conn.execute(delete(JTI).where(JTI.c.exp < now))
+        return True
 
     def discordant_results(self) -> set[str]:
         """Cases for which a hook call saw biopsy HER2 0 with an estimate at/above threshold."""
@@ -521,15 +667,4 @@ class Store:
 
     def use_jti(self, iss: str, jti: str, exp: int, leeway: int) -> bool:
         """Record a token id; False if it was seen before (replay). Purges expired ids."""
-        expires = datetime.fromtimestamp(exp, UTC) + timedelta(seconds=leeway)
-        table = JTI
-        engine = self.engine
-        try:
-            with engine.begin() as conn:
-                conn.execute(insert(table).values(iss=iss, jti=jti, exp=expires))
-        except IntegrityError:
-            return False
-        if uuid.uuid4().int % 256 == 0:  # amortised purge, no scheduler needed
-            with engine.begin() as conn:
-                conn.execute(delete(table).where(table.c.exp < utcnow()))
-        return True
+        return self.record_call(UsedToken.of(iss, jti, exp, leeway), ())

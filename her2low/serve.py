@@ -41,8 +41,12 @@ def serve(settings: Settings, *, workers: int = 2) -> None:
     options = {
         "bind": f"{settings.cds_host}:{settings.cds_port}",
         "workers": workers,
+        # gthread: idle keep-alive connections wait in the worker's poller, not in a thread, so
+        # an EHR that reuses connections skips the TCP handshake per hook call (a sync worker
+        # closes every connection). Measured in docs/benchmarks-cds.md.
         "worker_class": "gthread",
         "threads": 4,
+        "keepalive": 5,
         "accesslog": None,
         "errorlog": "-",
         "loglevel": "warning",

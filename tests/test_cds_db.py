@@ -64,3 +64,55 @@ def test_schema_and_hot_query_compile_for_postgresql() -> None:
         assert "AUTOINCREMENT" not in ddl.upper()
         for index in table.indexes:
             str(CreateIndex(index).compile(dialect=dialect))
+
+
+def test_write_gate_serializes_sqlite_writers_and_reopens_after_fork(tmp_path: Path) -> None:
+    """The hot-path write gate: one writer at a time per host, per process descriptor."""
+    import os
+    import threading
+    import time
+    import uuid
+
+    from cds_service.store import Store, UsedToken
+
+    url = f"sqlite:///{tmp_path / 'cds.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    try:
+        store = Store(db.session_factory(engine))
+        gate = store.write_gate
+        assert gate.path == f"{tmp_path / 'cds.db'}.write-lock"
+        inside = 0
+        most = 0
+        guard = threading.Lock()
+
+        def writer() -> None:
+            nonlocal inside, most
+            for _ in range(20):
+                with gate():
+                    with guard:
+                        inside += 1
+                        most = max(most, inside)
+                    time.sleep(0.0005)
+                    with guard:
+                        inside -= 1
+                exp = int(time.time()) + 60
+                assert store.record_call(UsedToken.of("iss", str(uuid.uuid4()), exp, 0), ())
+
+        threads = [threading.Thread(target=writer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert most == 1
+        gate._pid = -1  # as after a fork: flock is per open file description, so reopen
+        with gate():
+            pass
+        assert gate._fd is not None and gate._pid == os.getpid()
+    finally:
+        engine.dispose()
+    memory = db.make_engine("sqlite://")
+    try:
+        assert Store(db.session_factory(memory)).write_gate.path is None
+    finally:
+        memory.dispose()

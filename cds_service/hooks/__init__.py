@@ -8,7 +8,7 @@ from flask import Blueprint, Response, g, jsonify, request
 
 from cds_service.errors import ApiError
 from cds_service.hooks import patient_view
-from cds_service.hooks.auth import jwt_required
+from cds_service.hooks.auth import commit_call, jwt_required, jwt_required_deferred
 from cds_service.prefetch import PREFETCH_TEMPLATES
 from cds_service.schema import HookId, json_body, parse_feedback, parse_hook_request
 from cds_service.state import state
@@ -55,11 +55,14 @@ def discovery() -> Response:
 
 
 @bp.post("/cds-services/<service_id>")
-@jwt_required
+@jwt_required_deferred
 def call(service_id: str) -> Response:
     _known(service_id)
     request_model = parse_hook_request(json_body(request))
-    return jsonify(patient_view.handle(state(), request_model))
+    answer = patient_view.handle(state(), request_model, commit_call)
+    if isinstance(answer, bytes):  # a prepared card, already serialized
+        return Response(answer, mimetype="application/json")
+    return jsonify(answer)
 
 
 @bp.post("/cds-services/<service_id>/feedback")

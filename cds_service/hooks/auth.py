@@ -2,13 +2,19 @@
 
 ``aud`` is rebuilt from the configured public base URL plus the request path, so a token minted
 for one endpoint cannot be used on another, also behind a proxy (CDS Hooks 2.0.1 §Trusting).
+
+Every call's signature and claims are verified before the view runs. The ``jti`` replay record
+is kept in the database (shared by workers and instances). ``jwt_required`` records it before the
+view; ``jwt_required_deferred`` (the read-only hook call) records it together with the call's
+audit events in one transaction through ``commit_call`` — before any card leaves and before any
+other write — which saves a commit per call without letting a replay through.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ParamSpec, TypeVar
 
 from flask import g, request
@@ -16,6 +22,7 @@ from flask import g, request
 from cds_service.auth import TokenRejectedError, VerifiedToken, bearer_token
 from cds_service.errors import ApiError, IssueType
 from cds_service.state import state
+from cds_service.store import AuditTuple, UsedToken
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -26,8 +33,24 @@ def _unauthorized() -> ApiError:
     return ApiError(401, "", code=IssueType.LOGIN, headers={"WWW-Authenticate": "Bearer"})
 
 
-def authenticate() -> VerifiedToken | None:
-    """Verify the bearer JWT of the current request; None when auth is off (development)."""
+def _replayed(verified: VerifiedToken) -> ApiError:
+    log.warning(
+        "cds auth refused",
+        extra={
+            "reason": "replayed jti",
+            "iss": verified.iss,
+            "tenant": verified.tenant,
+            "jti": verified.jti,
+        },
+    )
+    return _unauthorized()
+
+
+def authenticate(*, record_jti: bool = True) -> VerifiedToken | None:
+    """Verify the bearer JWT of the current request; None when auth is off (development).
+
+    ``record_jti=False``: the caller must record the jti (``commit_call``) before acting.
+    """
     st = state()
     if not st.settings.cds_auth_required:
         return None
@@ -41,31 +64,63 @@ def authenticate() -> VerifiedToken | None:
     except TokenRejectedError as exc:
         log.info("cds auth refused", extra={"reason": str(exc)})
         raise _unauthorized() from None
-    if not st.store.use_jti(
+    if record_jti and not st.store.use_jti(
         verified.iss, verified.jti, verified.exp, st.settings.cds_jwt_leeway_seconds
     ):
-        log.warning(
-            "cds auth refused",
-            extra={
-                "reason": "replayed jti",
-                "iss": verified.iss,
-                "tenant": verified.tenant,
-                "jti": verified.jti,
-            },
-        )
-        raise _unauthorized()
+        raise _replayed(verified)
     log.debug(
         "cds auth ok", extra={"iss": verified.iss, "tenant": verified.tenant, "jti": verified.jti}
     )
     return verified
 
 
+def commit_call(events: Sequence[AuditTuple]) -> None:
+    """Record the call's pending jti and its audit events atomically; 401 on a replay."""
+    st = state()
+    verified: VerifiedToken | None = g.get("cds_token")
+    used = None
+    if g.get("cds_jti_pending") and verified is not None:
+        leeway = st.settings.cds_jwt_leeway_seconds
+        used = UsedToken.of(verified.iss, verified.jti, verified.exp, leeway)
+    g.cds_jti_pending = False
+    if not st.store.record_call(used, events):
+        assert verified is not None
+        raise _replayed(verified)
+
+
+def _settle() -> None:
+    if g.get("cds_jti_pending"):
+        commit_call(())
+
+
 def jwt_required(view: Callable[P, R]) -> Callable[P, R]:
-    """Decorator: refuse the call with a bare 401 unless the JWT verifies."""
+    """Decorator: refuse the call with a bare 401 unless the JWT verifies and is not replayed."""
 
     @functools.wraps(view)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         g.cds_token = authenticate()
         return view(*args, **kwargs)
+
+    return wrapper
+
+
+def jwt_required_deferred(view: Callable[P, R]) -> Callable[P, R]:
+    """Like ``jwt_required``, but the jti is recorded by the view's ``commit_call``.
+
+    Whatever the view does (answer, error), the jti is recorded before the response leaves, so a
+    token is used once; a replay gets the bare 401 instead of the view's answer.
+    """
+
+    @functools.wraps(view)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        g.cds_token = authenticate(record_jti=False)
+        g.cds_jti_pending = g.cds_token is not None
+        try:
+            result = view(*args, **kwargs)
+        except Exception:
+            _settle()  # a replay's 401 replaces the view's error
+            raise
+        _settle()
+        return result
 
     return wrapper

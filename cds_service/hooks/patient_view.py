@@ -1,23 +1,31 @@
 """The ``her2low-mri`` service on ``patient-view``: match the patient, read the stored prediction.
 
-Nothing is computed here beyond the card: CDS Hooks 2.0.1 wants answers well under 500 ms, so
-predictions, their Observations and the card's basis are prepared when inputs change, and this
-path runs one read query and one audit insert.
+Nothing is computed here beyond splicing per-call values into a prepared card: CDS Hooks 2.0.1
+wants answers well under 500 ms, so predictions and their Observations are prepared when inputs
+change, each worker serializes a prediction's card once (``card_cache``), and this path runs one
+light read query and one write transaction (jti + audit, through ``commit``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cds_service.biopsy import BiopsyHer2, BiopsyReading, latest_reading
-from cds_service.cards import CardContext, descriptors_needed_card, prediction_card
+from cds_service.card_cache import CardTemplate, PreparedCard, Slot
+from cds_service.cards import (
+    CardContext,
+    biopsy_line,
+    build_prediction_card,
+    descriptors_needed_card,
+)
 from cds_service.errors import ApiError
 from cds_service.identity import AmbiguousIdentityError, patient_keys
 from cds_service.prefetch import PrefetchKey, PrefetchResolver, bundle_resources
 from cds_service.schema import HookRequest
 from cds_service.state import ServiceState
-from cds_service.store import HookRow, ReviewFlag
+from cds_service.store import AuditTuple, HookRow, ReviewFlag
 from models.prediction import Prediction
 
 log = logging.getLogger(__name__)
@@ -25,8 +33,13 @@ log = logging.getLogger(__name__)
 SERVICE_ID = "her2low-mri"
 NO_CARDS: dict[str, Any] = {"cards": []}
 
+Commit = Callable[[Sequence[AuditTuple]], None]
 
-def _hold(st: ServiceState, result_ids: list[str], actor: str, why: str) -> dict[str, Any]:
+
+def _hold(
+    st: ServiceState, result_ids: list[str], actor: str, why: str, commit: Commit
+) -> dict[str, Any]:
+    commit(())  # the token's jti first: a replayed call must not change anything
     st.store.flag(result_ids, ReviewFlag.IDENTITY_AMBIGUOUS, actor, {"why": why})
     log.warning("patient identity ambiguous; case held", extra={"cases": len(result_ids)})
     return {"cards": []}
@@ -60,8 +73,12 @@ def _all_keys(st: ServiceState, patient: dict[str, Any]) -> list[tuple[str, str]
     return keys
 
 
-def handle(st: ServiceState, request: HookRequest) -> dict[str, Any]:
-    """Answer one patient-view call: ``{"cards": [...]}``."""
+def handle(st: ServiceState, request: HookRequest, commit: Commit) -> bytes | dict[str, Any]:
+    """Answer one patient-view call: the serialized ``{"cards": [...]}`` body, or a dict.
+
+    ``commit(events)`` records the call's token and audit events in one transaction (and refuses
+    a replay); it is called before any card leaves and before any other write.
+    """
     resolver = PrefetchResolver(
         request, st.settings.cds_fhir_timeout_seconds, st.settings.cds_fhir_server_allowlist
     )
@@ -73,43 +90,53 @@ def handle(st: ServiceState, request: HookRequest) -> dict[str, Any]:
         keys = patient_keys(patient, st.settings.cds_patient_id_systems).keys
     except AmbiguousIdentityError as exc:
         found = st.store.hook_rows(_all_keys(st, patient))
-        return _hold(st, [r.result_id for r in found], actor, str(exc)) if found else NO_CARDS
+        if not found:
+            return NO_CARDS
+        return _hold(st, [r.result_id for r in found], actor, str(exc), commit)
     rows = st.store.hook_rows(keys)
     if not rows:
         return {"cards": []}
     if len({(r.patient_issuer, r.patient_id) for r in rows}) > 1:
-        return _hold(st, [r.result_id for r in rows], actor, "results under several DICOM patients")
+        why = "results under several DICOM patients"
+        return _hold(st, [r.result_id for r in rows], actor, why, commit)
     if any(r.review_flag == ReviewFlag.IDENTITY_AMBIGUOUS.value for r in rows):
         return {"cards": []}
     row = rows[0]
     if row.prediction_id is None or row.observation_status == "entered-in-error":
         return {"cards": []}  # nothing yet, or the tumour board withdrew the estimate
-    prediction = Prediction.from_dict(row.prediction) if row.prediction else None
-    biopsy = BiopsyReading(BiopsyHer2.UNKNOWN)
-    if prediction is not None:
-        biopsy = latest_reading(resolver.get(PrefetchKey.HER2))
-    card = _card(st, request, row, prediction, biopsy)
-    if card is None:
+    # Everything the prepared card shows comes from the (insert-only) prediction row and these
+    # result columns, so they are the key; patient and biopsy are spliced in per call.
+    key = (row.prediction_id, row.result_id, row.acquired_at, row.laterality)
+    prepared = st.cards.get_or_build(key, lambda: _prepare(st, row))
+    if prepared.plain is None:
+        if prepared.warning:
+            log.warning(prepared.warning, extra={"result_id": row.result_id})
         return {"cards": []}
-    detail = {"card": row.card_uuid, "hookInstance": request.hook_instance}
-    events: list[tuple[str, str, str | None, dict[str, Any] | None]] = [
-        (actor, "card-shown", row.result_id, detail)
-    ]
-    if card.get("indicator") == "warning":
+    biopsy = BiopsyReading(BiopsyHer2.UNKNOWN)
+    if prepared.needs_biopsy:
+        biopsy = latest_reading(resolver.get(PrefetchKey.HER2))
+    discordant = prepared.discordant is not None and biopsy.status is BiopsyHer2.ZERO
+    template = prepared.discordant if discordant and prepared.discordant else prepared.plain
+    body = template.render(
+        {Slot.PATIENT_ID: request.context.patient_id, Slot.BIOPSY_LINE: biopsy_line(biopsy)}
+    )
+    detail = {"card": prepared.card_uuid, "hookInstance": request.hook_instance}
+    events: list[AuditTuple] = [(actor, "card-shown", row.result_id, detail)]
+    if discordant:
         events.append((actor, "discordance-detected", row.result_id, detail))
-    st.store.audit_many(events)
-    return {"cards": [card]}
+    commit(events)
+    return body
 
 
-def _card(
-    st: ServiceState,
-    request: HookRequest,
-    row: HookRow,
-    prediction: Prediction | None,
-    biopsy: BiopsyReading,
-) -> dict[str, Any] | None:
+def _prepare(st: ServiceState, row: HookRow) -> PreparedCard:
+    """Serialize the card(s) of one prediction row with slots for the per-call values."""
     assert row.card_uuid is not None and row.computed_at is not None
-    basis = row.basis or {}
+    assert row.prediction_id is not None
+    parts = st.store.prediction_parts(row.prediction_id)
+    if parts is None:
+        return PreparedCard(row.card_uuid, None, None, needs_biopsy=False)
+    prediction = Prediction.from_dict(parts.prediction) if parts.prediction else None
+    basis = parts.basis or {}
     case_url = f"{st.base_url}/review/cases/{row.result_id}"
     ctx = CardContext(
         result_id=row.result_id,
@@ -118,17 +145,36 @@ def _card(
         computed_at=row.computed_at,
         laterality=row.laterality,
         provenance={"roi": basis.get("roi"), "qc": basis.get("qc")},
-        observation=row.observation,
+        observation=parts.observation,
         observation_status=row.observation_status or "preliminary",
         case_url=case_url,
         descriptors_url=f"{case_url}#descriptors",
         model_card_url=f"{st.base_url}/review/model-card",
         descriptors_entered=bool(basis.get("descriptors_entered")),
-        biopsy=biopsy,
+        biopsy=BiopsyReading(BiopsyHer2.UNKNOWN),
     )
     if prediction is not None:
-        return prediction_card(prediction, ctx, request.context.patient_id)
+
+        def template(discordant: bool) -> CardTemplate:
+            card = build_prediction_card(
+                prediction,
+                ctx,
+                Slot.PATIENT_ID.value,
+                discordant=discordant,
+                biopsy_text=Slot.BIOPSY_LINE.value,
+            )
+            return CardTemplate(card)
+
+        discordant = template(True) if prediction.above_threshold else None
+        return PreparedCard(row.card_uuid, template(False), discordant, needs_biopsy=True)
     if not ctx.descriptors_entered:
-        return descriptors_needed_card(ctx)
-    log.warning("no prediction for case with descriptors", extra={"result_id": row.result_id})
-    return None
+        return PreparedCard(
+            row.card_uuid, CardTemplate(descriptors_needed_card(ctx)), None, needs_biopsy=False
+        )
+    return PreparedCard(
+        row.card_uuid,
+        None,
+        None,
+        needs_biopsy=False,
+        warning="no prediction for case with descriptors",
+    )

@@ -1,0 +1,119 @@
+"""Serialized cards prepared once per stored prediction, re-stamped per call.
+
+The card and its Observation are deterministic for a stored prediction row (rows are
+insert-only: new descriptors, a new result revision or a tumour-board decision each insert a new
+row with a new id and card uuid), except for three per-call inputs: the patient id in
+``Observation.subject``, the biopsy line of the detail and whether that biopsy makes the card a
+discordance ``warning``. So each worker serializes a card once per (prediction id, result fields
+it shows) with placeholders for the patient and the biopsy line, and a call only splices the
+JSON-escaped values into the cached bytes. The key is the prediction row id, so nothing needs
+invalidating across workers or instances: a changed input is a new row, hence a new key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+# Random per process: a placeholder can never be produced by stored or EHR data.
+_NONCE = uuid.uuid4().hex
+
+
+class Slot(StrEnum):
+    """Per-call values spliced into a prepared card."""
+
+    PATIENT_ID = f"@@patient-{_NONCE}@@"
+    BIOPSY_LINE = f"@@biopsy-{_NONCE}@@"
+
+
+_SLOT_PATTERN = re.compile("(" + "|".join(re.escape(s.value) for s in Slot) + ")")
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON as served (UTF-8, no spaces, key order kept)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class CardTemplate:
+    """A ``{"cards": [card]}`` body serialized once, with slots for per-call values."""
+
+    __slots__ = ("_parts", "_slots")
+
+    def __init__(self, card: Mapping[str, Any]) -> None:
+        pieces = _SLOT_PATTERN.split(dumps({"cards": [card]}))
+        self._parts = [p.encode() for p in pieces[0::2]]
+        self._slots = [Slot(p) for p in pieces[1::2]]
+
+    @property
+    def slots(self) -> tuple[Slot, ...]:
+        return tuple(self._slots)
+
+    def render(self, values: Mapping[Slot, str]) -> bytes:
+        """The body with each slot replaced by its JSON-escaped value (inside a JSON string)."""
+        if not self._slots:
+            return self._parts[0]
+        escaped = {slot: dumps(values[slot])[1:-1].encode() for slot in set(self._slots)}
+        out = [self._parts[0]]
+        for slot, part in zip(self._slots, self._parts[1:], strict=True):
+            out.append(escaped[slot])
+            out.append(part)
+        return b"".join(out)
+
+
+@dataclass(frozen=True)
+class PreparedCard:
+    """What a prediction row shows, prepared once.
+
+    ``plain`` is the card for any biopsy reading that is not a discordance; ``discordant`` the
+    ``warning`` card (only when the estimate is at/above threshold, else None); both None when
+    the row has nothing to show (``warning``: why, logged on each call). ``needs_biopsy``: the
+    call must read the biopsy prefetch.
+    """
+
+    card_uuid: str
+    plain: CardTemplate | None
+    discordant: CardTemplate | None
+    needs_biopsy: bool
+    warning: str | None = None
+
+
+class CardCache:
+    """A small thread-safe LRU of PreparedCard by key (gthread workers share one per process)."""
+
+    def __init__(self, maxsize: int = 512) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict[Hashable, PreparedCard] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_build(self, key: Hashable, build: Callable[[], PreparedCard]) -> PreparedCard:
+        """The cached entry, or ``build()`` stored under ``key`` (built outside the lock)."""
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return found
+            self.misses += 1
+        built = build()
+        with self._lock:
+            self._items[key] = built
+            self._items.move_to_end(key)
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+        return built
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
