@@ -11,5 +11,10 @@ test:
 lint:
 	.venv/bin/ruff check . && .venv/bin/mypy
 
+## Run every benchmark against its peer (DCMTK, DIPY, scikit-learn, a bare Flask app); see docs/benchmarks.md.
 bench:
-	.venv/bin/python benchmarks/run_all.py
+	.venv/bin/python benchmarks/bench_ingest.py --repeats 3
+	.venv/bin/python benchmarks/bench_latency.py --runs 3 --send study
+	.venv/bin/python benchmarks/bench_dki.py
+	.venv/bin/python benchmarks/bench_onnx.py
+	.venv/bin/python benchmarks/bench_hooks.py --duration 10 --rounds 3

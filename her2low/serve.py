@@ -43,7 +43,7 @@ def serve(settings: Settings, *, workers: int = 2) -> None:
         "workers": workers,
         # gthread: idle keep-alive connections wait in the worker's poller, not in a thread, so
         # an EHR that reuses connections skips the TCP handshake per hook call (a sync worker
-        # closes every connection). Measured in docs/benchmarks-cds.md.
+        # closes every connection). Measured in docs/benchmarks.md (CDS Hooks section).
         "worker_class": "gthread",
         "threads": 4,
         "keepalive": 5,
