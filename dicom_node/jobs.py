@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import Job, JobState, Series, SeriesState
@@ -160,19 +160,3 @@ def run_job(sessions: sessionmaker[Session], settings: PipelineSettings, job_id:
             "seconds": round(time.perf_counter() - started, 3),
         },
     )
-
-
-def reopen_series(
-    sessions: sessionmaker[Session], series_uids: list[str], quiet_seconds: float
-) -> None:
-    """Make analysed series due again (e.g. a SEG for them arrived after their analysis)."""
-    now = time.time()
-    with sessions() as session:
-        for series in session.scalars(
-            select(Series).where(Series.series_instance_uid.in_(series_uids))
-        ):
-            if series.state in (SeriesState.DONE, SeriesState.FAILED):
-                series.generation += 1
-                series.state = SeriesState.RECEIVING
-                series.last_received_at = min(series.last_received_at, now - quiet_seconds)
-        session.commit()

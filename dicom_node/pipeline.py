@@ -17,11 +17,12 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.analysis import PIPELINE_VERSION, AnalysisSettings, analyse
+from dicom_node.analysis import PIPELINE_VERSION, AnalysisError, AnalysisSettings, analyse
 from dicom_node.assemble import AssemblyError, assemble_dwi, check_headers
 from dicom_node.db import Instance, Series, SeriesState
 from dicom_node.publish import publish
 from dicom_node.roles import SeriesRole, classify_series
+from dicom_node.scheduler import reopen_series
 
 _FIT_INPUT_ROLES = {role.value for role in SeriesRole if role.is_fit_input}
 _BUSY = (SeriesState.RECEIVING, SeriesState.QUEUED, SeriesState.ANALYSING)
@@ -124,8 +125,6 @@ def run_pipeline(
 
     if series.modality == "SEG":
         # A ROI arrived: diffusion series of the study analysed without it are re-opened.
-        from dicom_node.jobs import reopen_series
-
         targets = [
             s.series_instance_uid
             for s in siblings
@@ -159,7 +158,10 @@ def run_pipeline(
         for sib in siblings:
             if sib.modality == "SEG":
                 segs.extend(_read(_current_paths(session, sib.series_instance_uid)))
-    analysis = analyse(dwi, segs=segs, settings=settings.analysis)
+    try:
+        analysis = analyse(dwi, segs=segs, settings=settings.analysis)
+    except AnalysisError as exc:  # the data cannot support the fit (e.g. too few b-values)
+        raise Skipped(f"cannot be analysed: {exc}", role=role) from exc
     payload = build_payload(datasets[0], analysis, series_uid)
     published = publish(settings.results_url, settings.results_token, payload)
     return PipelineOutcome(

@@ -198,3 +198,19 @@ def run_forever(
         except Exception:  # keep the node alive; the next tick retries from the database
             log.exception("housekeeping tick failed")
         time.sleep(tick)
+
+
+def reopen_series(
+    sessions: sessionmaker[Session], series_uids: list[str], quiet_seconds: float
+) -> None:
+    """Make analysed series due again (e.g. a SEG for them arrived after their analysis)."""
+    now = time.time()
+    with sessions() as session:
+        for series in session.scalars(
+            select(Series).where(Series.series_instance_uid.in_(series_uids))
+        ):
+            if series.state in (SeriesState.DONE, SeriesState.FAILED):
+                series.generation += 1
+                series.state = SeriesState.RECEIVING
+                series.last_received_at = min(series.last_received_at, now - quiet_seconds)
+        session.commit()

@@ -217,3 +217,35 @@ def test_a_studys_seg_is_queued_before_its_images(ingestor: Ingestor) -> None:
     with ingestor.sessions() as s:
         order = [s.get(Job, job_id).series_instance_uid for job_id in jobs]  # type: ignore[union-attr]
     assert order == [seg.SeriesInstanceUID, images.SeriesInstanceUID]
+
+
+def test_reopened_series_is_due_at_once_with_a_new_generation(ingestor: Ingestor) -> None:
+    from dicom_node.scheduler import reopen_series
+
+    ds = mr_dataset(generate_uid(), generate_uid())
+    _ingest(ingestor, encode(ds))
+    sessions = ingestor.sessions
+    with sessions() as s:
+        series = s.get(Series, ds.SeriesInstanceUID)
+        assert series is not None
+        series.state = SeriesState.DONE  # analysed without a SEG
+        s.commit()
+    reopen_series(sessions, [ds.SeriesInstanceUID], quiet_seconds=30)
+    (job_id,) = promote_stable(sessions, 30)  # due now: no second quiet period
+    with sessions() as s:
+        assert s.get(Job, job_id).generation == 2  # type: ignore[union-attr]
+
+
+def test_series_the_fit_cannot_support_is_skipped_with_its_reason(
+    ingestor: Ingestor, tmp_path: Path
+) -> None:
+    from dicom_node.pipeline import PipelineSettings, Skipped, run_pipeline
+    from dicom_node.synth import write_study
+
+    manifest = write_study(tmp_path / "s", seed=4, b_values=(0, 1000), matrix=(32, 64), slices=4)
+    for name in manifest.dwi.files:
+        data = (tmp_path / "s" / name).read_bytes()
+        _ingest(ingestor, data)
+    settings = PipelineSettings(results_url="http://127.0.0.1:9", results_token="t", quiet_seconds=1)
+    with pytest.raises(Skipped, match="cannot be analysed: DKI needs at least 3 distinct b-values"):
+        run_pipeline(ingestor.sessions, manifest.dwi.series_instance_uid, settings)
