@@ -111,9 +111,17 @@ def demo(
     folder = demo_study(settings, seed)
     files = study_files(folder)
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    report = send_files(
-        files, _local(settings.node_host), settings.node_port, called_aet=settings.node_ae_title
-    )
+    try:
+        report = send_files(
+            files, _local(settings.node_host), settings.node_port, called_aet=settings.node_ae_title
+        )
+    except (ConnectionError, OSError) as exc:
+        print(
+            f"her2low demo: the DICOM node did not accept the association ({exc}); is it running, "
+            "and does HER2LOW_NODE_ALLOWED_CALLING_AETS allow HER2LOW-DEMO?",
+            file=sys.stderr,
+        )
+        return 1
     if report.failed:
         print(
             f"her2low demo: {len(report.failed)} instances refused: {report.failed}",
