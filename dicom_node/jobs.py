@@ -83,9 +83,16 @@ def _finish(
 
 
 def requeue(sessions: sessionmaker[Session], job: Job, reason: str) -> None:
+    """Queue the job again without counting this run as an attempt.
+
+    Attempts count worker deaths and analysis failures; waiting for a SEG or for the CDS
+    service to come back is neither, so an outage of any length never fails a job: the queue
+    retries it, then the scheduler re-sends it every few minutes until it publishes.
+    """
     with sessions() as session:
         stored = session.get(Job, job.id)
         if stored is not None:
+            stored.attempts = max(0, stored.attempts - 1)
             stored.state = JobState.QUEUED
             stored.updated_at = time.time()
             stored.error = reason
@@ -121,7 +128,10 @@ def run_job(sessions: sessionmaker[Session], settings: PipelineSettings, job_id:
         requeue(sessions, job, str(wait))
         raise RetryLater(str(wait)) from wait
     except PublishError as exc:
-        if exc.transient and job.attempts < 5:
+        if exc.transient:
+            log.warning(
+                "results API unavailable; job re-queued", extra={**extra, "err": str(exc)[:300]}
+            )
             requeue(sessions, job, str(exc))
             raise RetryLater(str(exc)) from exc
         log.error("publish failed", extra={**extra, "err": str(exc)[:300]})

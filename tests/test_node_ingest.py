@@ -246,6 +246,32 @@ def test_series_the_fit_cannot_support_is_skipped_with_its_reason(
     for name in manifest.dwi.files:
         data = (tmp_path / "s" / name).read_bytes()
         _ingest(ingestor, data)
-    settings = PipelineSettings(results_url="http://127.0.0.1:9", results_token="t", quiet_seconds=1)
+    settings = PipelineSettings(
+        results_url="http://127.0.0.1:9", results_token="t", quiet_seconds=1
+    )
     with pytest.raises(Skipped, match="cannot be analysed: DKI needs at least 3 distinct b-values"):
         run_pipeline(ingestor.sessions, manifest.dwi.series_instance_uid, settings)
+
+
+def test_service_outage_never_fails_a_job(ingestor: Ingestor, tmp_path: Path) -> None:
+    from dicom_node.jobs import RetryLater, run_job
+    from dicom_node.pipeline import PipelineSettings
+    from dicom_node.synth import write_study
+    from tests.conftest import free_port
+
+    manifest = write_study(tmp_path / "s", seed=6, matrix=(32, 64), slices=4)
+    for name in manifest.dwi.files:
+        _ingest(ingestor, (tmp_path / "s" / name).read_bytes())
+    sessions = ingestor.sessions
+    (job_id,) = promote_stable(sessions, 0.0, now=1e12)
+    down = PipelineSettings(  # nothing listens there: the CDS service is down
+        results_url=f"http://127.0.0.1:{free_port()}", results_token="t", quiet_seconds=1
+    )
+    for _ in range(MAX_ATTEMPTS + 3):
+        with pytest.raises(RetryLater):
+            run_job(sessions, down, job_id)
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state is JobState.QUEUED and job.attempts == 0
+        assert "unreachable" in job.error
+    assert stale_jobs(sessions, now=1e13) == [job_id]  # re-sent by the scheduler, not given up
