@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from _dki_phantom import Tissue, make_phantom  # noqa: E402
 
 from dicom_node import dki  # noqa: E402
-from dicom_node.adc import fit_adc  # noqa: E402
-from dicom_node.features import map_features  # noqa: E402
+from dicom_node.analysis.adc import fit_adc  # noqa: E402
+from dicom_node.analysis.features import map_features  # noqa: E402
 
 BVALS = np.array([0.0, 50.0, 800.0, 1000.0, 1500.0, 2000.0])
 

@@ -103,10 +103,10 @@ def offline_stages(env: dict[str, str], dwi_uid: str, with_seg: bool) -> dict[st
     os.environ.update(env)
     import pydicom
 
-    from dicom_node.analysis import analyse
-    from dicom_node.assemble import assemble_dwi
+    from dicom_node.analysis.series_analysis import analyse
     from dicom_node.db import Instance, Series, make_engine, make_sessionmaker
-    from dicom_node.service import pipeline_settings
+    from dicom_node.processes import pipeline_settings
+    from dicom_node.series.assemble import assemble_dwi
     from her2low.settings import load_settings
 
     settings = load_settings()

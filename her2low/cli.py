@@ -48,14 +48,14 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from dicom_node.service import run_node
+    from dicom_node.processes import run_node
 
     run_node(_settings())
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from dicom_node.service import run_worker
+    from dicom_node.processes import run_worker
 
     run_worker(_settings())
     return 0
@@ -87,13 +87,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from dicom_node.inspect import cmd_inspect as run
+    from dicom_node.series.inspection import cmd_inspect as run
 
     return run(args.paths, args.json)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from dicom_node.research import cmd_fit as run
+    from dicom_node.analysis.cohort import cmd_fit as run
 
     return run(args)
 

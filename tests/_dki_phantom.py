@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from dicom_node.volume import Geometry
+from dicom_node.series.volume import Geometry
 
 BVALS = np.array([0.0, 50.0, 800.0, 1000.0, 1500.0, 2000.0])
 S0_TISSUE = 1000.0

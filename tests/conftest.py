@@ -69,7 +69,7 @@ def start_node(settings) -> RunningNode:  # type: ignore[no-untyped-def]
     """Run the node (SCP + housekeeping) in a thread and wait until it answers C-ECHO."""
     import time
 
-    from dicom_node.service import run_node
+    from dicom_node.processes import run_node
     from her2low.scu import echo
 
     stop = threading.Event()

@@ -286,7 +286,7 @@ def classic_series(
 
 
 def csa2_header(tags: dict[str, list[str]], *, csa1: bool = False) -> bytes:
-    """A CSA2 ("SV10") or CSA1 header with the given tag items (layout: see dicom_node.csa)."""
+    """A CSA2 ("SV10") or CSA1 header with the given tag items (layout: see dicom_node.series.csa)."""
     out = b"" if csa1 else b"SV10\x04\x03\x02\x01"
     out += struct.pack("<2I", len(tags), 77)
     for name, values in tags.items():

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _dki_phantom import BVALS, Tissue, dki_signal, make_phantom
 
-from dicom_node.adc import fit_adc, select_adc_bvals
+from dicom_node.analysis.adc import fit_adc, select_adc_bvals
 
 
 def test_two_point_formula_in_mm2_per_s() -> None:

@@ -25,16 +25,16 @@ from _dki_phantom import (
     mr_series,
 )
 
-from dicom_node.analysis import (
+from dicom_node.analysis.dki import DkiMethod
+from dicom_node.analysis.features import FEATURE_NAMES
+from dicom_node.analysis.series_analysis import (
     PIPELINE_VERSION,
     AnalysisError,
     AnalysisSettings,
     FitRegion,
     analyse,
 )
-from dicom_node.dki import DkiMethod
-from dicom_node.features import FEATURE_NAMES
-from dicom_node.volume import DwiVolume
+from dicom_node.series.volume import DwiVolume
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

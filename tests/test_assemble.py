@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
 
-from dicom_node.assemble import (
+from dicom_node.series.assemble import (
     AssemblyError,
     ProblemKind,
     StorageStyle,

@@ -19,7 +19,7 @@ from dicom_builders import (
 )
 from pydicom.dataset import Dataset
 
-from dicom_node.bvalues import (
+from dicom_node.series.bvalues import (
     BValueSource,
     DirectionalityValues,
     b_label,
@@ -29,7 +29,7 @@ from dicom_node.bvalues import (
     is_b0,
     private_value,
 )
-from dicom_node.csa import CsaError, csa_float, csa_image_header, csa_int, parse_csa
+from dicom_node.series.csa import CsaError, csa_float, csa_image_header, csa_int, parse_csa
 
 GRID = Grid(n_slices=1)
 

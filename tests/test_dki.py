@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _dki_phantom import BVALS, Tissue, dki_signal, make_phantom, rician
 
-from dicom_node import dki
-from dicom_node.dki import Bounds, DkiFit, DkiMethod, DkiModel, FitFlag
+from dicom_node.analysis import dki
+from dicom_node.analysis.dki import Bounds, DkiFit, DkiMethod, DkiModel, FitFlag
 
 
 def _fitted(f: DkiFit) -> np.ndarray:
@@ -313,7 +313,7 @@ def test_real_vendor_series(name: str, adc_range: tuple[float, float]) -> None:
     """
     if not DWI_DIR.is_dir():
         pytest.skip(f"shared data folder absent: {DWI_DIR}")
-    from dicom_node.adc import fit_adc
+    from dicom_node.analysis.adc import fit_adc
 
     data, bvals = _read_real_series(DWI_DIR / name)
     assert data.ndim == 4 and bvals.size == 2 and bvals[0] == 0
@@ -335,7 +335,7 @@ def test_real_trace_only_series_is_refused() -> None:
     """A derived TRACEW series with a single b cannot give ADC or DKI: clear errors."""
     if not DWI_DIR.is_dir():
         pytest.skip(f"shared data folder absent: {DWI_DIR}")
-    from dicom_node.adc import fit_adc
+    from dicom_node.analysis.adc import fit_adc
 
     data, bvals = _read_real_series(DWI_DIR / "siemens_xa30_classic_trace")
     assert bvals.tolist() == [2500.0]

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from dicom_node.dki import FitFlag
-from dicom_node.features import (
+from dicom_node.analysis.dki import FitFlag
+from dicom_node.analysis.features import (
     FEATURE_NAMES,
     BinningMethod,
     discretise,

@@ -19,8 +19,8 @@ from dicom_builders import (
     write_gz,
 )
 
-from dicom_node.dicomio import DicomReadError, iter_files, read_dataset, read_datasets
-from dicom_node.inspect import add_subcommand, cmd_inspect, format_report, inspect_paths
+from dicom_node.series.dicomio import DicomReadError, iter_files, read_dataset, read_datasets
+from dicom_node.series.inspection import add_subcommand, cmd_inspect, format_report, inspect_paths
 
 GRID = Grid(n_slices=3)
 DIRS = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0)]

@@ -16,17 +16,17 @@ from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 
 from dicom_node.db import Job, JobState, Series, SeriesState, make_engine, make_sessionmaker
-from dicom_node.expected import (
+from dicom_node.jobs.scheduler import promote_complete, promote_stable
+from dicom_node.receiving.ingest import Ingestor
+from dicom_node.receiving.status import StoreStatus
+from dicom_node.receiving.storage import FileStore
+from dicom_node.series.completeness import (
     CompletenessTracker,
     CountSource,
     HeaderFacts,
     assess,
     facts_of,
 )
-from dicom_node.ingest import Ingestor
-from dicom_node.scheduler import promote_complete, promote_stable
-from dicom_node.status import StoreStatus
-from dicom_node.storage import FileStore
 from her2low.settings import load_settings
 from tests import dicom_builders as b
 from tests.conftest import RunningNode, start_node

@@ -4,7 +4,7 @@ Valid encodings of a small diffusion image are mutated (bit flips, truncations, 
 lengths, random element insertions) and fed (a) to :meth:`Ingestor.ingest` directly, (b) over a
 real association (file bytes sent raw), and (c) to the series reader. The node must answer
 each with one of its named statuses (PS3.4 B.2.3) and keep serving; the reader must raise only
-its own :class:`~dicom_node.assemble.AssemblyError`.
+its own :class:`~dicom_node.series.assemble.AssemblyError`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from dicom_node.assemble import AssemblyError, assemble_dwi
 from dicom_node.db import make_engine, make_sessionmaker
-from dicom_node.ingest import Ingestor
-from dicom_node.inspect import inspect_series
-from dicom_node.status import StoreStatus
-from dicom_node.storage import FileStore
+from dicom_node.receiving.ingest import Ingestor
+from dicom_node.receiving.status import StoreStatus
+from dicom_node.receiving.storage import FileStore
+from dicom_node.series.assemble import AssemblyError, assemble_dwi
+from dicom_node.series.inspection import inspect_series
 from her2low.settings import load_settings
 from tests import dicom_builders as b
 from tests.test_node_security import running_scp

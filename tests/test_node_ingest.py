@@ -18,10 +18,10 @@ from dicom_node.db import (
     make_engine,
     make_sessionmaker,
 )
-from dicom_node.ingest import Ingestor
-from dicom_node.scheduler import MAX_ATTEMPTS, pending_jobs, promote_stable, stale_jobs
-from dicom_node.status import StoreStatus
-from dicom_node.storage import FileStore, StorageFull
+from dicom_node.jobs.scheduler import MAX_ATTEMPTS, pending_jobs, promote_stable, stale_jobs
+from dicom_node.receiving.ingest import Ingestor
+from dicom_node.receiving.status import StoreStatus
+from dicom_node.receiving.storage import FileStore, StorageFull
 from her2low.settings import load_settings
 from tests.node_data import encode, mr_dataset
 
@@ -157,7 +157,7 @@ def test_stability_uses_database_timers(ingestor: Ingestor) -> None:
 
 
 def test_dead_worker_lease_requeues_then_gives_up(ingestor: Ingestor) -> None:
-    from dicom_node.jobs import claim
+    from dicom_node.jobs.runner import claim
 
     ds = mr_dataset(generate_uid(), generate_uid())
     _ingest(ingestor, encode(ds))
@@ -183,7 +183,7 @@ def test_no_temporary_files_left_after_many_writes(tmp_path: Path) -> None:
 
 
 def test_recovery_indexes_orphaned_and_unindexed_files(ingestor: Ingestor) -> None:
-    from dicom_node.ingest import recover
+    from dicom_node.receiving.ingest import recover
 
     study, series_uid = generate_uid(), generate_uid()
     orphan_ds = mr_dataset(study, series_uid)
@@ -220,7 +220,7 @@ def test_a_studys_seg_is_queued_before_its_images(ingestor: Ingestor) -> None:
 
 
 def test_reopened_series_is_due_at_once_with_a_new_generation(ingestor: Ingestor) -> None:
-    from dicom_node.scheduler import reopen_series
+    from dicom_node.jobs.scheduler import reopen_series
 
     ds = mr_dataset(generate_uid(), generate_uid())
     _ingest(ingestor, encode(ds))
@@ -239,7 +239,7 @@ def test_reopened_series_is_due_at_once_with_a_new_generation(ingestor: Ingestor
 def test_series_the_fit_cannot_support_is_skipped_with_its_reason(
     ingestor: Ingestor, tmp_path: Path
 ) -> None:
-    from dicom_node.pipeline import PipelineSettings, Skipped, run_pipeline
+    from dicom_node.jobs.pipeline import PipelineSettings, Skipped, run_pipeline
     from dicom_node.synth import write_study
 
     manifest = write_study(tmp_path / "s", seed=4, b_values=(0, 1000), matrix=(32, 64), slices=4)
@@ -254,8 +254,8 @@ def test_series_the_fit_cannot_support_is_skipped_with_its_reason(
 
 
 def test_service_outage_never_fails_a_job(ingestor: Ingestor, tmp_path: Path) -> None:
-    from dicom_node.jobs import RetryLater, run_job
-    from dicom_node.pipeline import PipelineSettings
+    from dicom_node.jobs.pipeline import PipelineSettings
+    from dicom_node.jobs.runner import RetryLater, run_job
     from dicom_node.synth import write_study
     from tests.conftest import free_port
 

@@ -19,17 +19,17 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from dicom_node import scp
-from dicom_node.access import (
+from dicom_node.db import make_engine, make_sessionmaker
+from dicom_node.receiving import scp
+from dicom_node.receiving.access import (
     AccessPolicy,
     AllowEntry,
     RejectReason,
     RejectResult,
     RejectSource,
 )
-from dicom_node.db import make_engine, make_sessionmaker
-from dicom_node.ingest import Ingestor
-from dicom_node.storage import FileStore
+from dicom_node.receiving.ingest import Ingestor
+from dicom_node.receiving.storage import FileStore
 from her2low.settings import ConfigurationError, load_settings
 from tests.conftest import free_port, require_tool
 

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_node.db import Instance, make_engine, make_sessionmaker
-from dicom_node.tls import context_from_settings
+from dicom_node.receiving.tls import context_from_settings
 from her2low.settings import ConfigurationError, load_settings
 from tests.conftest import require_tool
 from tests.node_data import mr_dataset, write

@@ -35,8 +35,8 @@ from pydicom.uid import (
 from pynetdicom import AE
 from sqlalchemy import select
 
-from dicom_node.assemble import assemble_dwi
 from dicom_node.db import Instance, make_engine, make_sessionmaker
+from dicom_node.series.assemble import assemble_dwi
 from her2low.settings import load_settings
 from tests import dicom_builders as b
 from tests.conftest import require_tool

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dicom_node.previews import best_slice, histogram_png, map_slice_png, map_slice_title
+from dicom_node.analysis.previews import best_slice, histogram_png, map_slice_png, map_slice_title
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SHAPE = (5, 48, 48)

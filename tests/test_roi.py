@@ -23,14 +23,14 @@ from _dki_phantom import (
     sphere_mask,
 )
 
-from dicom_node.roi import (
+from dicom_node.analysis.roi import (
     Laterality,
     RoiSource,
     auto_roi,
     laterality_of,
     roi_from_seg,
 )
-from dicom_node.volume import Geometry
+from dicom_node.series.volume import Geometry
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -18,7 +18,7 @@ from dicom_builders import (
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.roles import BreastRules, SeriesRole, classify_series, detect_breast
+from dicom_node.series.roles import BreastRules, SeriesRole, classify_series, detect_breast
 
 GRID = Grid(n_slices=2)
 DIRS = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pydicom.valuerep import DSfloat
 
-from dicom_node.volume import Geometry
+from dicom_node.series.volume import Geometry
 
 from .vendors import VendorProfile
 

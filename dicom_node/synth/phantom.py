@@ -1,6 +1,6 @@
 """Digital bilateral breast phantom with known DKI parameters, and the DKI signal model.
 
-Anatomy lives in DICOM patient coordinates (LPS, mm; ``dicom_node.volume`` conventions): x to the
+Anatomy lives in DICOM patient coordinates (LPS, mm; ``dicom_node.series.volume`` conventions): x to the
 patient's left, y posterior, z superior. Both breasts hang anterior (y < chest wall) of an
 elliptical thorax whose lungs are dark. Per tissue the phantom carries S0 (b = 0 signal, arbitrary
 units), Dapp (mm²/s) and Kapp (unitless) with mild, spatially smooth heterogeneity; values follow
@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from dicom_node.volume import Geometry
+from dicom_node.series.volume import Geometry
 
 __all__ = [
     "DK_MAX",

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dicom_node.volume import Geometry
+from dicom_node.series.volume import Geometry
 
 from .dicom_writer import MrParams, PatientInfo, SeriesInfo, StudyInfo, mr_image, quantise, save
 from .phantom import (

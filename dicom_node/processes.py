@@ -7,16 +7,17 @@ import signal
 import threading
 from typing import TYPE_CHECKING, Any
 
-from dicom_node import scheduler, scp
 from dicom_node.db import MIGRATIONS, VERSION_TABLE, make_engine, make_sessionmaker
-from dicom_node.ingest import Ingestor, recover
-from dicom_node.queue import make_huey, register
-from dicom_node.storage import FileStore
+from dicom_node.jobs import scheduler
+from dicom_node.jobs.taskqueue import make_huey, register
+from dicom_node.receiving import scp
+from dicom_node.receiving.ingest import Ingestor, recover
+from dicom_node.receiving.storage import FileStore
 from her2low.migrate import check_current
 from her2low.settings import Settings
 
 if TYPE_CHECKING:
-    from dicom_node.pipeline import PipelineSettings
+    from dicom_node.jobs.pipeline import PipelineSettings
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def _sessions(settings: Settings) -> Any:
 
 
 def pipeline_settings(settings: Settings) -> PipelineSettings:
-    from dicom_node.pipeline import PipelineSettings
+    from dicom_node.jobs.pipeline import PipelineSettings
 
     return PipelineSettings(
         results_url=settings.node_results_url,
@@ -72,7 +73,7 @@ def run_node(settings: Settings, stop: threading.Event | None = None) -> None:
 
 def run_worker(settings: Settings) -> None:
     """Consume analysis jobs (threads; run more processes or hosts to scale)."""
-    from dicom_node.jobs import run_job
+    from dicom_node.jobs.runner import run_job
 
     sessions = _sessions(settings)
     huey = make_huey(settings)

@@ -13,7 +13,7 @@ from functools import cached_property
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from dicom_node.dki import B0_THRESHOLD, B_REL_TOL
+from dicom_node.analysis.dki import B0_THRESHOLD, B_REL_TOL
 
 __all__ = ["DEFAULT_ADC_HIGH_B", "AdcFit", "fit_adc", "select_adc_bvals"]
 

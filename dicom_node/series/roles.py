@@ -1,6 +1,6 @@
 """What a series is for, decided from its headers (SeriesDescription only as a last resort).
 
-Diffusion is recognised from b-values in any convention (:mod:`dicom_node.bvalues`), Image Type
+Diffusion is recognised from b-values in any convention (:mod:`dicom_node.series.bvalues`), Image Type
 (0008,0008) values (PS3.3 C.8.13.1.1.1 / C.8.16.1: DIFFUSION, ADC, TRACEW, CALC_BVALUE …) and
 Acquisition Contrast (0008,9209). Siemens TRACEW images are DERIVED but are the normal input for
 breast DKI (notes/dicom.md), so they count as diffusion *trace*; ADC maps, calculated b and
@@ -20,8 +20,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicom_node.assemble import FrameRef, expand_frames
-from dicom_node.bvalues import B0_THRESHOLD, DirectionalityValues, b_label
+from dicom_node.series.assemble import FrameRef, expand_frames
+from dicom_node.series.bvalues import B0_THRESHOLD, DirectionalityValues, b_label
 
 __all__ = [
     "BreastRules",

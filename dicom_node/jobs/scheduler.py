@@ -2,8 +2,8 @@
 
 Stability is a heuristic (a quiet period after the last instance); it is re-evaluated from the
 database on every tick, so a restart loses no timer, and a late instance simply re-opens the
-series (see :mod:`dicom_node.ingest`). A series whose headers declare its size and that has
-fully arrived is promoted at once (:func:`promote_complete`, :mod:`dicom_node.expected`). Jobs
+series (see :mod:`dicom_node.receiving.ingest`). A series whose headers declare its size and that has
+fully arrived is promoted at once (:func:`promote_complete`, :mod:`dicom_node.series.completeness`). Jobs
 whose message was lost or whose worker died are re-queued here; the worker's claim makes
 duplicates harmless.
 """
@@ -19,7 +19,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState
-from dicom_node.expected import CompletenessTracker
+from dicom_node.series.completeness import CompletenessTracker
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""From the DICOM images of one diffusion series to a :class:`~dicom_node.volume.DwiVolume`.
+"""From the DICOM images of one diffusion series to a :class:`~dicom_node.series.volume.DwiVolume`.
 
 Three storage styles reach the node (notes/dicom.md): classic single-frame images (PS3.3
 A.4 MR Image), enhanced multi-frame objects whose geometry and diffusion live in functional
@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from dicom_node.bvalues import (
+from dicom_node.series.bvalues import (
     B0_THRESHOLD,
     GROUP_REL_TOL,
     UIH_IMAGE,
@@ -35,8 +35,8 @@ from dicom_node.bvalues import (
     group_bvalues,
     private_value,
 )
-from dicom_node.csa import csa_floats, csa_image_header, csa_int
-from dicom_node.volume import DwiVolume, Geometry
+from dicom_node.series.csa import csa_floats, csa_image_header, csa_int
+from dicom_node.series.volume import DwiVolume, Geometry
 
 __all__ = [
     "AssemblyError",

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from dicom_node.analysis import PIPELINE_VERSION, AnalysisSettings, analyse
-from dicom_node.assemble import AssemblyError, assemble_dwi
-from dicom_node.dicomio import DicomReadError, iter_files, read_dataset
-from dicom_node.dki import DkiMethod
-from dicom_node.roles import classify_series
+from dicom_node.analysis.dki import DkiMethod
+from dicom_node.analysis.series_analysis import PIPELINE_VERSION, AnalysisSettings, analyse
+from dicom_node.series.assemble import AssemblyError, assemble_dwi
+from dicom_node.series.dicomio import DicomReadError, iter_files, read_dataset
+from dicom_node.series.roles import classify_series
 
 
 @dataclass

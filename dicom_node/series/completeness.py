@@ -12,7 +12,7 @@ it has and what arrived forms exactly that complete, regular grid:
 
 Anything else — no declaration, mixed values, a gap, an unreadable header — waits for the
 quiet period, so a wrong guess costs at most a re-analysis: a late instance re-opens the series
-(:mod:`dicom_node.ingest`). Header facts are cached per stored file (PS3.3 C.7.6.1, C.7.6.2).
+(:mod:`dicom_node.receiving.ingest`). Header facts are cached per stored file (PS3.3 C.7.6.1, C.7.6.2).
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicom_node.assemble import check_headers, plan_layout
-from dicom_node.bvalues import b_label
-from dicom_node.dicomio import read_datasets
-from dicom_node.roles import BreastRules, SeriesRole, classify_series
+from dicom_node.series.assemble import check_headers, plan_layout
+from dicom_node.series.bvalues import b_label
+from dicom_node.series.dicomio import read_datasets
+from dicom_node.series.roles import BreastRules, SeriesRole, classify_series
 
 __all__ = ["add_subcommand", "cmd_inspect", "format_report", "inspect_paths", "inspect_series"]
 
@@ -31,7 +31,7 @@ _DIFFUSION_INPUT = (SeriesRole.DWI_TRACE, SeriesRole.DWI_DIRECTIONAL)
 def inspect_series(datasets: Sequence[Dataset], rules: BreastRules = BreastRules()
                    ) -> dict[str, Any]:
     """Report entry for the instances of one series (headers only); raises
-    :class:`~dicom_node.assemble.AssemblyError` for headers pydicom cannot convert."""
+    :class:`~dicom_node.series.assemble.AssemblyError` for headers pydicom cannot convert."""
     check_headers(datasets)
     ds = datasets[0]
     classification = classify_series(datasets, rules)

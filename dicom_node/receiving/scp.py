@@ -2,8 +2,8 @@
 
 Configured in one place (:func:`build_ae`); handlers take their dependencies as bound
 arguments (pynetdicom's ``(event, handler, [args])`` form) and return named statuses.
-Association acceptance (PS3.8 9.3.4) is decided by :mod:`dicom_node.access` in an
-``EVT_REQUESTED`` hook; TLS (PS3.15 B.9) by :mod:`dicom_node.tls`, with the handshake done on
+Association acceptance (PS3.8 9.3.4) is decided by :mod:`dicom_node.receiving.access` in an
+``EVT_REQUESTED`` hook; TLS (PS3.15 B.9) by :mod:`dicom_node.receiving.tls`, with the handshake done on
 the connection's own thread so a silent or plain-TCP peer cannot stall the listener.
 """
 
@@ -22,10 +22,10 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.access import AccessPolicy, RejectResult, RejectSource, describe
-from dicom_node.ingest import Ingestor
-from dicom_node.status import EchoStatus, StoreStatus
-from dicom_node.tls import context_from_settings
+from dicom_node.receiving.access import AccessPolicy, RejectResult, RejectSource, describe
+from dicom_node.receiving.ingest import Ingestor
+from dicom_node.receiving.status import EchoStatus, StoreStatus
+from dicom_node.receiving.tls import context_from_settings
 from her2low.settings import Settings
 
 log = logging.getLogger(__name__)

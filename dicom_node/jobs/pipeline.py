@@ -1,7 +1,7 @@
 """From stored instances to a published result for one series.
 
 read files → classify the series → assemble the DWI volume → find the tumour SEG →
-:func:`dicom_node.analysis.analyse` (fit, ROI, features) → publish to the results API.
+:func:`dicom_node.analysis.series_analysis.analyse` (fit, ROI, features) → publish to the results API.
 Series that are not analysable are *skipped with a reason*, never dropped silently.
 """
 
@@ -17,12 +17,17 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.analysis import PIPELINE_VERSION, AnalysisError, AnalysisSettings, analyse
-from dicom_node.assemble import AssemblyError, assemble_dwi, check_headers
+from dicom_node.analysis.series_analysis import (
+    PIPELINE_VERSION,
+    AnalysisError,
+    AnalysisSettings,
+    analyse,
+)
 from dicom_node.db import Instance, Series, SeriesState
-from dicom_node.publish import publish
-from dicom_node.roles import SeriesRole, classify_series
-from dicom_node.scheduler import reopen_series
+from dicom_node.jobs.publish import publish
+from dicom_node.jobs.scheduler import reopen_series
+from dicom_node.series.assemble import AssemblyError, assemble_dwi, check_headers
+from dicom_node.series.roles import SeriesRole, classify_series
 
 _FIT_INPUT_ROLES = {role.value for role in SeriesRole if role.is_fit_input}
 _BUSY = (SeriesState.RECEIVING, SeriesState.QUEUED, SeriesState.ANALYSING)

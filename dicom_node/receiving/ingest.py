@@ -23,8 +23,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState
-from dicom_node.status import StoreStatus
-from dicom_node.storage import FileStore, StorageFull, digest
+from dicom_node.receiving.status import StoreStatus
+from dicom_node.receiving.storage import FileStore, StorageFull, digest
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import Job, JobState, Series, SeriesState
-from dicom_node.pipeline import Deferred, PipelineSettings, Skipped, run_pipeline
-from dicom_node.publish import PublishError
+from dicom_node.jobs.pipeline import Deferred, PipelineSettings, Skipped, run_pipeline
+from dicom_node.jobs.publish import PublishError
 
 log = logging.getLogger(__name__)
 

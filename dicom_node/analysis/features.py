@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from dicom_node.dki import FitFlag
+from dicom_node.analysis.dki import FitFlag
 
 __all__ = [
     "DEFAULT_BIN_MIN",

@@ -25,9 +25,9 @@ import pydicom
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
-from dicom_node.adc import fit_adc
-from dicom_node.dki import background_mask, estimate_sigma, group_bvals, otsu_threshold
-from dicom_node.volume import Geometry
+from dicom_node.analysis.adc import fit_adc
+from dicom_node.analysis.dki import background_mask, estimate_sigma, group_bvals, otsu_threshold
+from dicom_node.series.volume import Geometry
 
 __all__ = [
     "Laterality",

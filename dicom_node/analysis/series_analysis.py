@@ -18,8 +18,8 @@ import pydicom
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from dicom_node.adc import AdcFit, fit_adc
-from dicom_node.dki import (
+from dicom_node.analysis.adc import AdcFit, fit_adc
+from dicom_node.analysis.dki import (
     DEFAULT_BOUNDS,
     Bounds,
     DkiFit,
@@ -29,10 +29,10 @@ from dicom_node.dki import (
     background_mask,
     estimate_sigma,
 )
-from dicom_node.features import FEATURE_NAMES, MapFeatures, map_features
-from dicom_node.previews import histogram_png, map_slice_png
-from dicom_node.roi import Roi, auto_roi, roi_from_seg, seg_matches
-from dicom_node.volume import DwiVolume
+from dicom_node.analysis.features import FEATURE_NAMES, MapFeatures, map_features
+from dicom_node.analysis.previews import histogram_png, map_slice_png
+from dicom_node.analysis.roi import Roi, auto_roi, roi_from_seg, seg_matches
+from dicom_node.series.volume import DwiVolume
 
 __all__ = [
     "PIPELINE_VERSION",

@@ -21,7 +21,7 @@ from typing import Any
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from dicom_node.csa import csa_float, csa_floats
+from dicom_node.series.csa import csa_float, csa_floats
 
 __all__ = [
     "B0_THRESHOLD",

@@ -2,7 +2,7 @@
 
 TLS 1.2 or later only. With a CA bundle configured, the node requires and verifies a client
 certificate (mutual TLS); without one, any client may connect over TLS and the AE-title and host
-allow-list (:mod:`dicom_node.access`) still apply.
+allow-list (:mod:`dicom_node.receiving.access`) still apply.
 """
 
 from __future__ import annotations
