@@ -9,7 +9,7 @@ test:
 	bash scripts/test.sh
 
 lint:
-	.venv/bin/ruff check . && .venv/bin/mypy
+	.venv/bin/ruff check . && .venv/bin/mypy && .venv/bin/lint-imports
 
 ## Run every benchmark against its peer (DCMTK, DIPY, scikit-learn, a bare Flask app); see docs/benchmarks.md.
 bench:

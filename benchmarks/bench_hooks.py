@@ -276,9 +276,9 @@ def _prepare(home: Path, port: int) -> tuple[dict[str, str], dict[str, Any]]:
         result_payload,
     )
 
-    from cds_service import db
     from cds_service.app import create_app
-    from her2low.settings import Settings
+    from cds_service.db import MIGRATIONS
+    from her2low.core.settings import Settings
 
     (home / "jwks.json").write_text(json.dumps(jwks("es", "rs")))
     env = dict(os.environ)
@@ -298,7 +298,7 @@ def _prepare(home: Path, port: int) -> tuple[dict[str, str], dict[str, Any]]:
         results_api_token="bench-results-token",
         cds_patient_id_systems={"HOSP": "urn:oid:1.2.3.4.5"},
     )
-    db.upgrade(settings.cds_database_url)
+    MIGRATIONS.upgrade(settings.cds_database_url)
     runtime: Any
     try:
         from models.runtime import ModelRuntime
@@ -379,7 +379,7 @@ def _profile(requests_n: int) -> int:
     from cds_service.identity import patient_keys
     from cds_service.schema import parse_hook_request, parse_json
     from cds_service.store import UsedToken
-    from her2low.settings import load_settings
+    from her2low.core.settings import load_settings
 
     with tempfile.TemporaryDirectory(prefix="bench-hooks-") as tmp:
         port = 8080

@@ -104,14 +104,15 @@ def offline_stages(env: dict[str, str], dwi_uid: str, with_seg: bool) -> dict[st
     import pydicom
 
     from dicom_node.analysis.series_analysis import analyse
-    from dicom_node.db import Instance, Series, make_engine, make_sessionmaker
+    from dicom_node.db import Instance, Series
     from dicom_node.processes import pipeline_settings
     from dicom_node.series.assemble import assemble_dwi
-    from her2low.settings import load_settings
+    from her2low.core.database import make_engine, session_factory
+    from her2low.core.settings import load_settings
 
     settings = load_settings()
     config = pipeline_settings(settings)
-    sessions = make_sessionmaker(make_engine(settings.node_database_url))
+    sessions = session_factory(make_engine(settings.node_database_url))
     with sessions() as session:
         from sqlalchemy import select
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 
 from cds_service.app import create_app
-from cds_service.db import DatabaseNotMigratedError
-from her2low.logs import configure
-from her2low.settings import ConfigurationError, load_settings
+from her2low.core.database import NotMigratedError
+from her2low.core.logs import configure
+from her2low.core.settings import ConfigurationError, load_settings
 
 
 def main() -> int:
@@ -22,7 +22,7 @@ def main() -> int:
     configure(settings.log_level, settings.log_format)
     try:
         app = create_app(settings)
-    except (DatabaseNotMigratedError, ValueError) as exc:
+    except (NotMigratedError, ValueError) as exc:
         print(f"her2low service: {exc}", file=sys.stderr)
         return 2
     app.run(host=settings.cds_host, port=settings.cds_port, threaded=True, use_reloader=False)

@@ -13,12 +13,13 @@ from flask import Flask, Response, jsonify
 
 from cds_service.auth import JwksCache, TokenVerifier, parse_trusted_issuers
 from cds_service.cors import init_cors
-from cds_service.db import check_current, make_engine, session_factory
+from cds_service.db import MIGRATIONS
 from cds_service.errors import register_error_handlers
 from cds_service.predictions import PredictionService, Predictor, RuntimeProvider
 from cds_service.state import EXTENSION_KEY, ServiceState
 from cds_service.store import Store
-from her2low.settings import Settings, load_settings
+from her2low.core.database import make_engine, session_factory
+from her2low.core.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,13 @@ def create_app(settings: Settings | None = None, *, runtime: Predictor | None = 
 
     ``runtime``: anything with ``predict(inputs) -> Prediction``; None loads
     ``models.runtime.ModelRuntime.load(settings.model_dir)`` on first use.
-    Raises ``cds_service.db.DatabaseNotMigratedError`` if the database is not at head.
+    Raises ``her2low.core.database.NotMigratedError`` if the database is not at head.
     """
     settings = settings or load_settings()
     url = settings.cds_database_url
     engine = make_engine(url)
     try:
-        check_current(url, engine)
+        MIGRATIONS.check_current(url, engine)
     except Exception:
         engine.dispose()
         raise

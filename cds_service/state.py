@@ -11,7 +11,7 @@ from cds_service.auth import TokenVerifier
 from cds_service.card_cache import CardCache
 from cds_service.predictions import PredictionService, RuntimeProvider
 from cds_service.store import Store
-from her2low.settings import Settings
+from her2low.core.settings import Settings
 
 EXTENSION_KEY = "her2low_cds"
 

@@ -1,4 +1,4 @@
-"""Production entry point for gunicorn.
+"""Production entry points: gunicorn run from code (``her2low service``) or from its own CLI.
 
 ``gunicorn 'cds_service.wsgi:app()'`` calls the factory (settings from ``HER2LOW_*``) once per
 worker and fails fast on an un-migrated database. ``cds_service.wsgi:app`` without parentheses
@@ -7,28 +7,45 @@ also works: called as a WSGI app it builds the real app on first request.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Flask
+from gunicorn.app.base import BaseApplication
 
 from cds_service.app import create_app
+from cds_service.db import MIGRATIONS
+from her2low.core.logs import configure
+from her2low.core.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
 
 _app: Flask | None = None
 _lock = threading.Lock()
+
+
+def production_app(settings: Settings) -> Flask:
+    """The app with its model loaded and hash-checked now, not on the first hook call."""
+    from cds_service.state import state
+
+    flask_app = create_app(settings)
+    with flask_app.app_context():
+        try:
+            state().runtime.get()
+        except Exception:
+            log.exception("model not loaded at start-up")
+    return flask_app
 
 
 def _get() -> Flask:
     global _app
     with _lock:
         if _app is None:
-            from her2low.logs import configure
-            from her2low.settings import load_settings
-
             settings = load_settings()
             configure(settings.log_level, settings.log_format)
-            _app = create_app(settings)
+            _app = production_app(settings)
         return _app
 
 
@@ -40,3 +57,38 @@ def app(*args: Any) -> Any:
     start_response: Callable[..., Any] = args[1]
     result: Iterable[bytes] = _get()(environ, start_response)
     return result
+
+
+class _Gunicorn(BaseApplication):
+    def __init__(self, options: dict[str, Any], settings: Settings) -> None:
+        self.options = options
+        self.settings = settings
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return production_app(self.settings)
+
+
+def serve(settings: Settings, *, workers: int = 2) -> None:
+    """Run the service under gunicorn on the configured address until stopped."""
+    # Fail fast in the parent on an un-migrated database rather than in every worker.
+    MIGRATIONS.check_current(settings.cds_database_url)
+    options = {
+        "bind": f"{settings.cds_host}:{settings.cds_port}",
+        "workers": workers,
+        # gthread: idle keep-alive connections wait in the worker's poller, not in a thread, so
+        # an EHR that reuses connections skips the TCP handshake per hook call (a sync worker
+        # closes every connection). Measured in docs/benchmarks.md (CDS Hooks section).
+        "worker_class": "gthread",
+        "threads": 4,
+        "keepalive": 5,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": "warning",
+        "timeout": 60,
+    }
+    _Gunicorn(options, settings).run()

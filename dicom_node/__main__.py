@@ -1,5 +1,5 @@
-"""``python -m dicom_node``: the DICOM node (same as ``her2low node``)."""
+"""``python -m dicom_node [node|worker]``: the DICOM node or a worker (``her2low node|worker``)."""
 
-from her2low.cli import main
+from dicom_node.processes import main
 
-raise SystemExit(main(["node"]))
+raise SystemExit(main())

@@ -18,14 +18,14 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    create_engine,
-    event,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-MIGRATIONS = Path(__file__).with_name("migrations")
-VERSION_TABLE = "alembic_version_node"
+from her2low.core.database import Migrations
+
+MIGRATIONS = Migrations(
+    Path(__file__).with_name("migrations"), what="node", version_table="alembic_version_node"
+)
 
 
 class SeriesState(enum.StrEnum):
@@ -118,26 +118,3 @@ class Job(Base):
     result_id: Mapped[str] = mapped_column(String(64), default="")
     #: Seconds from the series' last instance to published features (for the benchmark).
     latency_seconds: Mapped[float] = mapped_column(Float, default=0.0)
-
-
-def make_engine(url: str) -> Engine:
-    """An engine tuned for concurrent writers: SQLite in WAL mode with a busy timeout."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL survives a process crash; after power loss the index is rebuilt from
-            # the fsynced files by Ingestor.recover(), so the per-commit flush is not needed.
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
-        return engine
-    return create_engine(url, pool_pre_ping=True)
-
-
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)

@@ -7,14 +7,14 @@ import signal
 import threading
 from typing import TYPE_CHECKING, Any
 
-from dicom_node.db import MIGRATIONS, VERSION_TABLE, make_engine, make_sessionmaker
+from dicom_node.db import MIGRATIONS
 from dicom_node.jobs import scheduler
 from dicom_node.jobs.taskqueue import make_huey, register
 from dicom_node.receiving import scp
 from dicom_node.receiving.ingest import Ingestor, recover
 from dicom_node.receiving.storage import FileStore
-from her2low.migrate import check_current
-from her2low.settings import Settings
+from her2low.core.database import make_engine, session_factory
+from her2low.core.settings import Settings
 
 if TYPE_CHECKING:
     from dicom_node.jobs.pipeline import PipelineSettings
@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def _sessions(settings: Settings) -> Any:
-    check_current(MIGRATIONS, settings.node_database_url, what="node", version_table=VERSION_TABLE)
-    return make_sessionmaker(make_engine(settings.node_database_url))
+    MIGRATIONS.check_current(settings.node_database_url)
+    return session_factory(make_engine(settings.node_database_url))
 
 
 def pipeline_settings(settings: Settings) -> PipelineSettings:
@@ -100,3 +100,40 @@ def _install_signal_handlers(stop: threading.Event) -> None:
         return
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dicom_node [node|worker]``: one node process, without the CDS service's code."""
+    import argparse
+    import sys
+
+    from her2low.core.database import NotMigratedError
+    from her2low.core.logs import configure
+    from her2low.core.settings import ConfigurationError, load_settings
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dicom_node",
+        description="The DICOM node: the C-STORE SCP with its stability timers, or an analysis "
+        "worker (the same as `her2low node` and `her2low worker`).",
+    )
+    parser.add_argument(
+        "process",
+        nargs="?",
+        choices=["node", "worker"],
+        default="node",
+        help="which process to run (default: node)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        configure(settings.log_level, settings.log_format)
+        (run_node if args.process == "node" else run_worker)(settings)
+    except ConfigurationError as exc:
+        print(f"{parser.prog}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except NotMigratedError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+    return 0

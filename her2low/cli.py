@@ -12,9 +12,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from her2low import __version__, logs
-from her2low.migrate import NotMigratedError
-from her2low.settings import ConfigurationError, Settings, describe, load_settings
+from her2low import __version__
+from her2low.core import logs
+from her2low.core.database import NotMigratedError
+from her2low.core.settings import ConfigurationError, Settings, describe, load_settings
 
 
 def _settings() -> Settings:
@@ -35,14 +36,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from cds_service.db import upgrade as upgrade_service
-    from dicom_node.db import MIGRATIONS
-    from her2low.migrate import upgrade
+    from her2low.up import upgrade_databases
 
-    settings = _settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    upgrade(MIGRATIONS, settings.node_database_url)
-    upgrade_service(settings.cds_database_url)
+    upgrade_databases(_settings())
     print("node and service databases are at the latest revision")
     return 0
 
@@ -62,7 +58,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    from her2low.serve import serve
+    from cds_service.wsgi import serve
 
     serve(_settings(), workers=args.workers)
     return 0

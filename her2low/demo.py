@@ -19,8 +19,8 @@ import pydicom
 import requests
 
 from her2low import demo_ehr
+from her2low.core.settings import Settings
 from her2low.scu import send_files
-from her2low.settings import Settings
 
 SERVICE_ID = "her2low-mri"
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from her2low import demo_ehr
-from her2low.settings import Settings
+from her2low.core.settings import Settings
 
 COMPONENTS = ("node", "worker", "service")
 
@@ -42,15 +42,20 @@ def _child_env(settings: Settings, demo: bool) -> dict[str, str]:
     return env
 
 
-def up(settings: Settings, *, demo: bool = True) -> int:
-    from cds_service.db import upgrade as upgrade_service
-    from dicom_node.db import MIGRATIONS
-    from her2low.migrate import upgrade
+def upgrade_databases(settings: Settings) -> None:
+    """Migrate the node and the service databases to their heads (``her2low db upgrade``)."""
+    from cds_service.db import MIGRATIONS as SERVICE_MIGRATIONS
+    from dicom_node.db import MIGRATIONS as NODE_MIGRATIONS
 
+    settings.home.mkdir(parents=True, exist_ok=True)
+    NODE_MIGRATIONS.upgrade(settings.node_database_url)
+    SERVICE_MIGRATIONS.upgrade(settings.cds_database_url)
+
+
+def up(settings: Settings, *, demo: bool = True) -> int:
     home = settings.home.resolve()
     (home / "logs").mkdir(parents=True, exist_ok=True)
-    upgrade(MIGRATIONS, settings.node_database_url)
-    upgrade_service(settings.cds_database_url)
+    upgrade_databases(settings)
     settings.results_token()  # create the shared secret before the children read it
     env = _child_env(settings, demo)
     children: dict[str, subprocess.Popen[bytes]] = {}

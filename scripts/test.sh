@@ -7,6 +7,7 @@ bash scripts/install.sh test
 if [ -f scripts/fetch-fhir-schema.sh ]; then bash scripts/fetch-fhir-schema.sh; fi
 .venv/bin/ruff check .
 .venv/bin/mypy
+.venv/bin/lint-imports
 set +e
 .venv/bin/pytest -n 2 --dist loadgroup -p no:cacheprovider "$@"
 rc=$?

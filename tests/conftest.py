@@ -39,13 +39,12 @@ def shared_dwi() -> Path:
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An isolated HER2LOW_HOME with both databases migrated."""
     from dicom_node.db import MIGRATIONS
-    from her2low.migrate import upgrade
-    from her2low.settings import load_settings
+    from her2low.core.settings import load_settings
 
     folder = tmp_path / "home"
     monkeypatch.setenv("HER2LOW_HOME", str(folder))
     settings = load_settings()
-    upgrade(MIGRATIONS, settings.node_database_url)
+    MIGRATIONS.upgrade(settings.node_database_url)
     return folder
 
 
@@ -60,9 +59,9 @@ class RunningNode:
         return int(self.settings.node_port)
 
     def sessions(self):  # type: ignore[no-untyped-def]
-        from dicom_node.db import make_engine, make_sessionmaker
+        from her2low.core.database import make_engine, session_factory
 
-        return make_sessionmaker(make_engine(self.settings.node_database_url))
+        return session_factory(make_engine(self.settings.node_database_url))
 
 
 def start_node(settings) -> RunningNode:  # type: ignore[no-untyped-def]
@@ -102,7 +101,7 @@ def node_env(home: Path, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 @pytest.fixture
 def node(node_env: pytest.MonkeyPatch) -> Iterator[RunningNode]:
-    from her2low.settings import load_settings
+    from her2low.core.settings import load_settings
 
     running = start_node(load_settings())
     yield running

@@ -8,17 +8,18 @@ import pytest
 from sqlalchemy import inspect
 from test_cds_support import FakePredictor
 
-from cds_service import db
 from cds_service.app import create_app
-from her2low.settings import Settings
+from cds_service.db import MIGRATIONS
+from her2low.core.database import NotMigratedError, display_url, make_engine, session_factory
+from her2low.core.settings import Settings
 
 
 def test_upgrade_is_idempotent_and_creates_tables(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cds.db'}"
-    db.upgrade(url)
-    db.upgrade(url)
-    db.check_current(url)
-    engine = db.make_engine(url)
+    MIGRATIONS.upgrade(url)
+    MIGRATIONS.upgrade(url)
+    MIGRATIONS.check_current(url)
+    engine = make_engine(url)
     try:
         tables = set(inspect(engine).get_table_names())
     finally:
@@ -38,16 +39,16 @@ def test_upgrade_is_idempotent_and_creates_tables(tmp_path: Path) -> None:
 def test_unmigrated_database_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     with pytest.raises(
-        db.DatabaseNotMigratedError, match=r"is not migrated: run `her2low db upgrade`"
+        NotMigratedError, match=r"is not migrated .*: run `her2low db upgrade`"
     ):
-        db.check_current(url)
+        MIGRATIONS.check_current(url)
     settings = Settings(home=tmp_path, cds_db_url=url)
-    with pytest.raises(db.DatabaseNotMigratedError, match="her2low db upgrade"):
+    with pytest.raises(NotMigratedError, match="her2low db upgrade"):
         create_app(settings, runtime=FakePredictor())
 
 
 def test_password_hidden_in_message() -> None:
-    message = db._display("postgresql://user:secret@db.invalid/cds")
+    message = display_url("postgresql://user:secret@db.invalid/cds")
     assert "secret" not in message
 
 
@@ -76,10 +77,10 @@ def test_write_gate_serializes_sqlite_writers_and_reopens_after_fork(tmp_path: P
     from cds_service.store import Store, UsedToken
 
     url = f"sqlite:///{tmp_path / 'cds.db'}"
-    db.upgrade(url)
-    engine = db.make_engine(url)
+    MIGRATIONS.upgrade(url)
+    engine = make_engine(url)
     try:
-        store = Store(db.session_factory(engine))
+        store = Store(session_factory(engine))
         gate = store.write_gate
         assert gate.path == f"{tmp_path / 'cds.db'}.write-lock"
         inside = 0
@@ -111,8 +112,8 @@ def test_write_gate_serializes_sqlite_writers_and_reopens_after_fork(tmp_path: P
         assert gate._fd is not None and gate._pid == os.getpid()
     finally:
         engine.dispose()
-    memory = db.make_engine("sqlite://")
+    memory = make_engine("sqlite://")
     try:
-        assert Store(db.session_factory(memory)).write_gate.path is None
+        assert Store(session_factory(memory)).write_gate.path is None
     finally:
         memory.dispose()

@@ -22,9 +22,9 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from cds_service import db
 from cds_service.app import create_app
-from her2low.settings import Settings
+from cds_service.db import MIGRATIONS
+from her2low.core.settings import Settings
 from models.prediction import Contribution, ModelVariant, Prediction
 
 ISSUER = "https://ehr.example.test"
@@ -388,7 +388,7 @@ def start_service(
     }
     values.update(overrides)
     settings = Settings(**values)
-    db.upgrade(settings.cds_database_url)
+    MIGRATIONS.upgrade(settings.cds_database_url)
     fake = FakePredictor() if predictor == "fake" else None
     app = create_app(settings, runtime=fake if predictor == "fake" else predictor)
     holder.app = app

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from her2low.settings import ConfigurationError, load_settings
+from her2low.core.settings import ConfigurationError, load_settings
 
 
 def _her2low(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -86,20 +86,17 @@ def test_node_refuses_an_unmigrated_database(tmp_path: Path) -> None:
 
 
 def test_db_upgrade_then_node_database_is_current(tmp_path: Path) -> None:
-    from dicom_node.db import MIGRATIONS, VERSION_TABLE
-    from her2low.migrate import check_current
+    from dicom_node.db import MIGRATIONS
 
     result = _her2low("db", "upgrade", env={"HER2LOW_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
-    check_current(
-        MIGRATIONS, f"sqlite:///{tmp_path / 'node.db'}", what="node", version_table=VERSION_TABLE
-    )
+    MIGRATIONS.check_current(f"sqlite:///{tmp_path / 'node.db'}")
 
 
 def test_logs_carry_no_patient_fields() -> None:
     import logging
 
-    from her2low.logs import JsonFormatter
+    from her2low.core.logs import JsonFormatter
 
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "stored", None, None)
     record.patient_name = "DOE^JANE"

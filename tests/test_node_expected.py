@@ -15,7 +15,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 
-from dicom_node.db import Job, JobState, Series, SeriesState, make_engine, make_sessionmaker
+from dicom_node.db import Job, JobState, Series, SeriesState
 from dicom_node.jobs.scheduler import promote_complete, promote_stable
 from dicom_node.receiving.ingest import Ingestor
 from dicom_node.receiving.status import StoreStatus
@@ -27,7 +27,8 @@ from dicom_node.series.completeness import (
     assess,
     facts_of,
 )
-from her2low.settings import load_settings
+from her2low.core.database import make_engine, session_factory
+from her2low.core.settings import load_settings
 from tests import dicom_builders as b
 from tests.conftest import RunningNode, start_node
 from tests.node_data import encode
@@ -139,7 +140,7 @@ def _series(declared: int | None) -> list[Dataset]:
 def ingestor(home: Path) -> Ingestor:
     settings = load_settings()
     return Ingestor(
-        FileStore(settings.storage_dir), make_sessionmaker(make_engine(settings.node_database_url))
+        FileStore(settings.storage_dir), session_factory(make_engine(settings.node_database_url))
     )
 
 

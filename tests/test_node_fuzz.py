@@ -24,13 +24,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from dicom_node.db import make_engine, make_sessionmaker
 from dicom_node.receiving.ingest import Ingestor
 from dicom_node.receiving.status import StoreStatus
 from dicom_node.receiving.storage import FileStore
 from dicom_node.series.assemble import AssemblyError, assemble_dwi
 from dicom_node.series.inspection import inspect_series
-from her2low.settings import load_settings
+from her2low.core.database import make_engine, session_factory
+from her2low.core.settings import load_settings
 from tests import dicom_builders as b
 from tests.test_node_security import running_scp
 
@@ -168,7 +168,7 @@ def mutated(draw: st.DrawFn, *, keep_meta: bool = False) -> tuple[bytes, bool]:
 def ingestor(home: Path) -> Ingestor:
     node = load_settings()
     return Ingestor(
-        FileStore(node.storage_dir), make_sessionmaker(make_engine(node.node_database_url))
+        FileStore(node.storage_dir), session_factory(make_engine(node.node_database_url))
     )
 
 

@@ -9,20 +9,13 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from sqlalchemy import select
 
-from dicom_node.db import (
-    Instance,
-    Job,
-    JobState,
-    Series,
-    SeriesState,
-    make_engine,
-    make_sessionmaker,
-)
+from dicom_node.db import Instance, Job, JobState, Series, SeriesState
 from dicom_node.jobs.scheduler import MAX_ATTEMPTS, pending_jobs, promote_stable, stale_jobs
 from dicom_node.receiving.ingest import Ingestor
 from dicom_node.receiving.status import StoreStatus
 from dicom_node.receiving.storage import FileStore, StorageFull
-from her2low.settings import load_settings
+from her2low.core.database import make_engine, session_factory
+from her2low.core.settings import load_settings
 from tests.node_data import encode, mr_dataset
 
 
@@ -30,7 +23,7 @@ from tests.node_data import encode, mr_dataset
 def ingestor(home: Path) -> Ingestor:
     settings = load_settings()
     return Ingestor(
-        FileStore(settings.storage_dir), make_sessionmaker(make_engine(settings.node_database_url))
+        FileStore(settings.storage_dir), session_factory(make_engine(settings.node_database_url))
     )
 
 
@@ -129,7 +122,7 @@ def test_disk_refusal_is_a700(home: Path) -> None:
     blocker.write_text("a file where the store wants a folder")
     store = FileStore(home / "dicom")
     store.root = blocker  # every write now fails with an OSError, like a full or read-only disk
-    ingestor = Ingestor(store, make_sessionmaker(make_engine(settings.node_database_url)))
+    ingestor = Ingestor(store, session_factory(make_engine(settings.node_database_url)))
     outcome = _ingest(ingestor, encode(mr_dataset(generate_uid(), generate_uid())))
     assert outcome.status is StoreStatus.OUT_OF_RESOURCES
     with ingestor.sessions() as s:

@@ -12,7 +12,7 @@ from pynetdicom import AE
 from sqlalchemy import select
 
 from dicom_node.db import Instance
-from her2low.settings import load_settings
+from her2low.core.settings import load_settings
 from tests.conftest import RunningNode, require_tool, start_node
 from tests.node_data import encode, garbage_file, mr_dataset
 

@@ -19,7 +19,6 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from dicom_node.db import make_engine, make_sessionmaker
 from dicom_node.receiving import scp
 from dicom_node.receiving.access import (
     AccessPolicy,
@@ -30,7 +29,8 @@ from dicom_node.receiving.access import (
 )
 from dicom_node.receiving.ingest import Ingestor
 from dicom_node.receiving.storage import FileStore
-from her2low.settings import ConfigurationError, load_settings
+from her2low.core.database import make_engine, session_factory
+from her2low.core.settings import ConfigurationError, load_settings
 from tests.conftest import free_port, require_tool
 
 _ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -106,7 +106,7 @@ def running_scp(home: Path, **overrides: Any) -> Iterator[int]:
     port = free_port()
     settings = load_settings(node_host="127.0.0.1", node_port=port, **overrides)
     ingestor = Ingestor(
-        FileStore(settings.storage_dir), make_sessionmaker(make_engine(settings.node_database_url))
+        FileStore(settings.storage_dir), session_factory(make_engine(settings.node_database_url))
     )
     server = scp.start(settings, ingestor)
     try:

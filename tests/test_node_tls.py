@@ -19,9 +19,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicom_node.db import Instance, make_engine, make_sessionmaker
+from dicom_node.db import Instance
 from dicom_node.receiving.tls import context_from_settings
-from her2low.settings import ConfigurationError, load_settings
+from her2low.core.database import make_engine, session_factory
+from her2low.core.settings import ConfigurationError, load_settings
 from tests.conftest import require_tool
 from tests.node_data import mr_dataset, write
 from tests.test_node_security import running_scp
@@ -233,7 +234,7 @@ def test_mutual_tls_end_to_end(home: Path, pki: Pki, tmp_path: Path) -> None:
         assert _echo_tls(port, pki, *_with_cert(pki)).returncode == 0  # still serving
 
     node = load_settings()
-    with make_sessionmaker(make_engine(node.node_database_url))() as session:
+    with session_factory(make_engine(node.node_database_url))() as session:
         (row,) = session.scalars(select(Instance)).all()
     assert row.calling_aet == "PACS"
     stored, original = pydicom.dcmread(row.path), pydicom.dcmread(path)

@@ -35,9 +35,10 @@ from pydicom.uid import (
 from pynetdicom import AE
 from sqlalchemy import select
 
-from dicom_node.db import Instance, make_engine, make_sessionmaker
+from dicom_node.db import Instance
 from dicom_node.series.assemble import assemble_dwi
-from her2low.settings import load_settings
+from her2low.core.database import make_engine, session_factory
+from her2low.core.settings import load_settings
 from tests import dicom_builders as b
 from tests.conftest import require_tool
 from tests.test_node_security import running_scp
@@ -169,7 +170,7 @@ def test_syntax_is_stored_as_received_and_decodes(case: Case, home: Path, tmp_pa
             _send_storescu(port, case.propose, paths[0].parent)
 
     settings = load_settings()
-    with make_sessionmaker(make_engine(settings.node_database_url))() as session:
+    with session_factory(make_engine(settings.node_database_url))() as session:
         rows = session.scalars(select(Instance)).all()
     assert len(rows) == len(originals)
     assert {r.transfer_syntax_uid for r in rows} == {case.syntax}

@@ -11,7 +11,7 @@ from typing import Any
 
 from huey import Huey, RedisHuey, SqliteHuey
 
-from her2low.settings import Settings
+from her2low.core.settings import Settings
 
 TASK_NAME = "her2low.analyse_series"
 

@@ -1,20 +1,16 @@
-"""Alembic environment of the node database (run from code by her2low.migrate)."""
+"""Alembic environment of the node database, run on the connection handed in by
+:meth:`her2low.core.database.Migrations.upgrade`."""
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
 
-from dicom_node.db import VERSION_TABLE, Base
+from dicom_node.db import Base
 
 config = context.config
-connectable = engine_from_config(
-    config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
+context.configure(
+    connection=config.attributes["connection"],
+    target_metadata=Base.metadata,
+    version_table=config.attributes["version_table"],
+    render_as_batch=True,
 )
-with connectable.connect() as connection:
-    context.configure(
-        connection=connection,
-        target_metadata=Base.metadata,
-        version_table=VERSION_TABLE,
-        render_as_batch=True,
-    )
-    with context.begin_transaction():
-        context.run_migrations()
+with context.begin_transaction():
+    context.run_migrations()

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
-from her2low.settings import ConfigurationError
+from her2low.core.settings import ConfigurationError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from dicom_node.receiving.access import AccessPolicy, RejectResult, RejectSource
 from dicom_node.receiving.ingest import Ingestor
 from dicom_node.receiving.status import EchoStatus, StoreStatus
 from dicom_node.receiving.tls import context_from_settings
-from her2low.settings import Settings
+from her2low.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

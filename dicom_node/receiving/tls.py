@@ -10,7 +10,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from her2low.settings import ConfigurationError, Settings
+from her2low.core.settings import ConfigurationError, Settings
 
 
 def server_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLContext:

@@ -1,0 +1,117 @@
+"""Database engines and Alembic migrations, one copy for both components.
+
+Each component keeps its own migration folder and version table (it may live in its own
+database); both use these to build an engine, upgrade, and refuse to start on a database that is
+not at its head revision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+
+class NotMigratedError(RuntimeError):
+    """The database is missing or behind its migrations; the message says what to run."""
+
+
+def display_url(url: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for concurrent writers.
+
+    SQLite runs in WAL mode with a busy timeout and foreign keys: WAL + ``synchronous=NORMAL``
+    survives a process crash, and after power loss the node rebuilds its index from the fsynced
+    files. Network databases get ``pool_pre_ping`` because they drop idle connections.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database:
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions whose objects stay readable after commit (they are handed to templates, jobs)."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+class Migrations:
+    """One component's migration folder and version table."""
+
+    def __init__(self, script_location: Path, *, what: str, version_table: str) -> None:
+        self.script_location = script_location
+        self.what = what
+        self.version_table = version_table
+
+    def _config(self) -> Config:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(self.script_location))
+        cfg.attributes["version_table"] = self.version_table
+        return cfg
+
+    def head(self) -> str | None:
+        return ScriptDirectory.from_config(self._config()).get_current_head()
+
+    def upgrade(self, url: str, revision: str = "head") -> None:
+        """Apply migrations up to ``revision`` (idempotent)."""
+        engine = make_engine(url)
+        try:
+            with engine.begin() as connection:
+                cfg = self._config()
+                cfg.attributes["connection"] = connection
+                command.upgrade(cfg, revision)
+        finally:
+            engine.dispose()
+
+    def current(self, engine: Engine) -> str | None:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(
+                connection, opts={"version_table": self.version_table}
+            )
+            return context.get_current_revision()
+
+    def check_current(self, url: str, engine: Engine | None = None) -> None:
+        """Raise :class:`NotMigratedError` unless the database at ``url`` is at the head."""
+        parsed = make_url(url)
+        is_file = parsed.get_backend_name() == "sqlite" and parsed.database
+        if is_file and not Path(str(parsed.database)).exists():
+            self._refuse(url, None)
+        own = engine is None
+        eng = engine or make_engine(url)
+        try:
+            current = self.current(eng)
+        finally:
+            if own:
+                eng.dispose()
+        if current != self.head():
+            self._refuse(url, current)
+
+    def _refuse(self, url: str, current: str | None) -> None:
+        raise NotMigratedError(
+            f"the {self.what} database at {display_url(url)} is not migrated "
+            f"(at {current or 'no revision'}, head is {self.head()}): run `her2low db upgrade`"
+        )
