@@ -1,30 +1,20 @@
-"""Loopback helpers shared by the benchmarks (free ports, waiting for a listener)."""
+"""What the benchmarks share: the checkout, its interpreter, and the loopback port helpers."""
 
 from __future__ import annotations
 
-import socket
 import sys
-import time
 from pathlib import Path
+
+from her2low.core.ports import free_port
+from her2low.core.ports import wait_port as _wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
-
-def free_port() -> int:
-    """A loopback port that is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["PY", "ROOT", "free_port", "wait_port"]
 
 
 def wait_port(port: int, timeout: float = 60) -> None:
-    """Wait until something accepts connections on the loopback ``port``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {port}")
+    """Wait until something accepts connections on the loopback ``port``, or raise."""
+    if not _wait_port(port, timeout):
+        raise RuntimeError(f"nothing listens on {port}")

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from _dki_phantom import Tissue, make_phantom  # noqa: E402
 
-from dicom_node import dki  # noqa: E402
+from dicom_node.analysis import dki, noise  # noqa: E402
 from dicom_node.analysis.adc import fit_adc  # noqa: E402
 from dicom_node.analysis.features import map_features  # noqa: E402
 
@@ -85,7 +85,7 @@ def main() -> None:
 
     floor, _, _ = _best(lambda: float(np.sum(data)), args.repeats)
     print(f"- read the data once (np.sum over {data.nbytes / 2**20:.0f} MiB): {floor * 1e3:.1f} ms")
-    sig_wall, _, sigma = _best(lambda: dki.estimate_sigma(data), args.repeats)
+    sig_wall, _, sigma = _best(lambda: noise.estimate_sigma(data), args.repeats)
     print(
         f"- σ estimate {sigma:.2f} (truth {ph.sigma:.2f}) in {sig_wall * 1e3:.0f} ms; the fits "
         "below are given this σ (the whole-pipeline line at the end estimates it itself)\n"
@@ -97,7 +97,7 @@ def main() -> None:
 
     # DIPY reference on a random subset of the voxels we fit.
     rows: list[dict[str, Any]] = []
-    fg = ~dki.background_mask(data, sigma)
+    fg = ~noise.background_mask(data, sigma)
     rng = np.random.default_rng(1)
     fg_idx = np.flatnonzero(fg)
     n_fit = fg_idx.size

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,8 +33,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / "tests"),
+    str(Path(__file__).resolve().parent),
+]
+
+from _local import ROOT, free_port, wait_port  # noqa: E402
 
 ISSUER = "https://ehr.bench.test"
 SERVICE_PATH = "/cds-services/her2low-mri"
@@ -108,22 +111,6 @@ def bare_app() -> Any:
         return jsonify(FIXED_CARD)
 
     return app
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"server on port {port} did not start")
 
 
 def _gunicorn(
@@ -482,7 +469,7 @@ def _round(
         url = f"http://127.0.0.1:{port}{SERVICE_PATH}"
         tokens = extra if name == "ours" else []
         try:
-            _wait(port)
+            wait_port(port)
             # warm-up: each worker's first request pays lazy imports, connections, card cache
             _python_load(port, raw_body, tokens[:40], 1.0, 2)
             tokens = tokens[40:]
@@ -549,7 +536,7 @@ def main() -> int:
     rounds: list[tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], str]] = []
     with tempfile.TemporaryDirectory(prefix="bench-hooks-") as tmp:
         home = Path(tmp)
-        ports = {"ours": _free_port(), "bare": _free_port()}
+        ports = {"ours": free_port(), "bare": free_port()}
         env, body = _prepare(home, ports["ours"])
         dirs = {n: home / n for n in ("ours", "bare")}
         for folder in dirs.values():

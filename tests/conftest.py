@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from her2low.core.ports import free_port
+
+__all__ = ["free_port"]
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_DWI = SHARED / "data" / "dwi"
-
-
-def free_port() -> int:
-    """A port that is free now (bound to 0 and released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def require_tool(name: str) -> str:
@@ -81,7 +77,9 @@ def start_node(settings) -> RunningNode:  # type: ignore[no-untyped-def]
                 "127.0.0.1",
                 settings.node_port,
                 called_aet=settings.node_ae_title,
-                calling_aet=(settings.node_allowed_calling_aets or ["HER2LOW-DEMO"])[0].split("@")[0],
+                calling_aet=(settings.node_allowed_calling_aets or ["HER2LOW-DEMO"])[0].split("@")[
+                    0
+                ],
             ):
                 break
         except Exception:

@@ -24,13 +24,9 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
 
-from dicom_node.series.assemble import (
-    AssemblyError,
-    ProblemKind,
-    StorageStyle,
-    assemble_dwi,
-    plan_layout,
-)
+from dicom_node.series.assemble import AssemblyError, assemble_dwi
+from dicom_node.series.frames import StorageStyle
+from dicom_node.series.layout import ProblemKind, plan_layout
 
 GRID = Grid()
 DIRS = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_node.series.assemble import assemble_dwi, plan_layout
+from dicom_node.series.assemble import assemble_dwi
 from dicom_node.series.dicomio import read_datasets
 from dicom_node.series.inspection import inspect_series
+from dicom_node.series.layout import plan_layout
 from dicom_node.series.roles import SeriesRole, classify_series
 
 DWI = Path(__file__).resolve().parents[2] / "shared" / "data" / "dwi"

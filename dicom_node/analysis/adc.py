@@ -13,7 +13,7 @@ from functools import cached_property
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from dicom_node.analysis.dki import B0_THRESHOLD, B_REL_TOL
+from dicom_node.series.bvalues import B0_THRESHOLD, GROUP_REL_TOL
 
 __all__ = ["DEFAULT_ADC_HIGH_B", "AdcFit", "fit_adc", "select_adc_bvals"]
 
@@ -26,7 +26,7 @@ DEFAULT_ADC_LOW_B = (0.0, 50.0)
 def _matches(b: NDArray[np.float64], target: float) -> NDArray[np.bool_]:
     if target < B0_THRESHOLD:
         return b < B0_THRESHOLD
-    return np.abs(b - target) <= B_REL_TOL * target
+    return np.abs(b - target) <= GROUP_REL_TOL * target
 
 
 def select_adc_bvals(
@@ -36,7 +36,8 @@ def select_adc_bvals(
 
     ``adc_bvals=None`` means the default: the lowest of b = 0 / 50 that is present, and 800.
     Returns the nominal b-values used and the indices of the acquisitions that match them
-    (nearly equal b within 1 %, b < 5 s/mm² as 0). Raises ``ValueError`` naming what is missing.
+    (nearly equal b within ``GROUP_REL_TOL``, 2 %; b < 5 s/mm² as 0). Raises ``ValueError``
+    naming what is missing.
     """
     b = np.asarray(bvals, dtype=np.float64).ravel()
     if adc_bvals is None:

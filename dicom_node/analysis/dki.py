@@ -23,6 +23,10 @@ give the cost and the b-moments of the next normal matrix, and ~70 passes over `
 A voxel's result is stored when it converges and finished voxels leave the working arrays; the
 slow tail of every block is pooled into one second pass. Blocks bound the memory on a whole
 breast volume and may be spread over threads (``n_threads``).
+
+This module holds the model, its settings and flags; the numeric kernels live in
+:mod:`.dki_kernels`, the noise σ and background mask in :mod:`.noise`, and the grouping of nearly
+equal b-values into levels in :func:`dicom_node.series.bvalues.bvalue_levels`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import IntFlag, StrEnum
 from functools import cached_property
@@ -38,10 +41,17 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import ndimage
+
+from dicom_node.analysis.dki_kernels import (
+    WlsDesign,
+    levenberg_marquardt,
+    single_threaded_blas,
+    wls_params,
+)
+from dicom_node.analysis.noise import background_mask, estimate_sigma
+from dicom_node.series.bvalues import bvalue_levels
 
 __all__ = [
-    "B0_THRESHOLD",
     "DEFAULT_BOUNDS",
     "Bounds",
     "DkiFit",
@@ -49,20 +59,10 @@ __all__ = [
     "DkiModel",
     "DkiSettings",
     "FitFlag",
-    "background_mask",
-    "estimate_sigma",
     "fit",
-    "group_bvals",
-    "otsu_threshold",
 ]
 
-#: b-values below this (s/mm²) are treated as b≈0 (Philips stores 0.001…0.004 for "b=0" repeats).
-B0_THRESHOLD = 5.0
-#: Relative tolerance for treating two b-values as one level (UIH 929.75 vs 928.29).
-B_REL_TOL = 0.01
 _B_SCALE = 1000.0  # internal b unit: ms/µm² (b/1000), so Dapp is in µm²/ms = 10⁻³ mm²/s
-_SQRT_HALF_PI = math.sqrt(math.pi / 2.0)
-_RAYLEIGH_MEDIAN = math.sqrt(2.0 * math.log(2.0))  # median of a unit-σ Rayleigh variable
 
 
 class DkiMethod(StrEnum):
@@ -129,478 +129,6 @@ class DkiSettings:
             "bounds": self.bounds.to_dict(),
             "sigma": self.sigma,
         }
-
-
-def group_bvals(
-    bvals: ArrayLike, *, b0_threshold: float = B0_THRESHOLD, rel_tol: float = B_REL_TOL
-) -> tuple[NDArray[np.float64], NDArray[np.intp]]:
-    """Group nearly equal b-values into levels.
-
-    Returns ``(levels, labels)``: the mean exact b of each level (ascending; b < ``b0_threshold``
-    counts as 0) and, per input b, the index of its level. Exact values are kept for the fit.
-    """
-    b = np.asarray(bvals, dtype=np.float64).ravel()
-    if b.size == 0 or not np.all(np.isfinite(b)) or np.any(b < 0):
-        raise ValueError(f"b-values must be finite and ≥ 0, got {b.tolist()}")
-    eff = np.where(b < b0_threshold, 0.0, b)
-    order = np.argsort(eff, kind="stable")
-    labels = np.empty(b.size, dtype=np.intp)
-    level = 0
-    start = eff[order[0]]
-    for n, i in enumerate(order):  # loop over acquisitions (a handful), not voxels
-        if n and eff[i] - start > max(rel_tol * start, 1e-9):
-            level += 1
-            start = eff[i]
-        labels[i] = level
-    levels = np.array([eff[labels == g].mean() for g in range(level + 1)])
-    return levels, labels
-
-
-def estimate_sigma(
-    data: ArrayLike,
-    *,
-    bvals: ArrayLike | None = None,
-    min_voxels: int = 200,
-    max_samples: int = 400_000,
-    margin: int = 4,
-) -> float | None:
-    """Noise σ of magnitude images from their air background (Rayleigh statistics).
-
-    Air is taken where the lowest-b image is below Otsu's threshold *and* no voxel above it lies
-    within ``margin`` voxels in-plane, which keeps dark tissue next to the body (suppressed fat,
-    partial volume) out of the sample. For Rayleigh noise the median is σ·√(2 ln 2), so
-    σ = median / 1.1774, refined on values below 4σ and finally pooled over every b volume of
-    the same voxels. Exact zeros (vendor background masking) carry no noise information and are
-    ignored; a sample whose spread is not Rayleigh-like (coefficient of variation far from
-    0.523) is rejected. Returns ``None`` when no usable background exists.
-    """
-    arr = np.asarray(data)
-    if arr.ndim < 2:
-        raise ValueError("estimate_sigma needs an image with a b axis last")
-    if arr.ndim >= 4 and arr.shape[-2] >= 128 and arr.shape[-3] >= 128:
-        # Large in-plane matrices: every other row and column is plenty of background.
-        arr = arr[..., ::2, ::2, :]
-        margin = max(1, margin // 2)
-    low = np.asarray(arr[..., _lowest_b(arr, bvals)], dtype=np.float64)
-    pos = np.isfinite(low) & (low > 0)
-    if int(pos.sum()) < min_voxels:
-        return None
-    vals = low[pos]
-    threshold = otsu_threshold(vals[:: max(1, vals.size // max_samples)])
-    bright = (low >= threshold).astype(np.float32)
-    if low.ndim >= 2 and margin > 0:
-        size = (1,) * (low.ndim - 2) + (2 * margin + 1,) * 2
-        near = ndimage.uniform_filter(bright, size=size, mode="nearest") > 0
-    else:
-        near = bright > 0
-    air = pos & ~near
-    if int(air.sum()) < min_voxels:
-        air = pos & (bright == 0)
-    cand = low[air]
-    cand = cand[:: max(1, cand.size // max_samples)]
-    if cand.size < min_voxels:
-        return None
-    sigma = float(np.median(cand)) / _RAYLEIGH_MEDIAN
-    core = cand
-    for _ in range(3):
-        core = cand[cand < 4.0 * sigma]
-        if core.size < min_voxels or sigma <= 0:
-            return None
-        sigma = float(np.median(core)) / _RAYLEIGH_MEDIAN
-    cv = float(np.std(core) / np.mean(core))
-    if not 0.35 < cv < 0.70:  # Rayleigh: sqrt(4/π − 1) = 0.523
-        return None
-    air &= low < 4.0 * sigma
-    pooled = arr[air].astype(np.float64).ravel()
-    pooled = pooled[(pooled > 0) & (pooled < 4.0 * sigma)]
-    pooled = pooled[:: max(1, pooled.size // max_samples)]
-    if pooled.size >= min_voxels:
-        sigma = float(np.median(pooled)) / _RAYLEIGH_MEDIAN
-    return sigma if sigma > 0 else None
-
-
-def background_mask(
-    data: ArrayLike,
-    sigma: float | None,
-    *,
-    bvals: ArrayLike | None = None,
-    snr_threshold: float = 5.0,
-) -> NDArray[np.bool_]:
-    """Voxels whose lowest-b signal is below ``snr_threshold``·σ (noise-based S0 threshold).
-
-    The 99.99th percentile of pure Rayleigh noise is 4.3σ, so 5σ keeps essentially no noise-only
-    voxel while any tissue with S0-SNR above 5 is fitted. Without σ only non-positive signal
-    counts as background.
-    """
-    arr = np.asarray(data)
-    low = np.asarray(arr[..., _lowest_b(arr, bvals)], dtype=np.float64)
-    if sigma is None:
-        return ~(low > 0)
-    return ~(low >= snr_threshold * sigma)
-
-
-def _lowest_b(arr: NDArray[Any], bvals: ArrayLike | None) -> int:
-    """Index of the lowest-b acquisition on the last axis (the first one if ``bvals`` is None)."""
-    if bvals is None:
-        return 0
-    b = np.asarray(bvals, dtype=np.float64).ravel()
-    if b.size != arr.shape[-1]:
-        raise ValueError(f"{b.size} b-values for {arr.shape[-1]} entries on the last axis")
-    return int(np.argmin(b))
-
-
-def otsu_threshold(values: NDArray[np.float64], nbins: int = 256) -> float:
-    """Otsu's threshold (IEEE Trans SMC 1979) of a 1-D sample."""
-    hist, edges = np.histogram(values, bins=nbins)
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    w0 = np.cumsum(hist).astype(np.float64)
-    w1 = w0[-1] - w0
-    m = np.cumsum(hist * centres)
-    mu0 = m / np.maximum(w0, 1)
-    mu1 = (m[-1] - m) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centres[int(np.argmax(between))])
-
-
-# ---------------------------------------------------------------------------------------------
-# Vectorised linear algebra on per-voxel 3×3 systems (arrays of shape (N,))
-# ---------------------------------------------------------------------------------------------
-
-
-def _solve3(
-    a00: NDArray[Any],
-    a01: NDArray[Any],
-    a02: NDArray[Any],
-    a11: NDArray[Any],
-    a12: NDArray[Any],
-    a22: NDArray[Any],
-    r0: NDArray[Any],
-    r1: NDArray[Any],
-    r2: NDArray[Any],
-) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
-    """Solve symmetric 3×3 systems for every voxel at once by the adjugate (Cramer's rule)."""
-    c00 = a11 * a22 - a12 * a12
-    c01 = a02 * a12 - a01 * a22
-    c02 = a01 * a12 - a02 * a11
-    c11 = a00 * a22 - a02 * a02
-    c12 = a01 * a02 - a00 * a12
-    c22 = a00 * a11 - a01 * a01
-    det = a00 * c00 + a01 * c01 + a02 * c02
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = 1.0 / det
-    x0 = (c00 * r0 + c01 * r1 + c02 * r2) * inv
-    x1 = (c01 * r0 + c11 * r1 + c12 * r2) * inv
-    x2 = (c02 * r0 + c12 * r1 + c22 * r2) * inv
-    return x0, x1, x2
-
-
-class _WlsDesign:
-    """Weight matrices of the log-linear WLS normal equations, built once per b set.
-
-    With the weights w = n·S² written as n times a per-voxel factor u, the six distinct entries
-    of XᵀWX are one BLAS product ``normal @ u`` and XᵀW·log S one ``rhs @ (u·log S)``: two
-    passes over the block instead of nine weighted sums.
-    """
-
-    def __init__(self, b: NDArray[Any], n: NDArray[Any]) -> None:
-        x0, x1, one = -b, b * b / 6.0, np.ones_like(b)
-        self.design = np.stack([x0, x1, one], axis=1)  # (n_b, 3): log S = X·(D, DK, ln S0)
-        self.normal = np.stack([x0 * x0, x0 * x1, x0, x1 * x1, x1, one]) * n
-        self.rhs = np.stack([x0, x1, one]) * n
-
-    def solve(self, u: NDArray[Any], logy: NDArray[Any]) -> tuple[NDArray[Any], ...]:
-        """Weighted solution (D, D²K, ln S0) for weights n·u, each ``(M,)``.
-
-        float64 (the ``wls`` method, held to DIPY at 1e-9) uses the adjugate; the float32 start
-        of the iterative fits the cheaper LDLᵀ (XᵀWX is positive definite).
-        """
-        a = self.normal @ u
-        if u.dtype == np.float64:
-            r = self.rhs @ (u * logy)
-            return _solve3(a[0], a[1], a[2], a[3], a[4], a[5], r[0], r[1], r[2])
-        g = (self.rhs @ (u * logy)) * -1.0  # _ldl3 solves A·x = −g
-        return _ldl3(a[0], a[1], a[2], a[3], a[4], a[5], g[0], g[1], g[2])
-
-
-def _wls_params(sol: tuple[NDArray[Any], ...]) -> NDArray[Any]:
-    """(D, D²K, ln S0) → stacked (S0, D, K)."""
-    d, dk, lns0 = sol
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        k = dk / (d * d)
-        s0 = np.exp(lns0)
-    return np.stack([s0, d, k])
-
-
-# Polynomial approximations of the Bessel functions I0 and I1 (Abramowitz & Stegun 9.8.1–9.8.4,
-# |relative error| < 2.2e-7): scipy's i0e/i1e evaluate in double precision at ~25 ns an element
-# and were 80 % of the Rician fit; these are plain array arithmetic in the working precision.
-_I0_SMALL = (1.0, 3.5156229, 3.0899424, 1.2067492, 0.2659732, 0.0360768, 0.0045813)
-_I1_SMALL = (0.5, 0.87890594, 0.51498869, 0.15084934, 0.02658733, 0.00301532, 0.00032411)
-_I0_LARGE = (
-    0.39894228, 0.01328592, 0.00225319, -0.00157565, 0.00916281,
-    -0.02057706, 0.02635537, -0.01647633, 0.00392377,
-)  # fmt: skip
-_I1_LARGE = (
-    0.39894228, -0.03988024, -0.00362018, 0.00163801, -0.01031555,
-    0.02282967, -0.02895312, 0.01787654, -0.00420059,
-)  # fmt: skip
-
-
-def _horner(coefs: tuple[float, ...], x: NDArray[Any]) -> NDArray[Any]:
-    out = np.full_like(x, coefs[-1])
-    for c in coefs[-2::-1]:  # a handful of coefficients, not voxels
-        out = out * x + c
-    return out
-
-
-def _bessel_i0e_i1e(z: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
-    """Exponentially scaled modified Bessel functions e^−z·I0(z), e^−z·I1(z) for z ≥ 0."""
-    zs = np.minimum(z, 3.75)  # each branch sees only its own range: no overflow
-    t2 = (zs / 3.75) ** 2
-    ez = np.exp(-zs)
-    i0_small = _horner(_I0_SMALL, t2) * ez
-    i1_small = _horner(_I1_SMALL, t2) * zs * ez
-    zl = np.maximum(z, 3.75)
-    u = 3.75 / zl
-    rs = 1.0 / np.sqrt(zl)
-    i0_large = _horner(_I0_LARGE, u) * rs
-    i1_large = _horner(_I1_LARGE, u) * rs
-    small = z < 3.75
-    return np.where(small, i0_small, i0_large), np.where(small, i1_small, i1_large)
-
-
-def _rician_mean(
-    a: NDArray[np.float64], sigma: NDArray[np.float64]
-) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """E[|S|] of a Rician variable with amplitude ``a`` and noise ``sigma``, and dE/da.
-
-    E = σ√(π/2)·[(1+2z)·I0e(z) + 2z·I1e(z)] with z = a²/(4σ²) (Laguerre L½ written with
-    exponentially scaled Bessel functions, which stay finite at any SNR); dE/da = √(π/2)·
-    a/(2σ)·[I0e(z) + I1e(z)].
-    """
-    z = a * a / (4.0 * sigma * sigma)
-    i0, i1 = _bessel_i0e_i1e(z)
-    e = sigma * _SQRT_HALF_PI * ((1.0 + 2.0 * z) * i0 + 2.0 * z * i1)
-    de = _SQRT_HALF_PI * a / (2.0 * sigma) * (i0 + i1)
-    return e, de
-
-
-def _ldl3(
-    a00: NDArray[Any],
-    a01: NDArray[Any],
-    a02: NDArray[Any],
-    a11: NDArray[Any],
-    a12: NDArray[Any],
-    a22: NDArray[Any],
-    g0: NDArray[Any],
-    g1: NDArray[Any],
-    g2: NDArray[Any],
-) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
-    """x = −A⁻¹·g for symmetric positive definite 3×3 systems of every voxel, by LDLᵀ.
-
-    The damped Gauss–Newton matrix is positive definite, so the factorisation needs no pivoting
-    and takes ~25 array operations where the adjugate takes ~40.
-    """
-    i0 = 1.0 / a00
-    l10 = a01 * i0
-    l20 = a02 * i0
-    i1 = 1.0 / (a11 - l10 * a01)
-    u = a12 - l20 * a01
-    l21 = u * i1
-    z1 = l10 * g0 - g1
-    x2 = (l20 * g0 - g2 - l21 * z1) / (a22 - l20 * a02 - l21 * u)
-    x1 = z1 * i1 - l21 * x2
-    x0 = (a01 * x1 + a02 * x2 + g0) * -i0
-    return x0, x1, x2
-
-
-def _lm_normal(th: NDArray[Any], q: NDArray[Any], lam: NDArray[Any]) -> tuple[NDArray[Any], ...]:
-    """Damped normal matrix (a00, a01, a02, a11, a12, a22) and scaled gradient g1 of a block.
-
-    In the unknowns scaled by (1, S0, S0·D²/6) the entries are b-moments: a02 = m2, a12 =
-    c·m4 − m3, a22 = m4, g0 = rho0, g2 = rho2 with c = DK/3; Marquardt's damping multiplies the
-    diagonal by 1 + λ.
-    """
-    dt = th.dtype.type
-    m0, m1, m2, m3, m4, rho1, rho2 = q[1], q[2], q[3], q[4], q[5], q[7], q[8]
-    c1 = th[1] * th[2] * dt(1.0 / 3.0)
-    a01 = c1 * m2 - m1
-    a12 = c1 * m4 - m3
-    a11 = c1 * (a12 - m3) + m2
-    g1 = c1 * rho2 - rho1
-    damp = lam + dt(1.0)
-    return m0 * damp, a01, m2, a11 * damp, a12, m4 * damp, g1
-
-
-def _lm(
-    y: NDArray[Any],
-    b: NDArray[Any],
-    n: NDArray[Any],
-    lo: NDArray[Any],
-    hi: NDArray[Any],
-    theta: NDArray[Any],
-    sigma: NDArray[Any] | None,
-    *,
-    max_iter: int,
-    tol: float,
-    compact_at: float = 0.25,
-) -> tuple[NDArray[Any], NDArray[np.intp]]:
-    """Projected Levenberg–Marquardt (Marquardt's diagonal scaling) for all voxels of a block.
-
-    ``y`` is ``(n_b, M)``, ``theta`` ``(3, M)`` = (S0, D, K) in internal units. The Jacobian
-    columns are S0·E·(b²·DK/3 − b) and S0·E·b²·D²/6 besides E; scaling the unknowns by
-    (1, S0, S0·D²/6) — which leaves Marquardt's step unchanged — makes every entry of JᵀJ and
-    Jᵀr a b-moment Σ n·bᵖ·E² (p ≤ 4) or Σ n·bᵖ·E·r (p ≤ 2), times at most the scalar DK/3.
-    Those moments and the cost Σ n·r² of a trial point come out of three small BLAS products;
-    they are kept per voxel, so E and r never outlive the evaluation and a rejected step
-    restores nine numbers. The 3×3 systems are solved by LDLᵀ. Parameters on a bound whose
-    descent points out of the box are frozen for the step (an active set); trial points are
-    projected onto the box and kept only if they lower the cost. A voxel has converged when a
-    step changes its cost by ≤ tol (relative) or the predicted decrease is ≤ 10·tol; its result
-    is stored then, and finished voxels leave the working arrays once ``compact_at`` of them
-    have finished (a gather of ~20 rows costs about a tenth of an iteration). S0 has no upper
-    bound (``hi[0]`` is inf). Returns parameters and iterations.
-    """
-    dt = theta.dtype.type
-    nb, m = y.shape
-    lo_c, hi_c = lo[:, None], hi[:, None]
-    out = np.empty((3, m), dtype=theta.dtype)
-    iters = np.full(m, max_iter, dtype=np.intp)
-    ids = np.arange(m)
-    design = np.stack([-b, b * b / 6.0], axis=1)  # exponent = design · (D, D²K)
-    moments = np.stack([n * b**p for p in range(5)])
-    n_row, rho_moments = n[None, :], np.ascontiguousarray(moments[:3])
-    e_buf, r_buf = np.empty((nb, m), dtype=dt), np.empty((nb, m), dtype=dt)
-    s_buf = np.empty((3 * nb, m), dtype=dt)
-    span = np.where(np.isfinite(hi - lo), hi - lo, 1.0)
-    eps_lo, eps_hi = lo + 1e-9 * span, hi - 1e-9 * span
-    tol10 = dt(10.0 * tol)
-
-    def free(x: NDArray[Any], g: NDArray[Any], p: int) -> NDArray[Any]:
-        """1 where parameter ``p`` may move; 0 where it sits on a bound and descent leaves."""
-        pinned = ((x <= eps_lo[p]) & (g > 0)) | ((x >= eps_hi[p]) & (g < 0))
-        return np.logical_not(pinned).astype(dt)
-
-    def evaluate(th: NDArray[Any], yw: NDArray[Any], sw: NDArray[Any] | None) -> NDArray[Any]:
-        """Sums (cost, m0..m4, rho0..rho2) at ``th``; fills its 4th row with D²K."""
-        k = th.shape[1]
-        e, r, s = e_buf[:, :k], r_buf[:, :k], s_buf[:, :k]
-        q = np.empty((9, k), dtype=dt)
-        np.multiply(th[1], th[1], out=th[3])
-        th[3] *= th[2]
-        np.matmul(design, th[1::2], out=e)
-        np.exp(e, out=e)
-        np.multiply(e, th[0], out=r)
-        if sw is None:
-            r -= yw
-        else:
-            mean, dmean = _rician_mean(r, sw)
-            np.subtract(mean, yw, out=r)
-            e *= dmean  # Jacobian of E[|S|]: chain rule through dE/dS
-        np.multiply(r, r, out=s[:nb])
-        np.multiply(e, e, out=s[nb : 2 * nb])
-        np.multiply(e, r, out=s[2 * nb :])
-        # Three small products: one block-diagonal product measured 1.7x slower (OpenBLAS).
-        np.matmul(n_row, s[:nb], out=q[:1])
-        np.matmul(moments, s[nb : 2 * nb], out=q[1:6])
-        np.matmul(rho_moments, s[2 * nb :], out=q[6:])
-        return q
-
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
-        th = np.empty((4, m), dtype=dt)  # S0, D, K and D²K (filled by evaluate)
-        np.clip(theta, lo_c, hi_c, out=th[:3])
-        yw, sw = y, sigma
-        q = evaluate(th, yw, sw)
-        lam = np.full(m, 1e-3, dtype=dt)
-        fin = np.zeros(m, dtype=bool)  # converged and stored, idling until the next compaction
-        n_fin = 0
-        for it in range(max_iter):
-            s0, d, k = th[0], th[1], th[2]
-            cost, rho0 = q[0], q[6]
-            a00, a01, a02, a11, a12, a22, g1 = _lm_normal(th, q, lam)
-            g2 = q[8]
-            # Active set: a parameter on a bound whose descent points out of the box gets an
-            # identity row and column and a zero gradient (0/1 multipliers, no branches). S0
-            # reaches its bound (1e-9 of the block maximum) only after a failed step: test
-            # cheaply first. The scaling keeps the sign of every gradient entry.
-            if bool((s0 <= eps_lo[0]).any()):
-                f0 = free(s0, rho0, 0)
-                a00 = (a00 - 1) * f0 + 1
-                a01 = a01 * f0
-                a02 = a02 * f0
-                rho0 = rho0 * f0
-            f1, f2 = free(d, g1, 1), free(k, g2, 2)
-            a11 = (a11 - 1) * f1 + 1
-            a22 = (a22 - 1) * f2 + 1
-            a01 = a01 * f1
-            a02 = a02 * f2
-            a12 = a12 * (f1 * f2)
-            g1 = g1 * f1
-            g2 = g2 * f2
-            x0, x1, x2 = _ldl3(a00, a01, a02, a11, a12, a22, rho0, g1, g2)
-            # Gauss–Newton predicted decrease −g·dx (invariant under the scaling): when it is
-            # below 10·tol·cost the voxel converges with this step, saving the confirming
-            # iteration (measured: Kapp moves < 0.005 at the 99th percentile).
-            tiny = np.abs(rho0 * x0 + g1 * x1 + g2 * x2) <= tol10 * cost
-            trial = np.empty((4, th.shape[1]), dtype=dt)
-            np.add(s0, x0, out=trial[0])
-            inv = dt(1.0) / s0
-            np.multiply(x1, inv, out=trial[1])
-            trial[1] += d
-            np.multiply(x2, inv * dt(6.0) / (d * d), out=trial[2])
-            trial[2] += k
-            # A NaN step (singular system) survives the projection, gives a NaN cost and is
-            # rejected below like any step that does not lower the cost.
-            np.clip(trial[:3], lo_c, hi_c, out=trial[:3])
-            qt = evaluate(trial, yw, sw)
-            cost_t = qt[0]
-            better = cost_t < cost
-            # Converged when the step changes the cost by less than tol (relative) either way;
-            # such a step is as good as the current point and is kept.
-            flat = np.abs(cost - cost_t) <= tol * cost
-            rej = np.flatnonzero(~(better | flat))
-            if rej.size:  # most steps are accepted: patch back the rejected columns only
-                for new_row, old_row in zip(trial[:3], th, strict=False):
-                    new_row.put(rej, old_row.take(rej))
-                qt[:, rej] = q[:, rej]
-            lam *= np.where(better, dt(0.1), dt(10.0))
-            np.maximum(lam, dt(1e-9), out=lam)
-            new = flat | (better & tiny) | (lam > 1e7)
-            if n_fin:
-                new &= ~fin
-            th, q = trial, qt
-            if not new.any():
-                continue
-            done = np.flatnonzero(new)
-            at = ids[done]
-            for p in range(3):  # row by row: 1-D take/put beat 2-D fancy indexing ~5x
-                out[p, at] = th[p].take(done)
-            iters[ids[done]] = it + 1
-            fin |= new
-            n_fin += done.size
-            if n_fin == fin.size:
-                return out, iters
-            if n_fin >= compact_at * fin.size:
-                keep = ~fin  # np.compress gathers columns ~3x faster than boolean indexing
-                ids, lam = ids[keep], lam[keep]
-                # Row 3 of th (D²K) is rewritten by the next evaluation: three rows suffice.
-                th, q, yw = (np.compress(keep, a, axis=1) for a in (th[:3], q, yw))
-                if sw is not None:
-                    sw = sw[keep]
-                fin = np.zeros(ids.size, dtype=bool)
-                n_fin = 0
-    left = np.flatnonzero(~fin)
-    out[:, ids[left]] = th[:3, left]
-    return out, iters
-
-
-def _single_threaded_blas() -> AbstractContextManager[object]:
-    """Limit BLAS to one thread (threadpoolctl, shipped with scikit-learn); no-op without it."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        return nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -727,7 +255,7 @@ class DkiModel:
     ) -> None:
         self.method = DkiMethod(method)
         b = np.asarray(bvals, dtype=np.float64).ravel()
-        levels, labels = group_bvals(b)
+        levels, labels = bvalue_levels(b)
         if dki_bmin < 0 or not math.isfinite(dki_bmin):
             raise ValueError(f"dki_bmin must be finite and ≥ 0, got {dki_bmin}")
         keep_level = levels >= dki_bmin - 1e-9
@@ -846,7 +374,7 @@ class DkiModel:
 
         # The per-block BLAS products are small: a multi-threaded BLAS only adds hand-offs
         # (and stalls badly on a shared host), so keep it to one thread inside the fit.
-        with _single_threaded_blas():
+        with single_threaded_blas():
             self._run(first_pass, range(0, flat_idx.size, self.chunk_size))
             if leftovers and self.max_iter > first:
                 rest = np.concatenate(leftovers)
@@ -856,11 +384,11 @@ class DkiModel:
     def _run(self, work: Callable[[int], None], starts: Sequence[int] | range) -> None:
         n = self.n_threads or 1
         if n <= 1 or len(starts) <= 1:
-            for s in starts:
-                work(s)
+            for start in starts:
+                work(start)
             return
         with ThreadPoolExecutor(max_workers=n) as pool:
-            for fut in [pool.submit(work, s) for s in starts]:
+            for fut in [pool.submit(work, start) for start in starts]:
                 fut.result()
 
     def _fit_block(
@@ -880,7 +408,7 @@ class DkiModel:
         yn = y * inv_scale
         np.maximum(yn, 1e-4 * inv_scale, out=yn)  # DIPY's MIN_POSITIVE_SIGNAL, scaled units
         b, n = self._b.astype(dt), self.counts.astype(dt)
-        wd = _WlsDesign(b, n)
+        wd = WlsDesign(b, n)
         dlo, dhi = self.bounds.dapp
         klo, khi = self.bounds.kapp
         lo = np.array([1e-9, max(dlo * _B_SCALE, 1e-6), klo], dtype=dt)
@@ -891,23 +419,23 @@ class DkiModel:
         elif self.method is DkiMethod.NLS_RICIAN and sig_n is not None:
             # Start from the squared-signal bias correction: A² ≈ E[S²] − 2σ².
             ys = np.sqrt(np.maximum(yn * yn - 2.0 * sig_n * sig_n, (0.5 * sig_n) ** 2))
-            theta = _wls_params(wd.solve(ys * ys, np.log(ys)))
+            theta = wls_params(wd.solve(ys * ys, np.log(ys)))
         else:
             logy = np.log(yn)
             sol = wd.solve(yn * yn, logy)
             if self.method is not DkiMethod.NLS:
-                theta = _wls_params(sol)
+                theta = wls_params(sol)
             else:
                 # One reweighting with the predicted signal moves the start towards the
                 # magnitude least-squares optimum (fewer Levenberg–Marquardt iterations). The
                 # log prediction is X·(D, DK, ln S0), so the squared weights are one exp.
                 with np.errstate(over="ignore", invalid="ignore"):
                     u = np.exp((2.0 * wd.design).astype(dt) @ np.stack(sol))
-                    theta = _wls_params(wd.solve(u, logy))
+                    theta = wls_params(wd.solve(u, logy))
                 # Where the reweighted solve failed (overflowing prediction), keep the first.
                 failed = np.flatnonzero(~np.isfinite(theta.sum(axis=0)))
                 if failed.size:
-                    theta[:, failed] = _wls_params(tuple(x[failed] for x in sol))
+                    theta[:, failed] = wls_params(tuple(x[failed] for x in sol))
         iters = np.zeros(y.shape[1], dtype=np.intp)
         if self.method is DkiMethod.WLS:
             out = theta
@@ -916,7 +444,9 @@ class DkiModel:
             if bad.any():
                 theta[:, bad] = np.array([[1.0], [1.0], [0.5]], dtype=dt)
             rice = sig_n if self.method is DkiMethod.NLS_RICIAN else None
-            out, iters = _lm(yn, b, n, lo, hi, theta, rice, max_iter=max_iter, tol=self.tol)
+            out, iters = levenberg_marquardt(
+                yn, b, n, lo, hi, theta, rice, max_iter=max_iter, tol=self.tol
+            )
         out = out.astype(np.float64)
         scale = scale.astype(np.float64)
         s0 = out[0] * scale

@@ -53,7 +53,7 @@ def promote_stable(
         ).all()
         # A study's SEG first: its diffusion series, due in the same tick, then find it done
         # instead of deferring for it.
-        for series in sorted(due, key=lambda s: (s.modality != "SEG", s.last_received_at)):
+        for series in sorted(due, key=lambda row: (row.modality != "SEG", row.last_received_at)):
             job = _new_job(series, now)
             session.add(job)
             series.state = SeriesState.QUEUED

@@ -18,7 +18,6 @@ quiet period, so a wrong guess costs at most a re-analysis: a late instance re-o
 from __future__ import annotations
 
 import itertools
-import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+
+from dicom_node.series.headers import floats
+from dicom_node.series.layout import cluster_values
 
 _TAGS = [
     "ImagesInAcquisition",
@@ -73,16 +75,6 @@ def _positive_int(value: Any) -> int | None:
     return number if number > 0 else None
 
 
-def _floats(value: Any, n: int) -> tuple[float, ...] | None:
-    try:
-        numbers = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    if len(numbers) != n or not all(math.isfinite(v) for v in numbers):
-        return None
-    return numbers
-
-
 def facts_of(ds: Any) -> HeaderFacts:
     """Facts from a dataset; missing or malformed values become ``None`` (never raises)."""
 
@@ -92,8 +84,8 @@ def facts_of(ds: Any) -> HeaderFacts:
         except Exception:  # lazily converted values of a malformed header
             return None
 
-    iop = _floats(get("ImageOrientationPatient"), 6)
-    ipp = _floats(get("ImagePositionPatient"), 3)
+    iop = floats(get("ImageOrientationPatient"), 6)
+    ipp = floats(get("ImagePositionPatient"), 3)
     position = None
     if iop is not None and ipp is not None:
         row, col = iop[:3], iop[3:]
@@ -130,12 +122,7 @@ def declared_total(first: HeaderFacts) -> tuple[int, CountSource] | None:
 
 def _slice_positions(values: Sequence[float]) -> list[tuple[float, int]]:
     """Distinct positions (clustered within the tolerance) with how many images each holds."""
-    clusters: list[list[float]] = []
-    for value in sorted(values):
-        if clusters and value - clusters[-1][-1] <= POSITION_TOLERANCE_MM:
-            clusters[-1].append(value)
-        else:
-            clusters.append([value])
+    clusters = cluster_values(values, POSITION_TOLERANCE_MM)
     return [(sum(c) / len(c), len(c)) for c in clusters]
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from dicom_node.series.bvalues import B0_THRESHOLD
 from dicom_node.series.volume import Geometry
 
 from .dicom_writer import MrParams, PatientInfo, SeriesInfo, StudyInfo, mr_image, quantise, save
@@ -45,18 +46,19 @@ from .phantom import (
     rng_stream,
 )
 from .seg import tumour_segmentation
-from .vendors import NEAR_ZERO_B, PROFILES, Vendor, apply_diffusion_tags, dwi_instance_numbers
+from .vendors import PROFILES, Vendor, apply_diffusion_tags, dwi_instance_numbers
 
 __all__ = [
-    "B0_THRESHOLD",
     "DEFAULT_B_VALUES",
     "ISSUER_OF_PATIENT_ID",
     "MANIFEST_VERSION",
     "STUDY_DESCRIPTION",
     "SeriesEntry",
     "StudyManifest",
+    "add_arguments",
     "add_subcommand",
     "cmd_synth",
+    "run",
     "study_geometry",
     "write_study",
 ]
@@ -65,8 +67,6 @@ DEFAULT_B_VALUES: tuple[float, ...] = (0.0, 50.0, 800.0, 1000.0, 1500.0, 2000.0)
 ISSUER_OF_PATIENT_ID = "HER2LOW-DEMO"
 STUDY_DESCRIPTION = "MRI BREAST BILATERAL W/WO CONTRAST"
 MANIFEST_VERSION = 1
-#: b below this counts as b≈0 (notes/dicom.md); a near-zero first b (Philips 0.002) is allowed.
-B0_THRESHOLD = NEAR_ZERO_B
 GENERATOR_VERSION = "0.1.0"
 #: Nominal bilateral axial field of view (left-right) in mm; pixels are square.
 FOV_LR_MM = 336.0
@@ -531,6 +531,21 @@ def _truth_summary(phantom: Phantom) -> dict[str, float]:
     }
 
 
+def _check_out(out: Path, overwrite: bool) -> str | None:
+    """Why ``out`` cannot take a study (before anything is computed or written), or None."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder"
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        return (
+            f"--out {out} is not empty; choose an empty folder or pass --overwrite "
+            "(it removes only the files of a study written there before)"
+        )
+    parent = next((p for p in (out, *out.parents) if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"--out {out}: {parent} is a file, not a folder"
+    return None
+
+
 def cmd_synth(
     out: Path | str,
     seed: int = 0,
@@ -540,14 +555,27 @@ def cmd_synth(
     *,
     overwrite: bool = False,
 ) -> int:
-    """CLI body: write the study, print a one-line summary; exit 0, or 2 with a message."""
+    """CLI body: write the study, print a one-line summary; exit 0, 2 for bad input, 1 when the
+    folder cannot be written."""
+    out = Path(out)
+    problem = _check_out(out, overwrite)
+    if problem is None and not snr > 0:
+        problem = "--snr must be positive ('inf' for noise-free images)"
+    if problem is not None:
+        print(f"her2low synth: error: {problem}", file=sys.stderr)
+        return 2
     try:
         manifest = write_study(
-            Path(out), seed=seed, lesion=lesion, snr=snr, vendor=vendor, overwrite=overwrite
+            out, seed=seed, lesion=lesion, snr=snr, vendor=vendor, overwrite=overwrite
         )
-    except (ValueError, FileExistsError) as exc:
+    except ValueError as exc:
         print(f"her2low synth: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        where = exc.filename or out
+        print(f"her2low synth: error: cannot write {where}: {reason}", file=sys.stderr)
+        return 1
     n = len(manifest.dwi.files) + len(manifest.t2.files) + len(manifest.seg.files)
     print(
         f"wrote {n} DICOM files to {out}: vendor={manifest.vendor} lesion={manifest.lesion} "
@@ -557,10 +585,55 @@ def cmd_synth(
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+HELP = "write a synthetic breast DKI study (DWI, T2, SEG, ground truth)"
+DESCRIPTION = (
+    "Write a complete synthetic bilateral breast study: diffusion series in the chosen vendor's "
+    "b-value convention, a T2 series, a DICOM SEG of the tumour and the ground-truth maps "
+    "(truth.npz, manifest.json). For demos, tests and checking a PACS route."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``synth`` (defined here only; ``her2low`` composes them)."""
+    from her2low.core.commands import positive_float
+
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder (new, empty, or see --overwrite)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (patient, lesion, noise)")
+    parser.add_argument(
+        "--lesion",
+        choices=[v.value for v in LesionType],
+        default=LesionType.MASS.value,
+        help="tumour type: a mass or non-mass enhancement",
+    )
+    parser.add_argument(
+        "--snr",
+        type=positive_float,
+        default=30.0,
+        help="signal-to-noise ratio S0_FGT/σ; 'inf' writes noise-free images",
+    )
+    parser.add_argument(
+        "--vendor",
+        choices=[v.value for v in Vendor],
+        default=Vendor.SIEMENS.value,
+        help="whose b-value tags and storage conventions to imitate",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a study written in --out before (other files there are kept)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of the parser :func:`add_arguments` filled."""
     return cmd_synth(
         args.out, args.seed, args.lesion, args.snr, args.vendor, overwrite=args.overwrite
     )
+
+
+COMMANDS = {"synth": (HELP, DESCRIPTION, add_arguments, run)}
 
 
 def add_subcommand(
@@ -568,21 +641,8 @@ def add_subcommand(
 ) -> argparse.ArgumentParser:
     """Register ``synth``; the parser's ``func`` default runs it and returns the exit code."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "synth",
-        help="write a synthetic breast DKI study (DWI, T2, SEG, ground truth)",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        "synth", help=HELP, description=DESCRIPTION
     )
-    parser.add_argument("--out", required=True, type=Path, help="output folder (empty or new)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument(
-        "--lesion", choices=[v.value for v in LesionType], default=LesionType.MASS.value
-    )
-    parser.add_argument(
-        "--snr", type=float, default=30.0, help="S0_FGT/σ (default 30; 'inf' = noise-free)"
-    )
-    parser.add_argument("--vendor", choices=[v.value for v in Vendor], default=Vendor.SIEMENS.value)
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace a study written here before"
-    )
-    parser.set_defaults(func=_run)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
     return parser

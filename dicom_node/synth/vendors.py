@@ -24,9 +24,17 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
+from dicom_node.series.bvalues import (
+    B0_THRESHOLD,
+    GE_B_OFFSET,
+    GE_PARM,
+    PHILIPS_IMAGING,
+    PHILIPS_MR_005,
+    SIEMENS_MR,
+)
+
 __all__ = [
     "GE_B_OFFSET",
-    "NEAR_ZERO_B",
     "PROFILES",
     "Vendor",
     "VendorProfile",
@@ -34,18 +42,9 @@ __all__ = [
     "dwi_instance_numbers",
 ]
 
-#: b below this is b≈0 (notes/dicom.md): Philips marks such images Directionality NONE.
-NEAR_ZERO_B = 5.0
-#: Offset that older GE releases add to the first value of (0043,1039).
-GE_B_OFFSET = 1_000_000_000
-
-SIEMENS_CREATOR = "SIEMENS MR HEADER"
-GE_CREATOR = "GEMS_PARM_01"
-PHILIPS_IMAGING_CREATOR = "Philips Imaging DD 001"
-#: Creator of the (2005,14xx) block. Philips scanners reserve block 0x14 of group 2005 for
+#: Block of ``PHILIPS_MR_005`` in group 2005. Philips scanners reserve block 0x14 of group 2005 for
 #: "Philips MR Imaging DD 005" (its (2005,0014) creator); the volume keys (2005,1412) and
 #: (2005,1413) can only have those element numbers inside block 0x14 (PS3.5 7.8.1).
-PHILIPS_MR_CREATOR = "Philips MR Imaging DD 005"
 PHILIPS_MR_BLOCK = 0x14
 
 
@@ -155,25 +154,25 @@ def apply_diffusion_tags(
     vendor = Vendor(vendor)
     if vendor is Vendor.SIEMENS:
         ds.SequenceName = _siemens_sequence_name(b)
-        block = ds.private_block(0x0019, SIEMENS_CREATOR, create=True)
+        block = ds.private_block(0x0019, SIEMENS_MR, create=True)
         block.add_new(0x0C, "IS", round(b))
     elif vendor is Vendor.GE:
         ds.SequenceName = "epi2"
         first = round(b) + (GE_B_OFFSET if ge_b_offset else 0)
-        block = ds.private_block(0x0043, GE_CREATOR, create=True)
+        block = ds.private_block(0x0043, GE_PARM, create=True)
         block.add_new(0x39, "IS", [first, 0, 0, 0])
         if round(b) > 0:  # GE b = 0 images carry only the private tag
             ds.DiffusionBValue = float(b)
             ds.DiffusionDirectionality = "ISOTROPIC"
     elif vendor is Vendor.PHILIPS:
         ds.SequenceName = "DwiSE"
-        block = ds.private_block(0x2001, PHILIPS_IMAGING_CREATOR, create=True)
+        block = ds.private_block(0x2001, PHILIPS_IMAGING, create=True)
         block.add_new(0x03, "FL", float(b))
         ds.DiffusionBValue = float(b)
-        ds.DiffusionDirectionality = "ISOTROPIC" if b >= NEAR_ZERO_B else "NONE"
+        ds.DiffusionDirectionality = "ISOTROPIC" if b >= B0_THRESHOLD else "NONE"
         if (0x2005, PHILIPS_MR_BLOCK) not in ds:
-            ds.add_new((0x2005, PHILIPS_MR_BLOCK), "LO", PHILIPS_MR_CREATOR)
-        mr_block = ds.private_block(0x2005, PHILIPS_MR_CREATOR)
+            ds.add_new((0x2005, PHILIPS_MR_BLOCK), "LO", PHILIPS_MR_005)
+        mr_block = ds.private_block(0x2005, PHILIPS_MR_005)
         mr_block.add_new(0x12, "IS", b_index + 1)  # diffusion b-value number
         mr_block.add_new(0x13, "IS", 1)  # gradient orientation number (trace only)
     else:  # pragma: no cover - Enum coercion above rejects anything else

@@ -1,0 +1,291 @@
+"""Every 2-D image of a diffusion series as a :class:`FrameRef`, whatever its storage style.
+
+Three storage styles reach the node (notes/dicom.md): classic single-frame images (PS3.3
+A.4 MR Image), enhanced multi-frame objects whose geometry and diffusion live in functional
+groups (PS3.3 C.7.6.16, A.36 Enhanced MR Image), and mosaics (Siemens MOSAIC, UIH VFRAME
+grids) that tile all slices of a volume into one image. Each is expanded here into one record
+per 2-D image with its position, orientation, diffusion and rescale; :mod:`.layout` then orders
+them into slices and volumes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from dicom_node.series.bvalues import (
+    SIEMENS_MR,
+    UIH_IMAGE,
+    DiffusionInfo,
+    diffusion_info,
+    private_value,
+)
+from dicom_node.series.csa import csa_floats, csa_image_header, csa_int
+from dicom_node.series.headers import floats, number
+
+__all__ = [
+    "FrameRef",
+    "Orientation",
+    "StorageStyle",
+    "TileGrid",
+    "Vec3",
+    "expand_frames",
+    "image_matrix",
+    "is_siemens_mosaic",
+    "storage_style",
+    "tile_grid",
+]
+
+Vec3 = tuple[float, float, float]
+#: ImageOrientationPatient: row then column direction cosines.
+Orientation = tuple[float, float, float, float, float, float]
+#: Position, orientation and pixel spacing (row, column) of one image.
+_Plane = tuple[Vec3, Orientation, tuple[float, float]]
+
+
+class StorageStyle(Enum):
+    """How a series stores its slices."""
+
+    CLASSIC = "classic"
+    ENHANCED = "enhanced"
+    MOSAIC = "mosaic"
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    """One 2-D image inside the series and everything needed to place and decode it."""
+
+    dataset_index: int
+    frame_index: int | None  # 0-based frame of an enhanced object
+    tile_index: int | None  # 0-based tile of a mosaic
+    position: Vec3  # ImagePositionPatient of the (un-tiled) frame
+    orientation: Orientation
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing)
+    rows: int
+    columns: int
+    diffusion: DiffusionInfo
+    order: tuple[float, ...]  # acquisition order (vendor volume order, instance, frame, tile)
+    sop_instance_uid: str
+    rescale: tuple[float, float]  # (slope, intercept)
+    stack_id: str | None = None
+    tiles_per_row: int = 1  # mosaic tiles per row (to cut the tile out)
+
+
+def image_matrix(ds: Dataset) -> tuple[int, int]:
+    """(Rows, Columns) of a dataset, 0 where absent."""
+    return int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+
+
+def is_siemens_mosaic(ds: Dataset) -> bool:
+    """Image Type (0008,0008) says MOSAIC: Siemens tiled all slices into this image."""
+    return "MOSAIC" in [str(v).upper() for v in ds.get("ImageType", []) or []]
+
+
+def _mosaic_count(ds: Dataset, csa: dict[str, list[str]] | None) -> int | None:
+    if is_siemens_mosaic(ds):
+        n = csa_int(csa, "NumberOfImagesInMosaic")
+        if n is None:
+            n = int(number(private_value(ds, 0x0019, SIEMENS_MR, 0x0A), 0)) or None
+        return n
+    return None
+
+
+def _uih_grid_count(ds: Dataset) -> int | None:
+    n = int(number(private_value(ds, 0x0065, UIH_IMAGE, 0x50), 0))
+    return n if n > 1 else None
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """How a mosaic tiles its slices into one image, row by row."""
+
+    count: int  # slices (tiles) in the image
+    per_row: int
+    rows: int
+    #: Siemens MOSAIC (square grid) rather than a UIH VFRAME grid (ceil(count / per_row) rows).
+    siemens: bool
+
+
+def tile_grid(ds: Dataset, csa: dict[str, list[str]] | None) -> TileGrid | None:
+    """The mosaic grid of a classic image, ``None`` when it is not a mosaic."""
+    n_mosaic = _mosaic_count(ds, csa)
+    n = n_mosaic or _uih_grid_count(ds)
+    if not n:
+        return None
+    per_row = math.ceil(math.sqrt(n))
+    rows = per_row if n_mosaic else math.ceil(n / per_row)
+    return TileGrid(count=n, per_row=per_row, rows=rows, siemens=bool(n_mosaic))
+
+
+def storage_style(ds: Dataset) -> StorageStyle:
+    """Classic, enhanced (functional groups) or mosaic storage of one dataset."""
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        return StorageStyle.ENHANCED
+    if tile_grid(ds, csa_image_header(ds)) is not None:
+        return StorageStyle.MOSAIC
+    return StorageStyle.CLASSIC
+
+
+def _fg_item(frame: Dataset | None, shared: Dataset | None, keyword: str) -> Dataset | None:
+    """Functional group macro item: per-frame wins over shared (PS3.3 C.7.6.16.1)."""
+    for holder in (frame, shared):
+        if holder is not None:
+            seq = holder.get(keyword)
+            if seq:
+                item: Dataset = seq[0]
+                return item
+    return None
+
+
+def _order_base(ds: Dataset, info: DiffusionInfo) -> tuple[float, float]:
+    vendor = float(info.volume_order) if info.volume_order is not None else -1.0
+    return vendor, number(ds.get("InstanceNumber"), 0.0)
+
+
+def _plane(position: Any, orientation: Any, spacing: Any) -> _Plane | None:
+    """ImagePositionPatient, ImageOrientationPatient and PixelSpacing of one image (spacing 1 mm
+    when absent); ``None`` when the image cannot be placed."""
+    pos = floats(position, 3)
+    iop = floats(orientation, 6)
+    mm = floats(spacing, 2) or (1.0, 1.0)
+    if pos is None or iop is None:
+        return None
+    return (
+        (pos[0], pos[1], pos[2]),
+        (iop[0], iop[1], iop[2], iop[3], iop[4], iop[5]),
+        (mm[0], mm[1]),
+    )
+
+
+def _frame_ref(
+    index: int,
+    ds: Dataset,
+    info: DiffusionInfo,
+    plane: _Plane,
+    *,
+    rescale_from: Dataset,
+    order: tuple[float, ...],
+    frame_index: int | None = None,
+    stack_id: str | None = None,
+) -> FrameRef:
+    """The frame record of one placed image of ``ds`` (rescale read from ``rescale_from``)."""
+    rows, cols = image_matrix(ds)
+    position, orientation, spacing = plane
+    slope = number(rescale_from.get("RescaleSlope"), 1.0)
+    intercept = number(rescale_from.get("RescaleIntercept"), 0.0)
+    return FrameRef(
+        dataset_index=index,
+        frame_index=frame_index,
+        tile_index=None,
+        position=position,
+        orientation=orientation,
+        pixel_spacing=spacing,
+        rows=rows,
+        columns=cols,
+        diffusion=info,
+        order=order,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        rescale=(slope, intercept),
+        stack_id=stack_id,
+    )
+
+
+def _classic_frames(index: int, ds: Dataset) -> list[FrameRef]:
+    csa = csa_image_header(ds)
+    info = diffusion_info(ds, csa=csa)
+    plane = _plane(
+        ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")
+    )
+    if plane is None:
+        return []
+    base = _order_base(ds, info)
+    image = _frame_ref(index, ds, info, plane, rescale_from=ds, order=(*base, 0.0, 0.0))
+    grid = tile_grid(ds, csa)
+    if grid is None:
+        return [image]
+    pos, iop, spacing = plane
+    rows, cols = image.rows, image.columns
+    t_rows, t_cols = rows // grid.rows, cols // grid.per_row
+    row_dir, col_dir = np.asarray(iop[:3]), np.asarray(iop[3:])
+    normal = np.cross(row_dir, col_dir)
+    snv = csa_floats(csa, "SliceNormalVector")
+    if len(snv) == 3 and np.linalg.norm(snv) > 0:
+        normal = np.asarray(snv) / np.linalg.norm(snv)
+    # The mosaic's IPP is the corner of the whole tiled image centred on the tile stack.
+    first = (
+        np.asarray(pos)
+        + row_dir * spacing[1] * (cols - t_cols) / 2.0
+        + col_dir * spacing[0] * (rows - t_rows) / 2.0
+    )
+    gap = number(ds.get("SpacingBetweenSlices"), 0.0) or number(ds.get("SliceThickness"), 1.0)
+    vframes = None if grid.siemens else private_value(ds, 0x0065, UIH_IMAGE, 0x51)
+    out = []
+    for k in range(grid.count):
+        p = first + k * gap * normal
+        if vframes is not None and k < len(vframes):
+            explicit = floats(vframes[k].get("ImagePositionPatient"), 3)
+            if explicit is not None:
+                p = np.asarray(explicit)
+        out.append(
+            replace(
+                image,
+                tile_index=k,
+                position=(float(p[0]), float(p[1]), float(p[2])),
+                rows=t_rows,
+                columns=t_cols,
+                order=(*base, 0.0, float(k)),
+                tiles_per_row=grid.per_row,
+            )
+        )
+    return out
+
+
+def _enhanced_frames(index: int, ds: Dataset) -> list[FrameRef]:
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    out = []
+    for f, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        info = diffusion_info(ds, frame, shared=shared)
+        position = _fg_item(frame, shared, "PlanePositionSequence")
+        orient = _fg_item(frame, shared, "PlaneOrientationSequence")
+        measures = _fg_item(frame, shared, "PixelMeasuresSequence")
+        pvt = _fg_item(frame, shared, "PixelValueTransformationSequence")
+        content = _fg_item(frame, shared, "FrameContentSequence")
+        plane = _plane(
+            position.get("ImagePositionPatient") if position else None,
+            orient.get("ImageOrientationPatient") if orient else None,
+            measures.get("PixelSpacing") if measures else None,
+        )
+        if plane is None:
+            continue
+        stack = str(content.get("StackID")) if content and "StackID" in content else None
+        out.append(
+            _frame_ref(
+                index,
+                ds,
+                info,
+                plane,
+                rescale_from=pvt if pvt is not None else ds,
+                order=(*_order_base(ds, info), float(f), 0.0),
+                frame_index=f,
+                stack_id=stack,
+            )
+        )
+    return out
+
+
+def expand_frames(datasets: Sequence[Dataset]) -> list[FrameRef]:
+    """Every 2-D image of ``datasets`` (frames of enhanced objects, tiles of mosaics)."""
+    frames: list[FrameRef] = []
+    for i, ds in enumerate(datasets):
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            frames.extend(_enhanced_frames(i, ds))
+        else:
+            frames.extend(_classic_frames(i, ds))
+    return frames

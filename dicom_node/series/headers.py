@@ -1,0 +1,49 @@
+"""Reading plain values out of DICOM headers the same way everywhere in the node.
+
+Headers from the wild carry empty, absent, multi-valued or non-finite values; each reader here
+turns them into one predictable Python value (``""``, ``None`` or a default) instead of raising,
+so callers compare and format without guarding every attribute.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+__all__ = ["first_text", "floats", "number", "text"]
+
+
+def text(ds: Dataset, *keywords: str) -> str:
+    """The values of ``keywords`` as text, joined by a space; absent or empty values are ``""``."""
+    return " ".join(str(ds.get(k, "") or "") for k in keywords)
+
+
+def first_text(ds: Dataset, *keywords: str, default: str = "") -> str:
+    """The first non-empty value among ``keywords`` as text (e.g. SeriesDate, then StudyDate)."""
+    for keyword in keywords:
+        value = ds.get(keyword, "")
+        if value:
+            return str(value)
+    return default
+
+
+def floats(value: Any, n: int) -> tuple[float, ...] | None:
+    """Exactly ``n`` finite numbers (ImagePositionPatient, PixelSpacing …), else ``None``."""
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    if len(numbers) != n or not all(math.isfinite(v) for v in numbers):
+        return None
+    return numbers
+
+
+def number(value: Any, default: float) -> float:
+    """One finite number (RescaleSlope, SliceThickness …), else ``default``."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return default
+    return f if math.isfinite(f) else default
