@@ -15,10 +15,18 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from cds_service.biopsy import BiopsyHer2, BiopsyReading
-from cds_service.fhir import with_subject
-from models import schema as feature_schema
-from models.prediction import ModelVariant, Prediction
+from cds_service.display import VARIANT_TEXT, format_value, label
+from cds_service.display import side as side_text
+from cds_service.fhir_transparency import (
+    DescriptorSource,
+    action_descriptions,
+    build_transparency,
+)
+from models.contract import QcReport, RoiProvenance
+from models.prediction import Prediction
 
 OVERRIDE_SYSTEM = "urn:her2low:override-reason"
 SUMMARY_LIMIT = 139
@@ -51,13 +59,27 @@ class OverrideReasonCode(StrEnum):
         }[self]
 
 
-VARIANT_TEXT = {
-    ModelVariant.COMBINED: "combined model (DKI histogram features + BI-RADS descriptors)",
-    ModelVariant.DESCRIPTORS: "descriptor-only model (BI-RADS descriptors)",
-    ModelVariant.QUANTITATIVE: (
-        "quantitative-only model (DKI histogram features; descriptors not entered)"
-    ),
-}
+class PredictionBasis(BaseModel):
+    """What a stored prediction row keeps for its card (``PredictionRow.basis``).
+
+    ``not_scored`` is the reason the case has no estimate although its inputs are complete
+    (its fit or discretisation settings differ from the model's): no card is shown for it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    roi: RoiProvenance | None = None
+    qc: QcReport | None = None
+    descriptors_entered: bool = False
+    not_scored: str | None = None
+
+    @classmethod
+    def stored(cls, data: object) -> PredictionBasis:
+        """The stored JSON read back (an unreadable or absent basis reads as empty)."""
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError:
+            return cls()
 
 
 @dataclass(frozen=True)
@@ -69,7 +91,8 @@ class CardContext:
     acquired_at: datetime
     computed_at: datetime
     laterality: str | None
-    provenance: Mapping[str, Any]
+    roi: RoiProvenance | None
+    qc: QcReport | None
     observation: Mapping[str, Any] | None
     observation_status: str
     case_url: str
@@ -77,33 +100,16 @@ class CardContext:
     model_card_url: str
     descriptors_entered: bool
     biopsy: BiopsyReading
-
-
-def _label(name: str) -> str:
-    spec = feature_schema.FEATURES.get(name)
-    return spec.label if spec else name
-
-
-def _fmt_value(name: str, value: Any) -> str:
-    spec = feature_schema.FEATURES.get(name)
-    if isinstance(value, int | float) and spec is not None and not spec.is_categorical:
-        shown = value * spec.display_scale
-        unit = spec.display_unit if spec.display_unit and spec.display_unit != "1" else ""
-        return f"{shown:.3g} {unit}".strip()
-    if isinstance(value, str) and spec is not None and spec.is_categorical:
-        return dict(zip(spec.values, spec.value_labels, strict=True)).get(value, value)
-    return str(value)
-
-
-def _side(laterality: str | None) -> str:
-    return {"L": "left breast", "R": "right breast"}.get(laterality or "", "side not recorded")
+    # AI-transparency companions (fhir_transparency): who entered the descriptors, model card
+    descriptors_source: DescriptorSource | None = None
+    model_card_markdown: str | None = None
 
 
 def _source(ctx: CardContext, prediction: Prediction | None) -> dict[str, Any]:
-    label = "HER2-low MRI estimate (her2low-cds)"
+    text = "HER2-low MRI estimate (her2low-cds)"
     if prediction is not None:
-        label = f"{prediction.model_name} {prediction.model_version} (her2low-cds)"
-    return {"label": label, "url": ctx.model_card_url}
+        text = f"{prediction.model_name} {prediction.model_version} (her2low-cds)"
+    return {"label": text, "url": ctx.model_card_url}
 
 
 def _override_reasons() -> list[dict[str, str]]:
@@ -114,22 +120,19 @@ def _override_reasons() -> list[dict[str, str]]:
 
 
 def _basis(prediction: Prediction, ctx: CardContext) -> list[str]:
-    roi_value, qc_value = ctx.provenance.get("roi"), ctx.provenance.get("qc")
-    roi: dict[str, Any] = roi_value if isinstance(roi_value, dict) else {}
-    qc: dict[str, Any] = qc_value if isinstance(qc_value, dict) else {}
-    flags = {k: v for k, v in (qc.get("flags") or {}).items() if v}
-    problems = [str(p) for p in qc.get("problems") or []]
+    flags = ctx.qc.flags.raised() if ctx.qc else {}
+    problems = list(ctx.qc.problems) if ctx.qc else []
     lines = [
         f"- **Model:** {prediction.model_name} {prediction.model_version}, "
         f"{VARIANT_TEXT[prediction.variant]}"
         + (" — **reference model, not clinically validated**" if prediction.reference else ""),
-        f"- **Data date:** MRI acquired {ctx.acquired_at:%Y-%m-%d} ({_side(ctx.laterality)}); "
+        f"- **Data date:** MRI acquired {ctx.acquired_at:%Y-%m-%d} ({side_text(ctx.laterality)}); "
         f"estimate computed {ctx.computed_at:%Y-%m-%d %H:%M} UTC; "
         f"Observation status {ctx.observation_status}",
-        "- **Inputs used:** " + (", ".join(_label(n) for n in prediction.inputs_used) or "none"),
+        "- **Inputs used:** " + (", ".join(label(n) for n in prediction.inputs_used) or "none"),
     ]
     if prediction.inputs_missing:
-        missing = [_label(n) for n in prediction.inputs_missing]
+        missing = [label(n) for n in prediction.inputs_missing]
         shown = ", ".join(missing[:MAX_LISTED])
         if len(missing) > MAX_LISTED:
             shown += f" and {len(missing) - MAX_LISTED} more (see the review app)"
@@ -137,13 +140,14 @@ def _basis(prediction: Prediction, ctx: CardContext) -> list[str]:
     top = prediction.contributions[:3]
     if top:
         parts = [
-            f"{_label(c.feature)} = {_fmt_value(c.feature, c.value)} ({c.log_odds:+.2f})"
+            f"{label(c.feature)} = {format_value(c.feature, c.value)} ({c.log_odds:+.2f})"
             for c in top
         ]
         lines.append("- **Largest contributions (log-odds):** " + "; ".join(parts))
-    roi_source = roi.get("source") or "not recorded"
-    confirmed = "confirmed" if roi.get("confirmed") else "not confirmed"
-    volume = f", {roi['volume_ml']:.1f} mL" if isinstance(roi.get("volume_ml"), int | float) else ""
+    roi = ctx.roi
+    roi_source = roi.source.value if roi else "not recorded"
+    confirmed = "confirmed" if roi and roi.confirmed else "not confirmed"
+    volume = f", {roi.volume_ml:.1f} mL" if roi and roi.volume_ml is not None else ""
     lines.append(f"- **Tumour ROI:** source {roi_source}{volume}, {confirmed}")
     if flags or problems:
         qc_text = ", ".join(f"{k}: {v}" for k, v in flags.items())
@@ -164,22 +168,6 @@ def biopsy_line(biopsy: BiopsyReading) -> str:
     return f"- **Biopsy HER2:** {reading}, LOINC {biopsy.code}{when}"
 
 
-def is_discordant(prediction: Prediction, biopsy: BiopsyReading) -> bool:
-    """Biopsy HER2 0 while the MRI estimate is at/above threshold (the only ``warning``)."""
-    return prediction.above_threshold and biopsy.status is BiopsyHer2.ZERO
-
-
-def prediction_card(prediction: Prediction, ctx: CardContext, patient_id: str) -> dict[str, Any]:
-    """The card for a stored prediction (discordance → warning)."""
-    return build_prediction_card(
-        prediction,
-        ctx,
-        patient_id,
-        discordant=is_discordant(prediction, ctx.biopsy),
-        biopsy_text=biopsy_line(ctx.biopsy),
-    )
-
-
 def build_prediction_card(
     prediction: Prediction,
     ctx: CardContext,
@@ -195,7 +183,7 @@ def build_prediction_card(
     """
     percent = prediction.probability * 100
     threshold = prediction.threshold * 100
-    side = _side(ctx.laterality)
+    side = side_text(ctx.laterality)
     if discordant:
         summary = (
             f"Biopsy HER2 0, but MRI estimate suggests HER2-low ({percent:.0f}%): consider review"
@@ -245,18 +233,26 @@ def build_prediction_card(
     card = prune(card)
     if ctx.observation:
         # The Observation is already FHIR JSON without empty values (fhir.py); not re-walked.
-        resource = with_subject(ctx.observation, patient_id, None)
+        # One create action per resource (CDS Hooks 2.0.1: a suggestion's actions are processed
+        # as one transaction, so their relative references resolve): the Observation first.
+        resources = build_transparency(
+            observation=ctx.observation,
+            prediction=prediction,
+            computed_at=ctx.computed_at,
+            patient_id=patient_id,
+            model_card_markdown=ctx.model_card_markdown,
+            model_card_url=ctx.model_card_url,
+            descriptors=ctx.descriptors_source,
+        ).resources()
         card["suggestions"] = [
             {
                 "label": f"File the MRI HER2-low estimate ({ctx.observation_status}) in the chart",
                 "uuid": str(uuid.uuid5(uuid.UUID(ctx.card_uuid), "file-observation")),
                 "actions": [
-                    {
-                        "type": "create",
-                        "description": "Create an Observation: HER2-low likelihood from breast MRI "
-                        "(statistical estimate)",
-                        "resource": resource,
-                    }
+                    {"type": "create", "description": description, "resource": resource}
+                    for resource, description in zip(
+                        resources, action_descriptions(resources), strict=True
+                    )
                 ],
             }
         ]
@@ -270,7 +266,7 @@ def descriptors_needed_card(ctx: CardContext) -> dict[str, Any]:
         "A breast MRI of this patient was analysed, but no HER2-low estimate is available yet: "
         "the radiologist's BI-RADS descriptors have not been entered.",
         "",
-        f"- **Data date:** MRI acquired {ctx.acquired_at:%Y-%m-%d} ({_side(ctx.laterality)})",
+        f"- **Data date:** MRI acquired {ctx.acquired_at:%Y-%m-%d} ({side_text(ctx.laterality)})",
         f"- [Enter descriptors]({ctx.descriptors_url})",
         "",
         "Any estimate will be a statistical estimate — confirm HER2 status by IHC/ISH.",

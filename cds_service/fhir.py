@@ -17,6 +17,7 @@ from typing import Any
 from fhir.resources.R4B.observation import Observation
 
 from models import schema as feature_schema
+from models.contract import Laterality
 from models.prediction import ModelVariant, Prediction
 
 LOCAL_SYSTEM = "urn:her2low:codes"
@@ -38,17 +39,11 @@ _DCM_MAP_CODES: dict[str, tuple[str, str]] = {
 }
 
 
-class Laterality(StrEnum):
-    """DICOM laterality → SNOMED CT body structure (FHIR bodySite)."""
-
-    L = "L"
-    R = "R"
-
-    @property
-    def coding(self) -> dict[str, str]:
-        if self is Laterality.L:
-            return {"system": SNOMED, "code": "80248007", "display": "Left breast structure"}
-        return {"system": SNOMED, "code": "73056007", "display": "Right breast structure"}
+#: DICOM laterality → SNOMED CT body structure (FHIR bodySite).
+BODY_SITE: dict[Laterality, dict[str, str]] = {
+    Laterality.LEFT: {"system": SNOMED, "code": "80248007", "display": "Left breast structure"},
+    Laterality.RIGHT: {"system": SNOMED, "code": "73056007", "display": "Right breast structure"},
+}
 
 
 class Interpretation(StrEnum):
@@ -66,8 +61,10 @@ class Interpretation(StrEnum):
 
 
 def fhir_instant(value: datetime) -> str:
-    """FHIR instant/dateTime in UTC with seconds and ``Z``."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """FHIR instant/dateTime in UTC with seconds and ``Z`` (four-digit year also before 1000:
+    ``strftime("%Y")`` writes year 1 as ``1``, which FHIR refuses)."""
+    utc = value.astimezone(UTC).replace(microsecond=0, tzinfo=None)
+    return utc.isoformat(timespec="seconds") + "Z"
 
 
 def _percent(fraction: float) -> dict[str, Any]:
@@ -235,7 +232,7 @@ def build_observation(
     if patient_reference:
         resource["subject"] = {"reference": patient_reference}
     if laterality:
-        resource["bodySite"] = {"coding": [Laterality(laterality).coding]}
+        resource["bodySite"] = {"coding": [dict(BODY_SITE[Laterality(laterality)])]}
     if components:
         resource["component"] = components
     return Observation.model_validate(resource).model_dump(mode="json", exclude_none=True)

@@ -2,32 +2,55 @@
 
 CDS Hooks 2.0.1 asks for answers in well under 500 ms, so the model runs here — on ingest and on
 descriptor entry — and the hook only reads the stored prediction and its prepared Observation.
+
+A result whose fit or discretisation settings differ from the model's (``models.contract``) is
+not scored: the case keeps a prediction row with the reason and no likelihood, the hook shows no
+card for it, and ``her2low_results_not_scored_total`` counts it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
+from prometheus_client import Counter
+
+from cds_service.cards import PredictionBasis
 from cds_service.fhir import build_observation
 from cds_service.orm import PredictionRow, utcnow
 from cds_service.store import CaseSnapshot, ObservationStatus, Store, json_safe
 from models import schema as feature_schema
+from models.contract import AnalysisConventions, SettingsMismatchError
 from models.prediction import Prediction
 
 log = logging.getLogger(__name__)
 
+NOT_SCORED = Counter(
+    "her2low_results_not_scored",
+    "Results not scored because their fit or discretisation settings differ from the model's",
+    ["reason"],
+)
+UNSTATED = "the result does not state its fit and discretisation settings"
+
 
 class Predictor(Protocol):
-    """What the service needs from ``models.runtime.ModelRuntime``."""
+    """What the service needs from ``models.runtime.ModelRuntime``.
 
-    def predict(self, inputs: Mapping[str, str | float | None]) -> Prediction: ...
+    ``predict`` raises ``models.contract.SettingsMismatchError`` when ``conventions`` (the
+    result's settings) differ from those the model was trained with.
+    """
+
+    def predict(
+        self,
+        inputs: Mapping[str, str | float | None],
+        *,
+        conventions: AnalysisConventions | None = None,
+    ) -> Prediction: ...
 
 
 class RuntimeUnavailableError(RuntimeError):
@@ -79,13 +102,9 @@ class RuntimeProvider:
 
 def model_inputs(case: CaseSnapshot) -> dict[str, str | float | None]:
     """All schema inputs: features from the result, descriptors from the latest entry."""
-    inputs: dict[str, str | float | None] = {}
-    features = case.revision.features or {}
-    for name in feature_schema.QUANTITATIVE_NAMES:
-        value = features.get(name)
-        inputs[name] = (
-            float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-        )
+    inputs: dict[str, str | float | None] = {
+        name: case.features.get(name) for name in feature_schema.QUANTITATIVE_NAMES
+    }
     values = case.descriptors.values if case.descriptors else {}
     for name in feature_schema.DESCRIPTOR_NAMES:
         inputs[name] = values.get(name) or None
@@ -110,6 +129,22 @@ class PredictionService:
         self.store = store
         self.runtime = runtime
 
+    def _not_scored(
+        self, row: PredictionRow, basis: PredictionBasis, why: str, *, kind: str
+    ) -> PredictionRow:
+        """Store the case's row without a likelihood, with the reason the card and page show."""
+        reason = f"not scored: {why}"[:2000]
+        row.error = reason
+        row.basis = basis.model_copy(update={"not_scored": reason}).model_dump(
+            mode="json", exclude_none=True
+        )
+        NOT_SCORED.labels(reason=kind).inc()
+        log.warning(
+            "result not scored: its settings differ from the model's",
+            extra={"result_id": row.result_id, "reason": kind},
+        )
+        return self.store.save_prediction(row)
+
     def recompute(self, result_id: str) -> PredictionRow | None:
         case = self.store.case(result_id)
         if case is None:
@@ -123,16 +158,21 @@ class PredictionService:
         )
         status = observation_status(case)
         row.observation_status = status.value
-        provenance = case.revision.provenance or {}
-        row.basis = json_safe(
-            {
-                "roi": provenance.get("roi"),
-                "qc": provenance.get("qc"),
-                "descriptors_entered": case.descriptors is not None,
-            }
+        provenance = case.provenance
+        basis = PredictionBasis(
+            roi=provenance.roi if provenance else None,
+            qc=provenance.qc if provenance else None,
+            descriptors_entered=case.descriptors is not None,
         )
+        row.basis = basis.model_dump(mode="json", exclude_none=True)
+        if provenance is None:
+            return self._not_scored(row, basis, UNSTATED, kind="unstated")
         try:
-            prediction = self.runtime.get().predict(model_inputs(case))
+            prediction = self.runtime.get().predict(
+                model_inputs(case), conventions=provenance.conventions
+            )
+        except SettingsMismatchError as exc:
+            return self._not_scored(row, basis, str(exc), kind="mismatch")
         except (ValueError, RuntimeUnavailableError) as exc:
             # FeatureValidationError is a ValueError; keep the case, say why there is no estimate.
             row.error = str(exc)[:2000]
@@ -141,7 +181,7 @@ class PredictionService:
                 extra={"result_id": result_id, "error_class": type(exc).__name__},
             )
             return self.store.save_prediction(row)
-        features = {k: v for k, v in (case.revision.features or {}).items() if v is not None}
+        features = {k: v for k, v in case.features.items() if v is not None}
         row.prediction = json_safe(prediction.to_dict())
         row.probability = prediction.probability
         row.observation = build_observation(

@@ -1,22 +1,16 @@
 """Validation at the edge: CDS Hooks 2.0.1 requests, feedback, results API and descriptors.
 
 Everything that enters the service passes one of these functions and comes out typed, or is
-refused with an ApiError whose OperationOutcome names the offending element. Bodies are parsed
-strictly (no NaN/Infinity, an object at the top).
+refused with an ApiError whose OperationOutcome names the offending element. Bodies are read
+by ``cds_service.request_json.read_json`` (size, type, depth, surrogates, strict numbers) first.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import math
-import re
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from flask import Request
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -28,15 +22,13 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from cds_service.errors import ApiError, IssueType
+from cds_service.request_json import parse_json as parse_json  # re-exported (benchmarks)
+from cds_service.request_json import parse_timestamp
 from models import schema as feature_schema
+from models.contract import ResultPayload
 
-JSON_TYPES = ("application/json", "application/fhir+json")
-_UID = r"^[0-9]+(\.[0-9]+)*$"
 _FHIR_ID = r"^[A-Za-z0-9\-\.]{1,64}$"
 _USER_REF = r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-\.]{1,64}$"
-
-Uid = Annotated[str, StringConstraints(pattern=_UID, max_length=64)]
-ShortText = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
 class HookId(StrEnum):
@@ -52,35 +44,9 @@ class FeedbackOutcome(StrEnum):
     OVERRIDDEN = "overridden"
 
 
-def _reject_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not valid JSON")
-
-
-def parse_json(data: bytes) -> Any:
-    """Strict JSON (RFC 8259): NaN and Infinity are refused."""
-    return json.loads(data, parse_constant=_reject_constant)
-
-
-def json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object, or 415 (not JSON) / 400 (malformed, not an object)."""
-    if request.mimetype not in JSON_TYPES:
-        raise ApiError(
-            415,
-            f"Content-Type must be application/json, got {request.mimetype or 'none'}",
-            code=IssueType.NOT_SUPPORTED,
-        )
-    try:
-        body = parse_json(request.get_data(cache=True))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"malformed JSON: {exc}", code=IssueType.STRUCTURE) from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object", code=IssueType.STRUCTURE)
-    return body
-
-
 def _as_api_error(exc: ValidationError, status: int) -> ApiError:
     err = exc.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("__root__", "[key]"))
     kind = IssueType.REQUIRED if err.get("type") == "missing" else IssueType.INVALID
     message = err.get("msg", "invalid")
     if message.startswith("Value error, "):
@@ -193,10 +159,11 @@ class FeedbackItem(_Camel):
             return {"reason": value}
         return value
 
-    @field_validator("outcome_timestamp")
+    @field_validator("outcome_timestamp", mode="before")
     @classmethod
-    def _aware(cls, value: datetime) -> datetime:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    def _timestamp(cls, value: Any) -> datetime:
+        """ISO 8601, in range once converted to UTC (``9999-12-31T23:59:59-23:59`` is not)."""
+        return parse_timestamp(value)
 
 
 class FeedbackRequest(BaseModel):
@@ -214,70 +181,8 @@ def parse_feedback(body: dict[str, Any]) -> FeedbackRequest:
 # --- results API (docs/results-api.md) ------------------------------------------------------
 
 
-class PatientKey(_Strict):
-    id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    issuer: Annotated[str, StringConstraints(max_length=64)] = ""
-
-
-class ResultPayload(_Strict):
-    """One analysed series as the node publishes it."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    api_version: Literal[1]
-    pipeline_version: ShortText
-    study_instance_uid: Uid
-    series_instance_uid: Uid
-    accession_number: Annotated[str, StringConstraints(max_length=64)] | None = None
-    patient: PatientKey
-    acquired_at: datetime
-    laterality: Literal["L", "R"] | None = None
-    features: dict[str, float | int | None]
-    provenance: dict[str, Any]
-    previews: dict[str, str] | None = None
-
-    @field_validator("acquired_at", mode="before")
-    @classmethod
-    def _parse_time(cls, value: Any) -> datetime:
-        if not isinstance(value, str):
-            raise ValueError("expected an ISO 8601 date-time string")
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError(f"not an ISO 8601 date-time: {value!r}") from None
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
-
-    @field_validator("features")
-    @classmethod
-    def _features(cls, value: dict[str, float | int | None]) -> dict[str, float | int | None]:
-        allowed = set(feature_schema.QUANTITATIVE_NAMES)
-        for name, number in value.items():
-            if name not in allowed:
-                raise ValueError(f"features.{name}: unknown feature")
-            try:
-                feature_schema.validate_value(name, number)
-            except feature_schema.FeatureValidationError as exc:
-                raise ValueError(f"features.{exc}") from None
-        return value
-
-    @field_validator("previews")
-    @classmethod
-    def _previews(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return None
-        for name, data in value.items():
-            if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", name):
-                raise ValueError(f"previews.{name}: name must be 1-64 of [A-Za-z0-9_-]")
-            try:
-                raw = base64.b64decode(data, validate=True)
-            except (binascii.Error, ValueError):
-                raise ValueError(f"previews.{name}: not base64") from None
-            if not raw.startswith(b"\x89PNG\r\n\x1a\n"):
-                raise ValueError(f"previews.{name}: not a PNG image")
-        return value
-
-
 def parse_result(body: dict[str, Any]) -> ResultPayload:
+    """A results-API body validated by the contract class the node built it with (422 if not)."""
     try:
         return ResultPayload.model_validate(body)
     except ValidationError as exc:
@@ -322,11 +227,3 @@ def parse_descriptors(body: dict[str, Any]) -> tuple[dict[str, str], bool, str]:
             422, str(exc), code=IssueType.VALUE, expression=f"values.{exc.feature}"
         ) from None
     return values, payload.roi_confirmed, payload.entered_by
-
-
-def finite(value: float | int | None) -> float | None:
-    """A JSON number as float, or None for missing/NaN."""
-    if value is None:
-        return None
-    number = float(value)
-    return None if math.isnan(number) else number

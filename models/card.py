@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from models.contract import TrainingSettings
+
 CARD_JSON = "card.json"
 CARD_MD = "card.md"
 CALIBRATION_PNG = "calibration.png"
@@ -25,6 +27,14 @@ def read_card(model_dir: Path) -> dict[str, Any]:
     with (Path(model_dir) / CARD_JSON).open(encoding="utf-8") as fh:
         card: dict[str, Any] = json.load(fh)
     return card
+
+
+def fit_settings(card: dict[str, Any]) -> TrainingSettings:
+    """The fit and discretisation settings a model's training features used.
+
+    Cards written before the field existed assume today's defaults (they were trained with them).
+    """
+    return TrainingSettings.from_card(card.get("fit_settings"))
 
 
 def write_card(card: dict[str, Any], out_dir: Path) -> None:
@@ -84,7 +94,7 @@ def render_markdown(card: dict[str, Any]) -> str:
     ]
     for key, value in td.get("provenance", {}).items():
         lines.append(f"- {key}: {value}")
-    fs = card["fit_settings"]
+    fs = fit_settings(card).to_card()
     lines += [
         "",
         "## Inputs and the settings they assume",

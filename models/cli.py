@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +104,11 @@ def cmd_train(
 
 
 def _read_inputs(inputs_json: str) -> Any:
+    """``-`` (stdin), ``@file.json``, a file name, or the JSON itself."""
     if inputs_json == "-":
         return json.load(sys.stdin)
+    if inputs_json.startswith("@"):
+        return json.loads(Path(inputs_json[1:]).read_text(encoding="utf-8"))
     path = Path(inputs_json)
     if not inputs_json.lstrip().startswith(("{", "[")) and path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
@@ -119,8 +122,11 @@ def cmd_predict(model_dir: str | Path | None, inputs_json: str, variant: str | N
 
     try:
         payload = _read_inputs(inputs_json)
-    except (json.JSONDecodeError, OSError) as exc:
+    except json.JSONDecodeError as exc:
         _error(f"inputs: not valid JSON ({exc})")
+        return EXIT_INPUT
+    except (OSError, UnicodeDecodeError) as exc:
+        _error(f"inputs: cannot read {inputs_json.removeprefix('@')} ({exc})")
         return EXIT_INPUT
     try:
         runtime = ModelRuntime.load(Path(model_dir) if model_dir else None)
@@ -149,8 +155,16 @@ def cmd_list(registry: str | Path | None = None) -> int:
     """List models, versions and variants in a registry (default: the shipped reference)."""
     from models.registry import Registry, reference_root
 
-    reg = Registry(Path(registry) if registry else reference_root())
-    for name in reg.names():
+    root = Path(registry) if registry else reference_root()
+    if not root.is_dir():
+        _error(f"registry {root}: no such folder")
+        return EXIT_MODEL
+    reg = Registry(root)
+    names = reg.names()
+    if not names:
+        _error(f"registry {root}: no models (add one with `her2low model add DIR --registry`)")
+        return EXIT_MODEL
+    for name in names:
         for version in reg.versions(name):
             for entry in reg.entries(name, version):
                 ref = " reference" if entry.card.get("reference") else ""
@@ -192,72 +206,218 @@ def cmd_compare(model_dirs: Sequence[str | Path]) -> int:
     return EXIT_OK
 
 
+MODEL_HELP = "the model's input schema and the model registry (list, add, compare)"
+MODEL_DESCRIPTION = (
+    "Inspect the feature schema the models take, and manage a registry of trained models: "
+    "list what it holds, add a trained model folder (its hashes checked first; versions are "
+    "immutable), or compare model cards side by side."
+)
+TRAIN_HELP = "train and export a model from a labelled cohort CSV"
+TRAIN_DESCRIPTION = (
+    "Fit the logistic model on COHORT.csv (one row per lesion, columns named after the features "
+    "of `her2low model schema`, plus the target), validate it out-of-fold with bootstrap 95% "
+    "confidence intervals, and write OUT/model.onnx with its model card (card.json, card.md) and "
+    "plots. See docs/models.md."
+)
+PREDICT_HELP = "predict one case (or many) from JSON inputs"
+PREDICT_DESCRIPTION = (
+    "Score feature values with a model (default: the shipped reference model). INPUTS is a JSON "
+    "object (one lesion) or array (many), given literally, as @file.json, as a file name, or "
+    "'-' for stdin. Prints the prediction(s) as JSON."
+)
+_VARIANTS = ["combined", "descriptors", "quantitative"]
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except the uninformative None and False of bare flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+def _sub(parent: Any, name: str, help_: str, description: str) -> argparse.ArgumentParser:
+    """A sub-parser that shows defaults like the ``her2low`` command does."""
+    parser: argparse.ArgumentParser = parent.add_parser(
+        name, help=help_, description=description, formatter_class=_Formatter
+    )
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``model {schema,list,add,compare}``."""
+    sub = parser.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
+    fmt = parser.formatter_class
+
+    def child(name: str, help_: str, description: str) -> argparse.ArgumentParser:
+        made: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_, description=description, formatter_class=fmt
+        )
+        return made
+
+    q = child(
+        "schema",
+        "list the model's input features",
+        "Print every input feature with "
+        "its kind, unit, range or values, and the lesion types it applies to.",
+    )
+    q.add_argument("--json", action="store_true", help="machine-readable listing")
+    q.set_defaults(func=lambda a: cmd_schema(json=a.json))
+
+    q = child(
+        "list",
+        "models, versions and variants in a registry",
+        "List the models of a "
+        "registry folder (default: the shipped reference model). Exit 1 when the folder "
+        "does not exist or holds no model.",
+    )
+    q.add_argument(
+        "registry_dir",
+        nargs="?",
+        type=Path,
+        default=None,
+        metavar="REGISTRY",
+        help="registry folder (default: the shipped reference)",
+    )
+    q.add_argument("--registry", type=Path, default=None, help="the same, as an option")
+    q.set_defaults(func=_run_list)
+
+    q = child(
+        "add",
+        "add a trained model folder to a registry (hash checked)",
+        "Copy a "
+        "model folder written by `her2low train` into a registry after checking its "
+        "hashes; a version already there is never overwritten.",
+    )
+    q.add_argument("model_dir", type=Path, help="folder with model.onnx and card.json")
+    q.add_argument("--registry", type=Path, required=True, help="registry folder")
+    q.set_defaults(func=lambda a: cmd_add(a.model_dir, a.registry))
+
+    q = child(
+        "compare",
+        "AUC (95%% CI) overall/mass/NME of models side by side",
+        "Print the "
+        "out-of-fold AUC with its 95% confidence interval per lesion subset, the Brier "
+        "score and the threshold of each model (folders or registries).",
+    )
+    q.add_argument(
+        "model_dirs", nargs="+", type=Path, metavar="MODEL", help="model folder or registry"
+    )
+    q.set_defaults(func=lambda a: cmd_compare(a.model_dirs))
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    if args.registry and args.registry_dir and args.registry != args.registry_dir:
+        _error("give the registry once: as REGISTRY or as --registry")
+        return EXIT_INPUT
+    return cmd_list(args.registry or args.registry_dir)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """``train COHORT --out DIR`` and every option of :func:`cmd_train`."""
+    parser.add_argument("cohort", help="CSV, one row per lesion, columns named after features")
+    parser.add_argument("--out", required=True, help="output folder for model.onnx and the card")
+    parser.add_argument("--target", default=TARGET, help="label column")
+    parser.add_argument(
+        "--features",
+        nargs="+",
+        default=None,
+        metavar="FEATURE",
+        help="features to use (default: all of `her2low model schema`)",
+    )
+    parser.add_argument(
+        "--select", action="store_true", help="univariable screening, then multivariable selection"
+    )
+    parser.add_argument("--name", default="her2low-local", help="model name on its card")
+    parser.add_argument("--version", default="0.1.0", help="model version on its card")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=2000,
+        help="bootstrap resamples for the confidence intervals",
+    )
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (folds, bootstrap)")
+    parser.add_argument("--C", type=float, default=1.0, help="inverse L2 regularisation strength")
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    return cmd_train(
+        args.cohort,
+        args.out,
+        args.target,
+        args.features,
+        select=args.select,
+        name=args.name,
+        version=args.version,
+        bootstrap=args.bootstrap,
+        folds=args.folds,
+        seed=args.seed,
+        C=args.C,
+    )
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    """``predict INPUTS [--model DIR] [--variant V]``."""
+    parser.add_argument(
+        "inputs_json",
+        metavar="INPUTS",
+        help="JSON literal, @file.json, a file name, or '-' for stdin",
+    )
+    parser.add_argument(
+        "--model",
+        "--model-dir",
+        dest="model",
+        type=Path,
+        default=None,
+        help="model or registry folder (default: the shipped reference)",
+    )
+    parser.add_argument(
+        "--variant",
+        default=None,
+        choices=_VARIANTS,
+        help="which model variant (default: the best the inputs allow)",
+    )
+    parser.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    return cmd_predict(args.model, args.inputs_json, args.variant)
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    code: int = args.func(args)
+    return code
+
+
+COMMANDS: dict[
+    str,
+    tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]],
+] = {
+    "model": (MODEL_HELP, MODEL_DESCRIPTION, add_model_arguments, _run_model),
+    "train": (TRAIN_HELP, TRAIN_DESCRIPTION, add_train_arguments, run_train),
+    "predict": (PREDICT_HELP, PREDICT_DESCRIPTION, add_predict_arguments, run_predict),
+}
+
+
 def add_subcommands(subparsers: Any) -> None:
     """Register ``model {schema,list,add,compare}``, ``train`` and ``predict``.
 
     Each parser sets ``func(args) -> int``; the caller runs ``sys.exit(args.func(args))``.
     """
-    model = subparsers.add_parser("model", help="feature schema and model registry")
-    model_sub = model.add_subparsers(dest="model_command", required=True)
-
-    schema = model_sub.add_parser("schema", help="print the feature schema")
-    schema.add_argument("--json", action="store_true", help="machine-readable listing")
-    schema.set_defaults(func=lambda a: cmd_schema(json=a.json))
-
-    lst = model_sub.add_parser("list", help="list models in a registry")
-    lst.add_argument("registry", nargs="?", default=None)
-    lst.set_defaults(func=lambda a: cmd_list(a.registry))
-
-    add = model_sub.add_parser("add", help="add a trained model folder to a registry")
-    add.add_argument("model_dir")
-    add.add_argument("--registry", required=True)
-    add.set_defaults(func=lambda a: cmd_add(a.model_dir, a.registry))
-
-    cmp_ = model_sub.add_parser("compare", help="compare model cards side by side")
-    cmp_.add_argument("model_dirs", nargs="+")
-    cmp_.set_defaults(func=lambda a: cmd_compare(a.model_dirs))
-
-    train = subparsers.add_parser("train", help="train a model on a labelled cohort CSV")
-    train.add_argument("cohort", help="CSV, one row per lesion, columns named after features")
-    train.add_argument("--out", required=True, help="output folder for model.onnx and the card")
-    train.add_argument("--target", default=TARGET)
-    train.add_argument("--features", nargs="+", default=None, help="default: all features")
-    train.add_argument("--select", action="store_true", help="univariable then multivariable")
-    train.add_argument("--name", default="her2low-local")
-    train.add_argument("--version", default="0.1.0")
-    train.add_argument("--bootstrap", type=int, default=2000)
-    train.add_argument("--folds", type=int, default=5)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--C", type=float, default=1.0, help="inverse L2 strength")
-    train.set_defaults(
-        func=lambda a: cmd_train(
-            a.cohort,
-            a.out,
-            a.target,
-            a.features,
-            select=a.select,
-            name=a.name,
-            version=a.version,
-            bootstrap=a.bootstrap,
-            folds=a.folds,
-            seed=a.seed,
-            C=a.C,
-        )
-    )
-
-    predict = subparsers.add_parser("predict", help="predict from JSON inputs")
-    predict.add_argument("inputs_json", help="JSON file, '-' for stdin, or a JSON literal")
-    predict.add_argument("--model", default=None, help="model/registry folder (default: reference)")
-    predict.add_argument(
-        "--variant", default=None, choices=["combined", "descriptors", "quantitative"]
-    )
-    predict.set_defaults(func=lambda a: cmd_predict(a.model, a.inputs_json, a.variant))
+    for name, (help_, description, add_arguments, _run) in COMMANDS.items():
+        parser = _sub(subparsers, name, help_, description)
+        add_arguments(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m models.cli``) until the lead wires ``her2low``."""
-    parser = argparse.ArgumentParser(prog="her2low")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    """``python -m models.cli``: the same commands as ``her2low model|train|predict``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m models.cli", description=__doc__, formatter_class=_Formatter
+    )
+    add_subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -10,6 +10,11 @@ combined, then descriptors, then quantitative — and reports which in ``Predict
 Shen et al. found descriptors stronger in masses and DKI features in NME, so a case with only one
 kind of input still gets the model built for it rather than imputed values.
 
+Conventions: every card records the fit and discretisation settings of its training features
+(``fit_settings``; cards without it assume today's defaults). ``predict(..., conventions=...)``
+refuses with :class:`models.contract.SettingsMismatchError` when a result's settings differ, so
+numbers computed under one convention are never scored by a model trained under another.
+
 Contributions: the multinomial model's log(P(low)/P(zero)) split into per-input terms
 (coefficient difference low - zero, times the standardised value or on the active one-hot
 level). They add up, with the intercept difference, to that log-odds exactly; see the card's
@@ -30,6 +35,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from models.card import fit_settings
+from models.contract import AnalysisConventions, SettingsMismatchError
 from models.export import OUTPUT_LABEL, OUTPUT_PROBABILITIES
 from models.prediction import Contribution, ModelVariant, Prediction
 from models.registry import ModelEntry, RegistryError, resolve_entries
@@ -90,6 +97,7 @@ class LoadedModel:
         self.threshold = float(card["threshold"]["value"])
         self.variant = entry.variant
         self.reference = bool(card.get("reference", False))
+        self.settings = fit_settings(card)
         self._check_graph()
         if POSITIVE not in self.classes:
             raise ModelLoadError(f"{entry.path}: classes {self.classes} lack {POSITIVE!r}")
@@ -294,6 +302,16 @@ class ModelRuntime:
     def cards(self) -> dict[ModelVariant, dict[str, Any]]:
         return {m.variant: m.entry.card for m in self._order}
 
+    def check_conventions(self, conventions: AnalysisConventions) -> None:
+        """Raise SettingsMismatchError if a result's settings differ from any loaded model's."""
+        differences: list[str] = []
+        for model in self._order:
+            for line in model.settings.conventions.differences(conventions):
+                if line not in differences:
+                    differences.append(line)
+        if differences:
+            raise SettingsMismatchError(differences)
+
     def choose(self, row: Mapping[str, InputValue]) -> LoadedModel:
         """The most complete variant whose required inputs are present in a validated row."""
         for model in self._order:
@@ -310,9 +328,17 @@ class ModelRuntime:
         )
 
     def predict(
-        self, inputs: Mapping[str, object], *, variant: ModelVariant | str | None = None
+        self,
+        inputs: Mapping[str, object],
+        *,
+        variant: ModelVariant | str | None = None,
+        conventions: AnalysisConventions | None = None,
     ) -> Prediction:
-        """P(HER2-low) of one lesion with its basis. Bad input raises FeatureValidationError."""
+        """P(HER2-low) of one lesion with its basis. Bad input raises FeatureValidationError;
+        ``conventions`` (the result's settings) differing from the model's raise
+        SettingsMismatchError before anything is computed."""
+        if conventions is not None:
+            self.check_conventions(conventions)
         row = validate_inputs(inputs)
         model = self.model(variant) if variant is not None else self.choose(row)
         if variant is not None and not model.eligible(row):

@@ -4,6 +4,10 @@ Training, the ONNX graph, the results API, the review form and the FHIR componen
 their feature names, controlled values, units (UCUM), plausible ranges and form labels from here,
 so a value accepted in one place is accepted everywhere. ``validate_inputs`` is the single gate
 every entry point uses; it raises :class:`FeatureValidationError` naming the feature.
+
+The quantitative features (names, units, ranges, bin widths) and the fit settings come from
+``models.contract``, the results contract shared with the node; this module adds the radiologist's
+descriptors and the labels people read.
 """
 
 from __future__ import annotations
@@ -14,20 +18,26 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Any
 
+from models.contract import (
+    BIN_MIN,
+    BIN_WIDTH,
+    MAP_UNITS,
+    FeatureValidationError,
+    Map,
+    QuantitativeFeature,
+    Statistic,
+    TrainingSettings,
+    check_feature_value,
+)
+from models.contract import QUANTITATIVE as _CONTRACT_FEATURES
+
+__all__ = ["BIN_WIDTH", "FeatureValidationError", "Map", "Statistic"]
+
 SCHEMA_VERSION = "1"
 
 #: What a validated input looks like: descriptors as strings ("" = not entered / does not apply),
 #: numbers as floats (NaN = missing). Never ``None`` after validation.
 InputValue = str | float
-
-
-class FeatureValidationError(ValueError):
-    """An input the model cannot use; ``feature`` names the offending input."""
-
-    def __init__(self, feature: str, message: str) -> None:
-        super().__init__(f"{feature}: {message}")
-        self.feature = feature
-        self.message = message
 
 
 class FeatureKind(StrEnum):
@@ -92,26 +102,6 @@ class KineticCurve(StrEnum):
     PERSISTENT = "persistent"
     PLATEAU = "plateau"
     WASHOUT = "washout"
-
-
-class Map(StrEnum):
-    """Parametric maps the histogram statistics are taken from."""
-
-    ADC = "adc"
-    DAPP = "dapp"
-    KAPP = "kapp"
-
-
-class Statistic(StrEnum):
-    """IBSI first-order statistics over the whole-tumour ROI."""
-
-    MEAN = "mean"
-    MEDIAN = "median"
-    P5 = "p5"
-    P95 = "p95"
-    SKEWNESS = "skewness"
-    KURTOSIS = "kurtosis"
-    ENTROPY = "entropy"
 
 
 ALL_LESION_TYPES: tuple[LesionType, ...] = (LesionType.MASS, LesionType.NME)
@@ -241,17 +231,6 @@ DESCRIPTORS: tuple[FeatureSpec, ...] = (
     ),
 )
 
-#: Plausible ranges. Diffusivities: the DKI fit bounds Dapp to (0, 3.5e-3] mm2/s; free water at
-#: body temperature is ~3.0e-3, so 4e-3 covers every fitted voxel. A value like 1.2 is a unit error
-#: (10^-3 mm2/s entered as mm2/s) and is rejected with a hint. Kapp is bounded to [0, 3] by the fit.
-#: Skewness/excess kurtosis bounds are generous: they only stop corrupt numbers. Entropy cannot
-#: exceed log2 of the bin count (140 bins for 3.5e-3 / 2.5e-5), so 12 bits is a safe ceiling.
-_DIFFUSIVITY_RANGE = (0.0, 4.0e-3)
-_KAPP_RANGE = (0.0, 3.0)
-_SKEWNESS_RANGE = (-30.0, 30.0)
-_KURTOSIS_RANGE = (-2.0, 1000.0)
-_ENTROPY_RANGE = (0.0, 12.0)
-
 _MAP_LABELS = {Map.ADC: "ADC", Map.DAPP: "Dapp", Map.KAPP: "Kapp"}
 _STAT_LABELS = {
     Statistic.MEAN: "mean",
@@ -262,47 +241,32 @@ _STAT_LABELS = {
     Statistic.KURTOSIS: "excess kurtosis (IBSI)",
     Statistic.ENTROPY: "entropy",
 }
-_LOCATION = (Statistic.MEAN, Statistic.MEDIAN, Statistic.P5, Statistic.P95)
 
 
-def _quantitative(map_: Map, stat: Statistic) -> FeatureSpec:
-    diffusivity = map_ in (Map.ADC, Map.DAPP)
-    if stat in _LOCATION:
-        unit = "mm2/s" if diffusivity else "1"
-        rng = _DIFFUSIVITY_RANGE if diffusivity else _KAPP_RANGE
-        display_unit = "10^-3 mm2/s" if diffusivity else "1"
-        scale = 1e3 if diffusivity else 1.0
-    elif stat is Statistic.ENTROPY:
-        unit, rng, display_unit, scale = "bit", _ENTROPY_RANGE, "bit", 1.0
-    else:
-        unit = "1"
-        rng = _SKEWNESS_RANGE if stat is Statistic.SKEWNESS else _KURTOSIS_RANGE
-        display_unit, scale = "1", 1.0
-    extra: dict[str, Any] = {"map": map_.value, "statistic": stat.value}
-    if stat is Statistic.ENTROPY:
+def _quantitative(q: QuantitativeFeature) -> FeatureSpec:
+    extra: dict[str, Any] = {"map": q.map.value, "statistic": q.statistic.value}
+    if q.bin_width is not None:
         extra["discretisation"] = {
-            "bin_width": BIN_WIDTH[map_],
-            "bin_min": 0.0,
-            "bin_width_unit": "mm2/s" if diffusivity else "1",
+            "bin_width": q.bin_width,
+            "bin_min": BIN_MIN,
+            "bin_width_unit": MAP_UNITS[q.map],
         }
+    map_label, stat_label = _MAP_LABELS[q.map], _STAT_LABELS[q.statistic]
     return FeatureSpec(
-        name=f"{map_.value}_{stat.value}",
+        name=q.name,
         kind=FeatureKind.NUMERIC,
-        label=f"{_MAP_LABELS[map_]} {_STAT_LABELS[stat]}",
-        description=f"{_STAT_LABELS[stat].capitalize()} of {_MAP_LABELS[map_]} in the tumour ROI.",
-        unit=unit,
-        display_unit=display_unit,
-        display_scale=scale,
-        range=rng,
+        label=f"{map_label} {stat_label}",
+        description=f"{stat_label.capitalize()} of {map_label} in the tumour ROI.",
+        unit=q.unit,
+        display_unit=q.display_unit,
+        display_scale=q.display_scale,
+        range=q.range,
         group="quantitative",
         extra=extra,
     )
 
 
-#: Fixed-bin-width discretisation for entropy, from 0 (IBSI "fixed bin size").
-BIN_WIDTH: dict[Map, float] = {Map.ADC: 2.5e-5, Map.DAPP: 2.5e-5, Map.KAPP: 0.025}
-
-QUANTITATIVE: tuple[FeatureSpec, ...] = tuple(_quantitative(m, s) for m in Map for s in Statistic)
+QUANTITATIVE: tuple[FeatureSpec, ...] = tuple(_quantitative(q) for q in _CONTRACT_FEATURES.values())
 
 FEATURES: dict[str, FeatureSpec] = {spec.name: spec for spec in (*DESCRIPTORS, *QUANTITATIVE)}
 DESCRIPTOR_NAMES: tuple[str, ...] = tuple(s.name for s in DESCRIPTORS)
@@ -312,40 +276,8 @@ TARGET = "her2_group"
 LESION_TYPE = "lesion_type"
 
 
-@dataclass(frozen=True)
-class FitSettings:
-    """DKI fit and discretisation settings the quantitative inputs assume.
-
-    Differences between HER2 groups are as small as the effect of changing these, so a model is
-    only valid for features computed with the same settings; every card records them.
-    """
-
-    method: str = "nls"
-    dki_bmin: float = 0.0
-    b_values: tuple[float, ...] = (0, 50, 800, 1000, 1500, 2000)
-    adc_b_values: tuple[float, ...] = (0, 800)
-    dapp_bounds: tuple[float, float] = (0.0, 3.5e-3)
-    kapp_bounds: tuple[float, float] = (0.0, 3.0)
-    kurtosis: str = "excess (IBSI)"
-    percentile_rule: str = "numpy linear"
-    bin_width: tuple[tuple[str, float], ...] = tuple((m.value, w) for m, w in BIN_WIDTH.items())
-    bin_min: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "dki_bmin": self.dki_bmin,
-            "b_values": list(self.b_values),
-            "b_value_unit": "s/mm2",
-            "adc_b_values": list(self.adc_b_values),
-            "bounds": {"dapp": list(self.dapp_bounds), "kapp": list(self.kapp_bounds)},
-            "kurtosis": self.kurtosis,
-            "percentile_rule": self.percentile_rule,
-            "discretisation": {"bin_width": dict(self.bin_width), "bin_min": self.bin_min},
-        }
-
-
-FIT_SETTINGS = FitSettings()
+#: The fit and discretisation settings the quantitative inputs assume (the card records them).
+FIT_SETTINGS = TrainingSettings()
 
 
 def list_features() -> dict[str, Any]:
@@ -353,7 +285,7 @@ def list_features() -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "target": {"name": TARGET, "values": [g.value for g in Her2Group]},
-        "fit_settings": FIT_SETTINGS.to_dict(),
+        "fit_settings": FIT_SETTINGS.to_card(),
         "features": [spec.to_dict() for spec in FEATURES.values()],
     }
 
@@ -402,39 +334,7 @@ def validate_value(name: str, value: object) -> InputValue:
                 name, f"unknown value {value!r}; allowed: {allowed} or empty"
             )
         return text
-    if type(value) is float:
-        number = value
-    elif value is None:
-        return math.nan
-    elif isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise FeatureValidationError(
-            name, f"expected a number, got {type(value).__name__} {value!r}"
-        )
-    elif isinstance(value, str):
-        text = value.strip()
-        if text == "":
-            return math.nan
-        try:
-            number = float(text)
-        except ValueError:
-            raise FeatureValidationError(name, f"expected a number, got {value!r}") from None
-    else:
-        number = float(value)
-    if math.isnan(number):
-        return math.nan
-    if math.isinf(number):
-        raise FeatureValidationError(name, "must be finite")
-    spec = FEATURES[name]
-    assert spec.range is not None
-    lo, hi = spec.range
-    if not lo <= number <= hi:
-        hint = ""
-        if spec.unit == "mm2/s" and number > hi and number * 1e-3 <= hi:
-            hint = f" (looks like 10^-3 mm2/s: give {number * 1e-3:.3g}, not {number:g})"
-        raise FeatureValidationError(
-            name, f"{number:g} {spec.unit} is outside the plausible range [{lo:g}, {hi:g}]{hint}"
-        )
-    return number
+    return check_feature_value(name, value)
 
 
 def validate_inputs(

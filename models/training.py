@@ -20,6 +20,7 @@ import onnxruntime
 import skl2onnx
 import sklearn
 
+from models.contract import TrainingSettings
 from models.data import Cohort
 from models.estimator import Her2LowClassifier
 from models.evaluation import (
@@ -109,6 +110,9 @@ class ModelInfo:
     training_data: str = "Locally labelled lesions (site cohort)."
     provenance: dict[str, Any] = field(default_factory=dict)
     extra_limitations: tuple[str, ...] = ()
+    #: The fit and discretisation settings the cohort's quantitative features were computed
+    #: with; the runtime refuses results computed otherwise (``models.contract``).
+    fit_settings: TrainingSettings = FIT_SETTINGS
 
 
 @dataclass
@@ -305,7 +309,7 @@ def build_card(trained: TrainedModel, cohort: Cohort, info: ModelInfo, onnx_sha2
         "inputs": inputs,
         "required_inputs": required,
         "schema_version": SCHEMA_VERSION,
-        "fit_settings": FIT_SETTINGS.to_dict(),
+        "fit_settings": info.fit_settings.to_card(),
         "training": trained.config.to_dict(),
         "selection": model.selection_,
         "coefficients": coefficients(model),

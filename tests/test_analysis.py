@@ -35,6 +35,7 @@ from dicom_node.analysis.series_analysis import (
     analyse,
 )
 from dicom_node.series.volume import DwiVolume
+from models.contract import DEFAULT_CONVENTIONS, Laterality, Provenance
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -61,8 +62,17 @@ def phantom() -> Phantom:
 
 def test_provenance_has_exactly_the_results_api_shape(phantom: Phantom) -> None:
     a = analyse(_dwi(phantom))
-    p = a.provenance
-    assert set(p) == {"b_values", "fit", "adc_b_values", "discretisation", "roi", "qc"}
+    p = a.provenance.model_dump(mode="json")  # the results API's own class, in its wire form
+    assert Provenance.model_validate(p) == a.provenance
+    assert set(p) == {
+        "b_values",
+        "fit",
+        "adc_b_values",
+        "discretisation",
+        "statistics",
+        "roi",
+        "qc",
+    }
     assert p["b_values"] == [0.0, 50.0, 800.0, 1000.0, 1500.0, 2000.0]
     assert p["fit"] == {
         "method": "nls",
@@ -71,9 +81,12 @@ def test_provenance_has_exactly_the_results_api_shape(phantom: Phantom) -> None:
     }
     assert p["adc_b_values"] == [0.0, 800.0]
     assert p["discretisation"] == {
+        "method": "fixed_bin_size",
         "bin_width": {"adc": 2.5e-05, "dapp": 2.5e-05, "kapp": 0.025},
         "bin_min": 0.0,
     }
+    assert p["statistics"] == {"kurtosis": "excess", "percentile_rule": "linear", "entropy_base": 2}
+    assert a.provenance.conventions == DEFAULT_CONVENTIONS  # what the reference model assumes
     assert set(p["roi"]) == {"source", "confirmed", "voxels", "volume_ml", "seg_series_uid"}
     assert set(p["qc"]) == {"flags", "problems"}
     assert set(p["qc"]["flags"]) == {"at_bound", "dk_bmax", "low_signal", "background"}
@@ -85,9 +98,9 @@ def test_auto_roi_pipeline(phantom: Phantom) -> None:
     a = analyse(_dwi(phantom))
     assert tuple(a.features) == FEATURE_NAMES
     assert all(np.isfinite(v) for v in a.features.values())
-    assert a.roi.source.value == "auto" and a.provenance["roi"]["confirmed"] is False
-    assert a.laterality == "L"
-    assert any("automatic" in s for s in a.provenance["qc"]["problems"])
+    assert a.roi.source.value == "auto" and a.provenance.roi.confirmed is False
+    assert a.laterality is Laterality.LEFT
+    assert any("automatic" in s for s in a.provenance.qc.problems)
     assert set(a.maps) == {"adc", "dapp", "kapp"}
     assert set(a.previews) == {
         f"{m}_{kind}.png" for m in ("adc", "dapp", "kapp") for kind in ("slice", "histogram")
@@ -112,15 +125,15 @@ def test_seg_pipeline_recovers_tumour_values(phantom: Phantom) -> None:
     assert a.roi.source.value == "seg" and a.roi.confirmed
     title = _png_text(a.previews["kapp_slice.png"])["Title"]
     assert title.startswith("Kapp — slice") and "unconfirmed" not in title
-    assert a.provenance["roi"]["seg_series_uid"] == seg.SeriesInstanceUID
-    assert a.provenance["roi"]["voxels"] == int(truth.sum())
+    assert a.provenance.roi.seg_series_uid == seg.SeriesInstanceUID
+    assert a.provenance.roi.voxels == int(truth.sum())
     f = a.features
     assert f["dapp_mean"] == pytest.approx(phantom.dapp[truth].mean(), abs=0.05e-3)
     assert f["kapp_median"] == pytest.approx(np.median(phantom.kapp[truth]), abs=0.08)
     assert f["adc_mean"] < f["dapp_mean"]  # ADC(0/800) sits below Dapp
     assert 0.5e-3 < f["adc_p5"] < f["adc_median"] < f["adc_p95"] < 2e-3
     assert f["kapp_entropy"] > 0 and f["dapp_entropy"] > 0
-    assert a.provenance["qc"]["flags"]["background"] == 0
+    assert a.provenance.qc.flags.background == 0
     # Only the ROI plus its margin was fitted (fast path); far-away tissue is untouched.
     fgt = phantom.tissue == Tissue.FGT
     assert np.count_nonzero(a.maps["dapp"][fgt]) < fgt.sum()
@@ -132,7 +145,7 @@ def test_seg_in_other_frame_of_reference_is_ignored(phantom: Phantom) -> None:
     seg = make_seg(mr_series(other), phantom.tissue == Tissue.TUMOUR)
     a = analyse(dwi, segs=[seg], settings=AnalysisSettings(previews=False))
     assert a.roi.source.value == "auto"
-    assert any("frame of reference" in s for s in a.provenance["qc"]["problems"])
+    assert any("frame of reference" in s for s in a.provenance.qc.problems)
     assert a.previews == {}
 
 
@@ -142,9 +155,13 @@ def test_settings_are_frozen_recorded_and_coerced(phantom: Phantom) -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.dki_bmin = 0.0  # type: ignore[misc]
     a = analyse(_dwi(phantom), settings=dataclasses.replace(s, previews=False))
-    assert a.provenance["fit"]["method"] == "wls"
-    assert a.provenance["fit"]["dki_bmin"] == 100.0
-    assert a.provenance["adc_b_values"] == [50.0, 1000.0]
+    assert a.provenance.fit.method == "wls"
+    assert a.provenance.fit.dki_bmin == 100.0
+    assert a.provenance.adc_b_values == (50.0, 1000.0)
+    assert DEFAULT_CONVENTIONS.differences(a.provenance.conventions) == [
+        "fit.dki_bmin: result 100.0, model 0.0",
+        "fit.method: result 'wls', model 'nls'",
+    ]
     assert a.fit.settings.bvals == (800.0, 1000.0, 1500.0, 2000.0)
     with pytest.raises(ValueError):
         AnalysisSettings(bin_width_kapp=0.0)
@@ -176,5 +193,5 @@ def test_unanalysable_series_raise_clear_errors(phantom: Phantom) -> None:
         assert "ROI" in str(exc)
     else:  # a noise speck may qualify; it must then be flagged as tiny and unconfirmed
         assert a.roi.confirmed is False and a.roi.voxels < 10
-        assert any("only" in s for s in a.provenance["qc"]["problems"])
+        assert any("only" in s for s in a.provenance.qc.problems)
     assert BVALS.size == 6

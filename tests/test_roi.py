@@ -57,7 +57,7 @@ def test_seg_on_dwi_grid_round_trips_through_a_file(dwi_geometry: Geometry, tmp_
     assert roi.volume_ml == pytest.approx(truth.sum() * 16.0 / 1000.0)
     assert roi.seg_series_uid == seg.SeriesInstanceUID
     assert roi.laterality is Laterality.LEFT
-    assert roi.provenance()["source"] == "seg"
+    assert roi.provenance().source is RoiSource.SEG
 
 
 def test_seg_drawn_on_another_grid_of_the_same_frame(dwi_geometry: Geometry) -> None:

@@ -12,8 +12,10 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from cds_service.auth import bearer_token
+from cds_service.cards import PredictionBasis
 from cds_service.errors import ApiError, IssueType
-from cds_service.schema import json_body, parse_descriptors, parse_result
+from cds_service.request_json import read_json
+from cds_service.schema import parse_descriptors, parse_result
 from cds_service.state import state
 from cds_service.store import CaseSnapshot, IngestStatus, NotFoundError
 
@@ -42,6 +44,7 @@ def case_summary(case: CaseSnapshot) -> dict[str, Any]:
             "variant": (row.prediction or {}).get("variant"),
             "model_version": (row.prediction or {}).get("model_version"),
             "error": row.error,
+            "not_scored": PredictionBasis.stored(row.basis).not_scored,
         }
     return {
         "result_id": case.result.id,
@@ -53,15 +56,15 @@ def case_summary(case: CaseSnapshot) -> dict[str, Any]:
         "laterality": case.result.laterality,
         "descriptors_entered": case.descriptors is not None,
         "review_flag": case.result.review_flag,
-        "features": case.revision.features,
-        "provenance": case.revision.provenance,
+        "features": case.features,
+        "provenance": case.provenance.model_dump(mode="json") if case.provenance else None,
         "prediction": prediction,
     }
 
 
 @bp.post("/results")
 def publish() -> tuple[Response, int]:
-    payload = parse_result(json_body(request))
+    payload = parse_result(read_json(request))
     st = state()
     result_id, status = st.store.ingest_result(payload)
     if status is not IngestStatus.UNCHANGED:
@@ -87,7 +90,7 @@ def get_case(result_id: str) -> Response:
 
 @bp.put("/cases/<result_id>/descriptors")
 def put_descriptors(result_id: str) -> tuple[Response, int]:
-    values, roi_confirmed, entered_by = parse_descriptors(json_body(request))
+    values, roi_confirmed, entered_by = parse_descriptors(read_json(request))
     st = state()
     try:
         version = st.store.add_descriptors(result_id, values, roi_confirmed, entered_by)

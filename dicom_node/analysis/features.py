@@ -10,19 +10,33 @@ features" and "intensity histogram features":
 - entropy −Σ p·log2 p over the occupied bins of the *discretised* histogram. Fixed bin size:
   bin = ⌊(x − bin_min)/w⌋ + 1 (bin_min defaults to the ROI minimum); fixed bin number:
   bin = ⌊N·(x − min)/(max − min)⌋ + 1, the maximum going into bin N.
+
+Feature names, units, the default bin widths and the conventions come from ``models.contract``,
+the results contract the service and the model card share.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from dicom_node.analysis.dki import FitFlag
+from models.contract import (
+    BIN_MIN,
+    BIN_WIDTH,
+    MAP_UNITS,
+    PERCENTILES,
+    QUANTITATIVE_NAMES,
+    BinningMethod,
+    KurtosisConvention,
+    Map,
+    PercentileRule,
+    Statistic,
+)
 
 __all__ = [
     "DEFAULT_BIN_MIN",
@@ -30,8 +44,8 @@ __all__ = [
     "FEATURE_NAMES",
     "MAPS",
     "STATISTICS",
+    "Binning",
     "BinningMethod",
-    "Discretisation",
     "KurtosisConvention",
     "MapFeatures",
     "discretise",
@@ -40,33 +54,22 @@ __all__ = [
     "map_features",
 ]
 
-MAPS = ("adc", "dapp", "kapp")
-STATISTICS = ("mean", "median", "p5", "p95", "skewness", "kurtosis", "entropy")
+MAPS: tuple[str, ...] = tuple(m.value for m in Map)
+STATISTICS: tuple[str, ...] = tuple(st.value for st in Statistic)
 #: The 21 feature names published with every result (``{map}_{statistic}``).
-FEATURE_NAMES = tuple(f"{m}_{s}" for m in MAPS for s in STATISTICS)
-#: Default fixed bin sizes: 0.025 ×10⁻³ mm²/s for ADC and Dapp (stored in mm²/s), 0.025 for Kapp.
-DEFAULT_BIN_WIDTHS: Mapping[str, float] = {"adc": 2.5e-5, "dapp": 2.5e-5, "kapp": 0.025}
-DEFAULT_BIN_MIN = 0.0
-UNITS: Mapping[str, str] = {"adc": "mm2/s", "dapp": "mm2/s", "kapp": "1"}
-
-
-class KurtosisConvention(StrEnum):
-    """IBSI reports excess kurtosis; PyRadiomics and MATLAB report Pearson's (excess + 3)."""
-
-    EXCESS = "excess"
-    PEARSON = "pearson"
-
-
-class BinningMethod(StrEnum):
-    """IBSI discretisation methods."""
-
-    FIXED_BIN_SIZE = "fixed_bin_size"
-    FIXED_BIN_NUMBER = "fixed_bin_number"
+FEATURE_NAMES = QUANTITATIVE_NAMES
+DEFAULT_BIN_WIDTHS: Mapping[str, float] = {m.value: w for m, w in BIN_WIDTH.items()}
+DEFAULT_BIN_MIN = BIN_MIN
+UNITS: Mapping[str, str] = {m.value: u for m, u in MAP_UNITS.items()}
 
 
 @dataclass(frozen=True)
-class Discretisation:
-    """The discretisation an entropy value was computed with (store it beside the value)."""
+class Binning:
+    """How one set of values was discretised for its entropy (store it beside the value).
+
+    The per-value record (with ``n_bins`` and ``below_bin_min``); the settings a result states
+    are ``models.contract.Discretisation``.
+    """
 
     method: BinningMethod
     bin_width: float | None = None
@@ -90,6 +93,7 @@ def _percentile_key(q: float) -> str:
 
 
 def feature_key(map_name: str, statistic: str) -> str:
+    """``{map}_{statistic}``; any percentile key (``p2_5``) is allowed, not only published ones."""
     return f"{map_name}_{statistic}"
 
 
@@ -99,7 +103,7 @@ def discretise(
     bin_width: float | None = None,
     bin_min: float | None = None,
     n_bins: int | None = None,
-) -> tuple[NDArray[np.int64], Discretisation]:
+) -> tuple[NDArray[np.int64], Binning]:
     """IBSI bin index (1-based) of every value, and the discretisation used.
 
     Give ``bin_width`` (fixed bin size, from ``bin_min`` or the minimum) or ``n_bins`` (fixed bin
@@ -116,7 +120,7 @@ def discretise(
             raise ValueError(f"bin_width must be > 0, got {bin_width}")
         lo = float(x.min()) if bin_min is None else float(bin_min)
         bins = np.floor((x - lo) / bin_width).astype(np.int64) + 1
-        return bins, Discretisation(
+        return bins, Binning(
             BinningMethod.FIXED_BIN_SIZE,
             bin_width=float(bin_width),
             bin_min=lo,
@@ -133,13 +137,13 @@ def discretise(
     else:
         bins = np.floor(n_bins * (x - lo) / (hi - lo)).astype(np.int64) + 1
         bins = np.minimum(bins, n_bins)
-    return bins, Discretisation(BinningMethod.FIXED_BIN_NUMBER, n_bins=int(n_bins))
+    return bins, Binning(BinningMethod.FIXED_BIN_NUMBER, n_bins=int(n_bins))
 
 
 def first_order(
     values: ArrayLike,
     *,
-    percentiles: Sequence[float] = (5, 95),
+    percentiles: Sequence[float] = PERCENTILES,
     kurtosis: KurtosisConvention | str = KurtosisConvention.EXCESS,
     bin_width: float | None = None,
     bin_min: float | None = None,
@@ -208,7 +212,7 @@ def map_features(
     flags: NDArray[np.uint8] | None = None,
     bin_widths: Mapping[str, float] = DEFAULT_BIN_WIDTHS,
     bin_min: float = DEFAULT_BIN_MIN,
-    percentiles: Sequence[float] = (5, 95),
+    percentiles: Sequence[float] = PERCENTILES,
     kurtosis: KurtosisConvention | str = KurtosisConvention.EXCESS,
 ) -> MapFeatures:
     """First-order features of each map (``adc``, ``dapp``, ``kapp``) over the ROI voxels.
@@ -262,7 +266,7 @@ def map_features(
             "bin_width": {k: float(bin_widths[k]) for k in MAPS},
             "bin_min": float(bin_min),
             "percentiles": [float(q) for q in percentiles],
-            "percentile_rule": "numpy linear interpolation",
+            "percentile_rule": PercentileRule.LINEAR.value,
             "kurtosis": KurtosisConvention(kurtosis).value,
             "entropy_base": 2,
         },

@@ -13,6 +13,7 @@ slice are also written into the PNG's text chunks so the review app and tests ca
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,13 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["best_slice", "histogram_png", "map_slice_png", "map_slice_title"]
+__all__ = [
+    "analysis_previews",
+    "best_slice",
+    "histogram_png",
+    "map_slice_png",
+    "map_slice_title",
+]
 
 _DPI = 100
 _ROI_COLOUR = "#ff2d2d"
@@ -176,3 +183,54 @@ def histogram_png(
         ax.text(0.98, 0.95, text, ha="right", va="top", fontsize=7, transform=ax.transAxes)
     fig.tight_layout()
     return _png(fig)
+
+
+#: Per map: label, display scale, unit shown, colour window (display units).
+_MAP_DISPLAY: dict[str, tuple[str, float, str, tuple[float, float]]] = {
+    "adc": ("ADC", 1e3, "10⁻³ mm²/s", (0.0, 3.0)),
+    "dapp": ("Dapp", 1e3, "10⁻³ mm²/s", (0.0, 3.5)),
+    "kapp": ("Kapp", 1.0, "unitless", (0.0, 2.0)),
+}
+
+
+def analysis_previews(
+    maps: Mapping[str, NDArray[np.float64]],
+    roi: NDArray[np.bool_],
+    *,
+    roi_confirmed: bool,
+    underlay: NDArray[Any],
+    shown: Mapping[str, NDArray[np.bool_]],
+    histogram_voxels: Mapping[str, NDArray[np.bool_]],
+    bin_widths: Mapping[str, float],
+    bin_min: float,
+) -> dict[str, bytes]:
+    """The review app's previews of one analysis: a slice and a ROI histogram per map.
+
+    Diffusivities are shown in 10⁻³ mm²/s, Kapp unitless (docs: units). ``shown[name]`` is where
+    the map was fitted (elsewhere it holds zeros); ``histogram_voxels[name]`` the voxels that
+    entered the features, binned with the features' bin widths.
+    """
+    out: dict[str, bytes] = {}
+    for name, (label, scale, unit, (lo, hi)) in _MAP_DISPLAY.items():
+        out[f"{name}_slice.png"] = map_slice_png(
+            maps[name],
+            roi,
+            underlay=underlay,
+            fitted=shown[name],
+            title=label,
+            roi_confirmed=roi_confirmed,
+            scale=scale,
+            unit_label=f"{label} ({unit})",
+            vmin=lo,
+            vmax=hi,
+        )
+        vals = maps[name][roi & histogram_voxels[name]]
+        out[f"{name}_histogram.png"] = histogram_png(
+            vals,
+            bin_width=bin_widths[name],
+            bin_min=bin_min,
+            scale=scale,
+            title=f"{label} in ROI ({vals.size} voxels)",
+            xlabel=f"{label} ({unit})",
+        )
+    return out

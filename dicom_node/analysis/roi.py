@@ -16,7 +16,6 @@ confirm it before it is trusted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import highdicom as hd
@@ -26,8 +25,10 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
 from dicom_node.analysis.adc import fit_adc
-from dicom_node.analysis.dki import background_mask, estimate_sigma, group_bvals, otsu_threshold
+from dicom_node.analysis.noise import background_mask, estimate_sigma, otsu_threshold
+from dicom_node.series.bvalues import bvalue_levels as group_bvals
 from dicom_node.series.volume import Geometry
+from models.contract import Laterality, RoiProvenance, RoiSource
 
 __all__ = [
     "Laterality",
@@ -39,18 +40,6 @@ __all__ = [
     "roi_from_seg",
     "seg_matches",
 ]
-
-
-class RoiSource(StrEnum):
-    SEG = "seg"
-    AUTO = "auto"
-
-
-class Laterality(StrEnum):
-    """Side of the patient (DICOM LPS: +x points to the patient's left)."""
-
-    LEFT = "L"
-    RIGHT = "R"
 
 
 @dataclass(frozen=True)
@@ -67,15 +56,15 @@ class Roi:
     volume_ml: float
     seg_series_uid: str | None
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self) -> RoiProvenance:
         """The ``roi`` object of the results API provenance."""
-        return {
-            "source": self.source.value,
-            "confirmed": self.confirmed,
-            "voxels": self.voxels,
-            "volume_ml": round(self.volume_ml, 4),
-            "seg_series_uid": self.seg_series_uid,
-        }
+        return RoiProvenance(
+            source=self.source,
+            confirmed=self.confirmed,
+            voxels=self.voxels,
+            volume_ml=round(self.volume_ml, 4),
+            seg_series_uid=self.seg_series_uid,
+        )
 
 
 def largest_component(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:

@@ -1,9 +1,9 @@
 """The quantitative pipeline for one DWI series: ROI, DKI and ADC fits, histogram features, QC.
 
-The output carries the 21 features and a ``provenance`` object in exactly the shape of the
-results API (docs/results-api.md): the fit method, b subsets, bounds and discretisation change
+The output carries the 21 features and a typed :class:`models.contract.Provenance` — the results
+API's own class (docs/results-api.md): the fit method, b subsets, bounds and discretisation change
 the numbers by as much as the HER2 groups differ (dki-and-features notes), so they travel with
-every result.
+every result. Defaults come from the contract; PNG previews are drawn by ``previews``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -20,19 +19,31 @@ from scipy import ndimage
 
 from dicom_node.analysis.adc import AdcFit, fit_adc
 from dicom_node.analysis.dki import (
-    DEFAULT_BOUNDS,
     Bounds,
     DkiFit,
     DkiMethod,
     DkiModel,
     FitFlag,
-    background_mask,
-    estimate_sigma,
 )
 from dicom_node.analysis.features import FEATURE_NAMES, MapFeatures, map_features
-from dicom_node.analysis.previews import histogram_png, map_slice_png
+from dicom_node.analysis.noise import background_mask, estimate_sigma
+from dicom_node.analysis.previews import analysis_previews
 from dicom_node.analysis.roi import Roi, auto_roi, roi_from_seg, seg_matches
 from dicom_node.series.volume import DwiVolume
+from models.contract import (
+    BIN_MIN,
+    BIN_WIDTH,
+    PIPELINE_VERSION,
+    Discretisation,
+    FitBounds,
+    FitSettings,
+    Laterality,
+    Map,
+    Provenance,
+    QcFlags,
+    QcReport,
+    StatisticConventions,
+)
 
 __all__ = [
     "PIPELINE_VERSION",
@@ -43,8 +54,9 @@ __all__ = [
     "analyse",
 ]
 
-#: Version of the numbers: bump when any default below or any algorithm changes them.
-PIPELINE_VERSION = "dki-1"
+_FIT = FitSettings()  # the contract's defaults, in the fit's own types
+_DEFAULT_METHOD = DkiMethod(_FIT.method)
+_DEFAULT_BOUNDS = Bounds(dapp=_FIT.bounds.dapp, kapp=_FIT.bounds.kapp)
 
 
 class AnalysisError(ValueError):
@@ -62,15 +74,15 @@ class FitRegion(StrEnum):
 class AnalysisSettings:
     """Fixed per model version (the HER2 signal is as small as the effect of these choices)."""
 
-    method: DkiMethod = DkiMethod.NLS
-    dki_bmin: float = 0.0
+    method: DkiMethod = _DEFAULT_METHOD
+    dki_bmin: float = _FIT.dki_bmin
     #: ADC b subset in s/mm²; ``None`` = lowest of b 0/50 present, and 800 (EUSOBI).
     adc_b_values: tuple[float, ...] | None = None
-    bounds: Bounds = DEFAULT_BOUNDS
-    bin_width_adc: float = 2.5e-5
-    bin_width_dapp: float = 2.5e-5
-    bin_width_kapp: float = 0.025
-    bin_min: float = 0.0
+    bounds: Bounds = _DEFAULT_BOUNDS
+    bin_width_adc: float = BIN_WIDTH[Map.ADC]
+    bin_width_dapp: float = BIN_WIDTH[Map.DAPP]
+    bin_width_kapp: float = BIN_WIDTH[Map.KAPP]
+    bin_min: float = BIN_MIN
     #: SEG segment to use (number or label); ``None`` = the first segment.
     segment: int | str | None = None
     fit_region: FitRegion = FitRegion.ROI_MARGIN
@@ -91,14 +103,34 @@ class AnalysisSettings:
     def bin_widths(self) -> dict[str, float]:
         return {"adc": self.bin_width_adc, "dapp": self.bin_width_dapp, "kapp": self.bin_width_kapp}
 
+    @property
+    def fit_settings(self) -> FitSettings:
+        """``provenance.fit`` of results computed with these settings."""
+        return FitSettings(
+            method=self.method.value,
+            dki_bmin=float(self.dki_bmin),
+            bounds=FitBounds(
+                dapp=(float(self.bounds.dapp[0]), float(self.bounds.dapp[1])),
+                kapp=(float(self.bounds.kapp[0]), float(self.bounds.kapp[1])),
+            ),
+        )
+
+    @property
+    def discretisation(self) -> Discretisation:
+        """``provenance.discretisation`` of results computed with these settings."""
+        return Discretisation(
+            bin_width={Map(k): float(v) for k, v in self.bin_widths.items()},
+            bin_min=float(self.bin_min),
+        )
+
 
 @dataclass
 class Analysis:
     """Everything the node publishes and shows for one DWI series."""
 
     features: dict[str, float]
-    provenance: dict[str, Any]
-    laterality: str | None
+    provenance: Provenance
+    laterality: Laterality | None
     roi: Roi
     maps: dict[str, NDArray[np.float64]]
     previews: dict[str, bytes]
@@ -214,30 +246,32 @@ def analyse(
     if roi.voxels < 20:
         problems.append(f"ROI has only {roi.voxels} voxels: histogram features are unstable")
 
-    provenance: dict[str, Any] = {
-        "b_values": [float(v) for v in dwi.bvals],
-        "fit": {
-            "method": s.method.value,
-            "dki_bmin": float(s.dki_bmin),
-            "bounds": s.bounds.to_dict(),
-        },
-        "adc_b_values": [float(v) for v in adc_fit.b_values],
-        "discretisation": {"bin_width": dict(s.bin_widths), "bin_min": float(s.bin_min)},
-        "roi": roi.provenance(),
-        "qc": {"flags": flags, "problems": list(problems)},
-    }
+    provenance = Provenance(
+        b_values=tuple(float(v) for v in dwi.bvals),
+        fit=s.fit_settings,
+        adc_b_values=tuple(float(v) for v in adc_fit.b_values),
+        discretisation=s.discretisation,
+        statistics=StatisticConventions(),  # map_features' defaults: IBSI excess, numpy linear
+        roi=roi.provenance(),
+        qc=QcReport(flags=QcFlags(**flags), problems=tuple(problems)),
+    )
     previews: dict[str, bytes] = {}
     if s.previews:
-        underlay = data[..., int(np.argmin(dwi.bvals))]
-        fitted = {
-            "adc": adc_fit.valid & ~bg,
-            "dki": region & ~dki_fit.has_flag(FitFlag.BACKGROUND),
-        }
-        previews = _previews(maps, roi, underlay, fitted, adc_fit.valid, s)
+        dki_fitted = region & ~dki_fit.has_flag(FitFlag.BACKGROUND)
+        previews = analysis_previews(
+            maps,
+            roi.mask,
+            roi_confirmed=roi.confirmed,
+            underlay=data[..., int(np.argmin(dwi.bvals))],
+            shown={"adc": adc_fit.valid & ~bg, "dapp": dki_fitted, "kapp": dki_fitted},
+            histogram_voxels={"adc": adc_fit.valid, "dapp": dki_fitted, "kapp": dki_fitted},
+            bin_widths=s.bin_widths,
+            bin_min=s.bin_min,
+        )
     return Analysis(
         features=features,
         provenance=provenance,
-        laterality=None if roi.laterality is None else roi.laterality.value,
+        laterality=roi.laterality,
         roi=roi,
         maps=maps,
         previews=previews,
@@ -248,46 +282,3 @@ def analyse(
         sigma=sigma,
         problems=problems,
     )
-
-
-def _previews(
-    maps: dict[str, NDArray[np.float64]],
-    roi: Roi,
-    underlay: NDArray[Any],
-    fitted: dict[str, NDArray[np.bool_]],
-    adc_valid: NDArray[np.bool_],
-    s: AnalysisSettings,
-) -> dict[str, bytes]:
-    """Map slices over the lowest-b image and ROI histograms (docs: units — diffusivities shown
-    in 10⁻³ mm²/s, Kapp unitless). Each map is coloured only where it was fitted: ADC on every
-    valid non-background voxel, Dapp/Kapp on the fit region; elsewhere they hold zeros. The
-    histograms keep the feature masks (ROI ∩ valid ADC, ROI ∩ fitted DKI)."""
-    out: dict[str, bytes] = {}
-    spec = {
-        "adc": ("ADC", 1e3, "10⁻³ mm²/s", (0.0, 3.0), fitted["adc"], adc_valid),
-        "dapp": ("Dapp", 1e3, "10⁻³ mm²/s", (0.0, 3.5), fitted["dki"], fitted["dki"]),
-        "kapp": ("Kapp", 1.0, "unitless", (0.0, 2.0), fitted["dki"], fitted["dki"]),
-    }
-    for name, (label, scale, unit, (lo, hi), shown, ok) in spec.items():
-        out[f"{name}_slice.png"] = map_slice_png(
-            maps[name],
-            roi.mask,
-            underlay=underlay,
-            fitted=shown,
-            title=label,
-            roi_confirmed=roi.confirmed,
-            scale=scale,
-            unit_label=f"{label} ({unit})",
-            vmin=lo,
-            vmax=hi,
-        )
-        vals = maps[name][roi.mask & ok]
-        out[f"{name}_histogram.png"] = histogram_png(
-            vals,
-            bin_width=s.bin_widths[name],
-            bin_min=s.bin_min,
-            scale=scale,
-            title=f"{label} in ROI ({vals.size} voxels)",
-            xlabel=f"{label} ({unit})",
-        )
-    return out

@@ -10,24 +10,27 @@ from __future__ import annotations
 import base64
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.analysis.outputs.identification import is_own_object
 from dicom_node.analysis.series_analysis import (
-    PIPELINE_VERSION,
+    Analysis,
     AnalysisError,
     AnalysisSettings,
     analyse,
 )
 from dicom_node.db import Instance, Series, SeriesState
+from dicom_node.jobs.export import ExportConfig, export_results
 from dicom_node.jobs.publish import publish
 from dicom_node.jobs.scheduler import reopen_series
 from dicom_node.series.assemble import AssemblyError, assemble_dwi, check_headers
+from dicom_node.series.headers import first_text, text
 from dicom_node.series.roles import SeriesRole, classify_series
+from models.contract import API_VERSION, PatientKey, ResultPayload
 
 _FIT_INPUT_ROLES = {role.value for role in SeriesRole if role.is_fit_input}
 _BUSY = (SeriesState.RECEIVING, SeriesState.QUEUED, SeriesState.ANALYSING)
@@ -52,6 +55,8 @@ class PipelineSettings:
     results_token: str
     quiet_seconds: float
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    #: Result objects (SR, SEG, maps) to DICOM destinations; ``None`` = none configured.
+    export: ExportConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -75,41 +80,41 @@ def _read(paths: list[str]) -> list[Dataset]:
     return [pydicom.dcmread(p) for p in sorted(paths)]
 
 
-def _iso_datetime(ds: Dataset) -> str:
-    raw = str(ds.get("AcquisitionDateTime", "") or "")
+def _acquired_at(ds: Dataset) -> dt.datetime:
+    """AcquisitionDateTime, else Series/Study date and time (naive: read as UTC); else now."""
+    raw = text(ds, "AcquisitionDateTime")
     if not raw:
-        date = str(ds.get("SeriesDate", "") or ds.get("StudyDate", "") or "")
-        time_ = str(ds.get("SeriesTime", "") or ds.get("StudyTime", "") or "000000")
+        date = first_text(ds, "SeriesDate", "StudyDate")
+        time_ = first_text(ds, "SeriesTime", "StudyTime", default="000000")
         raw = date + time_ if date else ""
     if len(raw) < 8:
-        return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return dt.datetime.now(dt.UTC).replace(microsecond=0)
     digits = raw.split(".")[0].ljust(14, "0")[:14]
-    when = dt.datetime.strptime(digits, "%Y%m%d%H%M%S")
-    return when.strftime("%Y-%m-%dT%H:%M:%S")
+    return dt.datetime.strptime(digits, "%Y%m%d%H%M%S")
 
 
-def build_payload(first: Dataset, analysis: Any, series_uid: str) -> dict[str, Any]:
-    """The results-API body (docs/results-api.md) for one analysed series."""
-    return {
-        "api_version": 1,
-        "pipeline_version": PIPELINE_VERSION,
-        "study_instance_uid": str(first.StudyInstanceUID),
-        "series_instance_uid": series_uid,
-        "accession_number": str(first.get("AccessionNumber", "") or ""),
-        "patient": {
-            "id": str(first.get("PatientID", "") or ""),
-            "issuer": str(first.get("IssuerOfPatientID", "") or ""),
-        },
-        "acquired_at": _iso_datetime(first),
-        "laterality": analysis.laterality,
-        "features": analysis.features,
-        "provenance": analysis.provenance,
+def build_payload(first: Dataset, analysis: Analysis, series_uid: str) -> ResultPayload:
+    """The results-API body (docs/results-api.md) for one analysed series, checked on build."""
+    return ResultPayload(
+        api_version=API_VERSION,
+        pipeline_version=analysis.pipeline_version,
+        study_instance_uid=str(first.StudyInstanceUID),
+        series_instance_uid=series_uid,
+        accession_number=text(first, "AccessionNumber"),
+        patient=PatientKey(
+            id=text(first, "PatientID"),
+            issuer=text(first, "IssuerOfPatientID"),
+        ),
+        acquired_at=_acquired_at(first),
+        laterality=analysis.laterality,
+        features=dict(analysis.features),
+        provenance=analysis.provenance,
         # map slices and histograms for the review page (PNG, base64)
-        "previews": {
+        previews={
             name.removesuffix(".png"): base64.b64encode(png).decode("ascii")
             for name, png in analysis.previews.items()
         },
-    }
+    )
 
 
 def _study_series(session: Session, study_uid: str) -> list[Series]:
@@ -127,6 +132,9 @@ def run_pipeline(
         siblings = _study_series(session, series.study_instance_uid)
     if not paths:
         raise Skipped("series has no instances")
+    if is_own_object(pydicom.dcmread(sorted(paths)[0], stop_before_pixels=True)):
+        # Our own SR/SEG/map routed back by a PACS: recognised by equipment identity.
+        raise Skipped("a result object this node produced: not analysed", role="own_result")
 
     if series.modality == "SEG":
         # A ROI arrived: diffusion series of the study analysed without it are re-opened.
@@ -162,13 +170,20 @@ def run_pipeline(
     with sessions() as session:
         for sib in siblings:
             if sib.modality == "SEG":
-                segs.extend(_read(_current_paths(session, sib.series_instance_uid)))
+                segs.extend(
+                    ds
+                    for ds in _read(_current_paths(session, sib.series_instance_uid))
+                    if not is_own_object(ds)
+                )
     try:
         analysis = analyse(dwi, segs=segs, settings=settings.analysis)
     except AnalysisError as exc:  # the data cannot support the fit (e.g. too few b-values)
         raise Skipped(f"cannot be analysed: {exc}", role=role) from exc
     payload = build_payload(datasets[0], analysis, series_uid)
     published = publish(settings.results_url, settings.results_token, payload)
+    export_results(
+        sessions, settings.export, analysis=analysis, dwi=dwi, datasets=datasets, segs=segs
+    )
     return PipelineOutcome(
         result_id=published.result_id, publish_status=published.status, role=role
     )

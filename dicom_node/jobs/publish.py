@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import requests
+
+from models.contract import ResultPayload
 
 
 class PublishError(RuntimeError):
@@ -23,12 +24,16 @@ class Published:
 
 
 def publish(
-    base_url: str, token: str, payload: dict[str, Any], *, timeout: float = 10.0
+    base_url: str, token: str, payload: ResultPayload, *, timeout: float = 10.0
 ) -> Published:
+    """POST one result in the contract's JSON form (the service validates it with the same class)."""
     url = base_url.rstrip("/") + "/api/v1/results"
     try:
         response = requests.post(
-            url, json=payload, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+            url,
+            json=payload.to_json(),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
         )
     except requests.RequestException as exc:
         raise PublishError(

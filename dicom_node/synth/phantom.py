@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from dicom_node.series.volume import Geometry
+from models.contract import Laterality
 
 __all__ = [
     "DK_MAX",
@@ -54,13 +55,6 @@ class LesionType(StrEnum):
 
     MASS = "mass"
     NME = "nme"  # non-mass enhancement, segmental and clumped
-
-
-class Laterality(StrEnum):
-    """Side of the tumour, coded as Laterality (0020,0060) would be (PS3.3 C.7.3.1)."""
-
-    RIGHT = "R"
-    LEFT = "L"
 
 
 @dataclass(frozen=True)
