@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from cds_service.prefetch import HER2_LOINC_CODES, bundle_resources
+from cds_service.prefetch import HER2_LOINC_CODES, bundle_resources, fhir_list, fhir_object
 
 _ZERO = re.compile(
     r"^(her-?2\s*)?(ihc\s*)?(score\s*)?(0\+?|negative\s*\(\s*0\s*\+?\s*\)|0\+?\s*\(\s*negative\s*\))$"
@@ -44,20 +44,20 @@ def _texts(obs: dict[str, Any]) -> list[str]:
     texts: list[str] = []
     if isinstance(obs.get("valueString"), str):
         texts.append(obs["valueString"])
-    concepts = [obs.get("valueCodeableConcept"), *list(obs.get("interpretation") or [])]
+    concepts = [obs.get("valueCodeableConcept"), *fhir_list(obs.get("interpretation"))]
     for concept in concepts:
         if not isinstance(concept, dict):
             continue
         if isinstance(concept.get("text"), str):
             texts.append(concept["text"])
-        for coding in concept.get("coding") or []:
+        for coding in fhir_list(concept.get("coding")):
             if isinstance(coding, dict):
                 texts.extend(v for k in ("display", "code") if isinstance(v := coding.get(k), str))
     return texts
 
 
 def _loinc(obs: dict[str, Any]) -> str | None:
-    for coding in (obs.get("code") or {}).get("coding") or []:
+    for coding in fhir_list(fhir_object(obs.get("code")).get("coding")):
         if (
             isinstance(coding, dict)
             and coding.get("system") == "http://loinc.org"
@@ -94,7 +94,8 @@ def latest_reading(bundle: Any) -> BiopsyReading:
     candidates = []
     for obs in bundle_resources(bundle, "Observation"):
         code = _loinc(obs)
-        if code is None or obs.get("status") not in _USABLE_STATUS:
+        status = obs.get("status")
+        if code is None or not isinstance(status, str) or status not in _USABLE_STATUS:
             continue
         candidates.append((_date(obs), code, obs))
     if not candidates:

@@ -8,10 +8,11 @@ registered on the app (not blueprints) so routing 404/405 are covered too (Flask
 from __future__ import annotations
 
 import logging
+import traceback
 from enum import StrEnum
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -117,5 +118,28 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        log.error("unhandled error", extra={"exc_class": type(exc).__name__}, exc_info=False)
+        """A bug, not bad input (bad input is refused as a 4xx where it is read).
+
+        The caller sees no detail; the log names the exception class, the endpoint and where it
+        was raised (file:line) so the bug can be found, but not the message, which may hold
+        request values (patient identifiers).
+        """
+        log.error(
+            "unhandled error",
+            extra={
+                "exc_class": type(exc).__name__,
+                "endpoint": request.endpoint if has_request_context() else None,
+                "raised_at": _raised_at(exc),
+            },
+            exc_info=False,
+        )
         return _json(operation_outcome("internal error", IssueType.EXCEPTION), 500)
+
+
+def _raised_at(exc: BaseException) -> str | None:
+    """``path:line`` of the innermost frame of the traceback (no values, no message)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return None
+    last = frames[-1]
+    return f"{last.filename}:{last.lineno}"

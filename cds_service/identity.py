@@ -32,7 +32,8 @@ def patient_keys(patient: Mapping[str, Any], issuer_systems: Mapping[str, str]) 
         by_system.setdefault(mapped, []).append(issuer)
     keys: list[tuple[str, str]] = []
     values_per_system: dict[str, set[str]] = {}
-    for ident in patient.get("identifier") or []:
+    identifiers = patient.get("identifier")
+    for ident in identifiers if isinstance(identifiers, list) else []:  # wrong type: none
         if not isinstance(ident, dict):
             continue
         system, value = ident.get("system"), ident.get("value")

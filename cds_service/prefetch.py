@@ -17,6 +17,7 @@ from typing import Any
 import requests
 
 from cds_service.errors import ApiError, IssueType
+from cds_service.request_json import JsonInputError, parse_json
 from cds_service.schema import HookRequest
 
 log = logging.getLogger(__name__)
@@ -125,9 +126,9 @@ class PrefetchResolver:
                 "prefetch fetch refused", extra={"key": key.value, "status": response.status_code}
             )
             return self._unavailable(key, required)
-        try:
-            value = response.json()
-        except ValueError:
+        try:  # the EHR's FHIR server is read as strictly as a request body
+            value = parse_json(response.content)
+        except JsonInputError:
             return self._unavailable(key, required)
         if not isinstance(value, dict) or is_operation_outcome(value):
             return self._unavailable(key, required)
@@ -145,6 +146,19 @@ class PrefetchResolver:
         return None
 
 
+def fhir_list(value: Any) -> list[Any]:
+    """A FHIR JSON array element as a list; a wrong type (a client's bug or attack) as empty.
+
+    Prefetched resources are read leniently, element by element, so one malformed element
+    costs that element, never the call (and never a 500)."""
+    return value if isinstance(value, list) else []
+
+
+def fhir_object(value: Any) -> dict[str, Any]:
+    """A FHIR JSON object element as a dict; a wrong type as empty (see ``fhir_list``)."""
+    return value if isinstance(value, dict) else {}
+
+
 def bundle_resources(bundle: Any, resource_type: str) -> list[dict[str, Any]]:
     """Resources of a type in a searchset Bundle (outcome entries and others skipped)."""
     if not isinstance(bundle, dict):
@@ -154,8 +168,34 @@ def bundle_resources(bundle: Any, resource_type: str) -> list[dict[str, Any]]:
     if bundle.get("resourceType") != "Bundle":
         return []
     found = []
-    for entry in bundle.get("entry") or []:
+    for entry in fhir_list(bundle.get("entry")):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if isinstance(resource, dict) and resource.get("resourceType") == resource_type:
             found.append(resource)
     return found
+
+
+def imaging_study_ids(bundle: Any) -> dict[str, str]:
+    """StudyInstanceUID → ImagingStudy id of the ``imaging`` prefetch (FHIR R4 ImagingStudy:
+    ``identifier`` ``system urn:dicom:uid``, ``value urn:oid:<StudyInstanceUID>``).
+
+    A UID named by two different ImagingStudy resources is left out: which one the estimate
+    came from would be a guess.
+    """
+    found: dict[str, str] = {}
+    clashing: set[str] = set()
+    for study in bundle_resources(bundle, "ImagingStudy"):
+        study_id = study.get("id")
+        if not isinstance(study_id, str) or not study_id:
+            continue
+        for ident in fhir_list(study.get("identifier")):
+            if not isinstance(ident, dict) or ident.get("system") != "urn:dicom:uid":
+                continue
+            value = ident.get("value")
+            if not isinstance(value, str):
+                continue
+            uid = value.removeprefix("urn:oid:")
+            if found.get(uid, study_id) != study_id:
+                clashing.add(uid)
+            found[uid] = study_id
+    return {uid: sid for uid, sid in found.items() if uid not in clashing}

@@ -16,11 +16,11 @@ import math
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Engine,
@@ -48,7 +48,8 @@ from cds_service.orm import (
     UsedJti,
     utcnow,
 )
-from cds_service.schema import FeedbackItem, ResultPayload
+from cds_service.schema import FeedbackItem
+from models.contract import Provenance, ResultPayload, read_features
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ RESULTS: Table = Result.__table__  # type: ignore[assignment]
 PREDICTIONS: Table = PredictionRow.__table__  # type: ignore[assignment]
 AUDIT: Table = AuditEvent.__table__  # type: ignore[assignment]
 JTI: Table = UsedJti.__table__  # type: ignore[assignment]
+
+_T = TypeVar("_T")
 
 
 class IngestStatus(StrEnum):
@@ -100,6 +103,15 @@ class ReviewFlag(StrEnum):
 
 class NotFoundError(LookupError):
     """No such case."""
+
+
+class UnknownCardError(NotFoundError):
+    """Feedback names a card this service never issued (``index``: its place in the batch)."""
+
+    def __init__(self, index: int, card: str) -> None:
+        super().__init__(f"feedback {index}: unknown card")
+        self.index = index
+        self.card = card
 
 
 def canonical_hash(data: Any) -> str:
@@ -211,6 +223,21 @@ class WriteGate:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+def _retry_on_conflict(write: Callable[[], _T], *, attempts: int) -> _T:
+    """Run a write transaction again when a concurrent writer took its unique key first.
+
+    Two service instances (or threads) may insert the same natural key at once; the loser's
+    transaction fails with an IntegrityError and, re-run, sees the winner's row.
+    """
+    for attempt in range(attempts):
+        try:
+            return write()
+        except IntegrityError:
+            if attempt == attempts - 1:
+                raise
+    raise ValueError("attempts must be at least 1")
+
+
 class _Replayed(Exception):
     """Internal: the jti insert hit the unique key; rolls back the whole call transaction."""
 
@@ -259,12 +286,18 @@ _INSERT_AUDIT: Insert = insert(AUDIT)
 
 @dataclass(frozen=True)
 class CaseSnapshot:
-    """Everything known about one case, read in one transaction."""
+    """Everything known about one case, read in one transaction.
+
+    ``provenance`` and ``features`` are the current revision's payload read back through the
+    results contract (``models.contract``); ``provenance`` is None for a row stored before it.
+    """
 
     result: Result
     revision: ResultRevision
     descriptors: DescriptorEntry | None
     prediction: PredictionRow | None
+    provenance: Provenance | None
+    features: dict[str, float | None]
 
 
 class Store:
@@ -280,15 +313,9 @@ class Store:
     # --- results -----------------------------------------------------------------------
     def ingest_result(self, payload: ResultPayload) -> tuple[str, IngestStatus]:
         """Store a published result; idempotent per (series, pipeline_version)."""
-        body = payload.model_dump(mode="json")
+        body = payload.to_json()
         digest = canonical_hash(body)
-        for attempt in range(2):
-            try:
-                return self._ingest(payload, body, digest)
-            except IntegrityError:
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        return _retry_on_conflict(lambda: self._ingest(payload, body, digest), attempts=2)
 
     def _ingest(
         self, payload: ResultPayload, body: dict[str, Any], digest: str
@@ -328,7 +355,7 @@ class Store:
             result.patient_id = payload.patient.id
             result.accession_number = payload.accession_number or None
             result.acquired_at = payload.acquired_at
-            result.laterality = payload.laterality
+            result.laterality = payload.laterality.value if payload.laterality else None
             result.updated_at = now
             s.flush()
             s.add(
@@ -338,7 +365,7 @@ class Store:
                     study_instance_uid=payload.study_instance_uid,
                     accession_number=payload.accession_number or None,
                     acquired_at=payload.acquired_at,
-                    laterality=payload.laterality,
+                    laterality=payload.laterality.value if payload.laterality else None,
                     features=json_safe(body["features"]),
                     provenance=json_safe(body["provenance"]),
                     previews=body.get("previews") or None,
@@ -382,6 +409,8 @@ class Store:
                 revision=revision,
                 descriptors=self._latest_descriptors(s, result_id),
                 prediction=self._latest_prediction(s, result_id),
+                provenance=Provenance.stored(revision.provenance),
+                features=read_features(revision.features),
             )
 
     @staticmethod
@@ -404,31 +433,6 @@ class Store:
 
     def worklist(self, limit: int = 200) -> list[CaseSnapshot]:
         return self.results_for_study(None)[:limit]
-
-    def results_for_patient(
-        self, keys: Iterable[tuple[str, str]]
-    ) -> list[tuple[Result, PredictionRow | None]]:
-        """Results whose (issuer, PatientID) is one of ``keys``, newest acquisition first."""
-        pairs = list(keys)
-        if not pairs:
-            return []
-        with self.sessions() as s:
-            rows = list(
-                s.scalars(
-                    select(Result)
-                    .where(
-                        or_(
-                            *(
-                                and_(Result.patient_issuer == issuer, Result.patient_id == pid)
-                                for issuer, pid in pairs
-                            )
-                        )
-                    )
-                    .order_by(Result.acquired_at.desc(), Result.updated_at.desc())
-                    .limit(50)
-                )
-            )
-            return [(r, self._latest_prediction(s, r.id)) for r in rows]
 
     def hook_rows(self, keys: Iterable[tuple[str, str]]) -> list[HookRow]:
         """Results of (issuer, PatientID) keys with their latest prediction's key, in one query.
@@ -468,39 +472,37 @@ class Store:
         self, result_id: str, values: dict[str, str], roi_confirmed: bool, entered_by: str
     ) -> int:
         """Append a descriptors version; returns its number."""
-        for attempt in range(3):
-            try:
-                with self.sessions.begin() as s:
-                    if s.get(Result, result_id) is None:
-                        raise NotFoundError(result_id)
-                    latest = s.scalar(
-                        select(func.max(DescriptorEntry.version)).where(
-                            DescriptorEntry.result_id == result_id
-                        )
+
+        def append() -> int:
+            with self.sessions.begin() as s:
+                if s.get(Result, result_id) is None:
+                    raise NotFoundError(result_id)
+                latest = s.scalar(
+                    select(func.max(DescriptorEntry.version)).where(
+                        DescriptorEntry.result_id == result_id
                     )
-                    version = (latest or 0) + 1
-                    s.add(
-                        DescriptorEntry(
-                            result_id=result_id,
-                            version=version,
-                            entered_by=entered_by,
-                            values=values,
-                            roi_confirmed=roi_confirmed,
-                        )
+                )
+                version = (latest or 0) + 1
+                s.add(
+                    DescriptorEntry(
+                        result_id=result_id,
+                        version=version,
+                        entered_by=entered_by,
+                        values=values,
+                        roi_confirmed=roi_confirmed,
                     )
-                    s.add(
-                        AuditEvent(
-                            actor=entered_by,
-                            action="descriptors-entered",
-                            result_id=result_id,
-                            detail={"version": version, "roi_confirmed": roi_confirmed},
-                        )
+                )
+                s.add(
+                    AuditEvent(
+                        actor=entered_by,
+                        action="descriptors-entered",
+                        result_id=result_id,
+                        detail={"version": version, "roi_confirmed": roi_confirmed},
                     )
-                    return version
-            except IntegrityError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+                )
+                return version
+
+        return _retry_on_conflict(append, attempts=3)
 
     def board_decision(
         self, result_id: str, decision: BoardDecision, reason: str, comment: str, reviewer: str
@@ -535,19 +537,22 @@ class Store:
 
     # --- feedback, audit, replay --------------------------------------------------------
     def record_feedback(self, items: Sequence[FeedbackItem], actor: str) -> tuple[int, int]:
-        """Store feedback; repeats (same card, outcome, timestamp) are ignored. → (new, repeats)."""
-        for attempt in range(2):
-            try:
-                return self._record_feedback(items, actor)
-            except IntegrityError:
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        """Store feedback; repeats (same card, outcome, timestamp) are ignored. → (new, repeats).
+
+        All or nothing: a card no prediction issued raises UnknownCardError and nothing of the
+        batch is stored, so made-up card ids never sit beside real feedback.
+        """
+        return _retry_on_conflict(lambda: self._record_feedback(items, actor), attempts=2)
 
     def _record_feedback(self, items: Sequence[FeedbackItem], actor: str) -> tuple[int, int]:
         new = repeats = 0
         with self.sessions.begin() as s:
-            for item in items:
+            for index, item in enumerate(items):
+                result_id = s.scalar(
+                    select(PredictionRow.result_id).where(PredictionRow.card_uuid == item.card)
+                )
+                if result_id is None:
+                    raise UnknownCardError(index, item.card)  # rolls the whole batch back
                 when = item.outcome_timestamp.astimezone(UTC)
                 seen = s.scalar(
                     select(Feedback.id).where(
@@ -559,9 +564,6 @@ class Store:
                 if seen is not None:
                     repeats += 1
                     continue
-                result_id = s.scalar(
-                    select(PredictionRow.result_id).where(PredictionRow.card_uuid == item.card)
-                )
                 reason = item.override_reason
                 s.add(
                     Feedback(

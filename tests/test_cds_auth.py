@@ -24,6 +24,7 @@ from test_cds_support import (
     Service,
     hook_body,
     is_operation_outcome,
+    issued_card,
     jwks,
     key,
     make_token,
@@ -60,9 +61,10 @@ def _assert_401(response: requests.Response) -> None:
 def test_es384_and_rs384_accepted_on_every_endpoint(service: Service, kind: str, path: str) -> None:
     token = make_token(service.url + path, kind=kind)
     if path.endswith("/feedback"):
+        card = issued_card(service)["uuid"]
         body = {
             "feedback": [
-                {"card": "c1", "outcome": "accepted", "outcomeTimestamp": "2026-11-25T10:00:00Z"}
+                {"card": card, "outcome": "accepted", "outcomeTimestamp": "2026-11-25T10:00:00Z"}
             ]
         }
         response = requests.post(

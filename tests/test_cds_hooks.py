@@ -12,13 +12,16 @@ from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import func, select
 from test_cds_support import (
     MASS_DESCRIPTORS,
     SERVICE_PATH,
+    ReviewClient,
     Service,
     her2_bundle,
     hook_body,
     is_operation_outcome,
+    issued_card,
     patient_resource,
     result_payload,
     running_fhir_server,
@@ -27,6 +30,8 @@ from test_cds_support import (
     stop_service,
     walk_empty,
 )
+
+from cds_service.orm import Feedback
 
 
 @pytest.fixture
@@ -111,8 +116,14 @@ def test_card_with_prefetch_present(service: Service) -> None:
     assert card["selectionBehavior"] == "at-most-one"
     (suggestion,) = card["suggestions"]
     uuid.UUID(suggestion["uuid"])
-    (action,) = suggestion["actions"]
-    assert action["type"] == "create"
+    action = suggestion["actions"][0]  # the Observation; its AI-transparency companions follow
+    assert {a["type"] for a in suggestion["actions"]} == {"create"}
+    assert [a["resource"]["resourceType"] for a in suggestion["actions"][1:]] == [
+        "DiagnosticReport",
+        "Provenance",
+        "Device",
+        "DocumentReference",
+    ]
     observation = action["resource"]
     assert observation["resourceType"] == "Observation"
     assert observation["subject"] == {"reference": "Patient/pat-1"}
@@ -133,7 +144,7 @@ def test_discordance_is_a_warning(service: Service) -> None:
     assert card["indicator"] == "warning"
     assert "HER2 0" in card["summary"] and len(card["summary"]) < 140
     # the review worklist shows the discordance flag afterwards
-    page = requests.get(service.url + "/review/", timeout=10).text
+    page = ReviewClient(service, "oncologist").get(service.url + "/review/").text
     assert "biopsy HER2 0 vs MRI HER2-low" in page
 
 
@@ -192,7 +203,7 @@ def test_descriptors_missing_card_links_to_form(service: Service) -> None:
 
 def test_descriptors_needed_card_when_runtime_gives_nothing(tmp_path: Path) -> None:
     class NoQuantitative:
-        def predict(self, inputs: Any) -> Any:
+        def predict(self, inputs: Any, *, conventions: Any = None) -> Any:
             raise ValueError("lesion_type: descriptors required by this model")
 
     svc = start_service(tmp_path, predictor=NoQuantitative())
@@ -477,7 +488,7 @@ def test_feedback_idempotent_and_shown_on_review_page(service: Service) -> None:
     assert first.status_code == 200 and first.json() == {"stored": 2, "repeats": 0}
     again = requests.post(service.url + path, json=body, headers=service.auth(path), timeout=10)
     assert again.status_code == 200 and again.json() == {"stored": 0, "repeats": 2}
-    page = requests.get(f"{service.url}/review/cases/{rid}", timeout=10).text
+    page = ReviewClient(service, "oncologist").get(f"{service.url}/review/cases/{rid}").text
     assert "IHC repeated last week" in page and "accepted" in page
     assert len(service.app.extensions["her2low_cds"].store.feedback_for(rid)) == 2
 
@@ -487,7 +498,7 @@ def test_feedback_flat_override_reason_parsed_leniently(service: Service) -> Non
     body = {
         "feedback": [
             {
-                "card": str(uuid.uuid4()),
+                "card": issued_card(service)["uuid"],
                 "outcome": "overridden",
                 "overrideReason": {"code": "disagree", "system": "urn:her2low:override-reason"},
                 "outcomeTimestamp": "2026-11-25T11:00:00Z",
@@ -505,6 +516,31 @@ def test_feedback_bad_outcome_400(service: Service) -> None:
     }
     response = requests.post(service.url + path, json=body, headers=service.auth(path), timeout=10)
     assert response.status_code == 400 and is_operation_outcome(response)
+
+
+def test_feedback_for_a_card_never_issued_refused_and_not_stored(service: Service) -> None:
+    """A made-up card id is refused (422 naming it); the whole batch is stored or nothing."""
+    card = issued_card(service)
+    path = SERVICE_PATH + "/feedback"
+    real = {"card": card["uuid"], "outcome": "accepted", "outcomeTimestamp": "2026-11-25T11:00:00Z"}
+    made_up = {**real, "card": str(uuid.uuid4())}
+    response = requests.post(
+        service.url + path,
+        json={"feedback": [real, made_up]},
+        headers=service.auth(path),
+        timeout=10,
+    )
+    assert response.status_code == 422 and is_operation_outcome(response), response.text
+    issue = response.json()["issue"][0]
+    assert issue["code"] == "not-found" and issue["expression"] == ["feedback.1.card"]
+    st = service.app.extensions["her2low_cds"]
+    with st.store.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Feedback)) == 0
+    # the real one alone is stored
+    alone = requests.post(
+        service.url + path, json={"feedback": [real]}, headers=service.auth(path), timeout=10
+    )
+    assert alone.status_code == 200 and alone.json() == {"stored": 1, "repeats": 0}
 
 
 def test_fhir_server_allow_list(tmp_path: Path, fhir_server: Any) -> None:

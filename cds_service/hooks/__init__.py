@@ -6,12 +6,14 @@ from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from cds_service.errors import ApiError
+from cds_service.errors import ApiError, IssueType
 from cds_service.hooks import patient_view
 from cds_service.hooks.auth import commit_call, jwt_required, jwt_required_deferred
 from cds_service.prefetch import PREFETCH_TEMPLATES
-from cds_service.schema import HookId, json_body, parse_feedback, parse_hook_request
+from cds_service.request_json import read_json
+from cds_service.schema import HookId, parse_feedback, parse_hook_request
 from cds_service.state import state
+from cds_service.store import UnknownCardError
 
 bp = Blueprint("hooks", __name__)
 
@@ -58,7 +60,7 @@ def discovery() -> Response:
 @jwt_required_deferred
 def call(service_id: str) -> Response:
     _known(service_id)
-    request_model = parse_hook_request(json_body(request))
+    request_model = parse_hook_request(read_json(request))
     answer = patient_view.handle(state(), request_model, commit_call)
     if isinstance(answer, bytes):  # a prepared card, already serialized
         return Response(answer, mimetype="application/json")
@@ -68,9 +70,19 @@ def call(service_id: str) -> Response:
 @bp.post("/cds-services/<service_id>/feedback")
 @jwt_required
 def feedback(service_id: str) -> Response:
+    """Store feedback on issued cards; a batch naming any other card is refused whole (422)."""
     _known(service_id)
-    parsed = parse_feedback(json_body(request))
+    parsed = parse_feedback(read_json(request))
     token = g.get("cds_token")
     actor = f"{token.iss}" if token is not None else "unauthenticated-dev"
-    new, repeats = state().store.record_feedback(parsed.feedback, actor)
+    try:
+        new, repeats = state().store.record_feedback(parsed.feedback, actor)
+    except UnknownCardError as exc:
+        where = f"feedback.{exc.index}.card"
+        raise ApiError(
+            422,
+            f"{where}: this service issued no card with that uuid; nothing was stored",
+            code=IssueType.NOT_FOUND,
+            expression=where,
+        ) from None
     return jsonify({"stored": new, "repeats": repeats})

@@ -8,24 +8,40 @@ light read query and one write transaction (jti + audit, through ``commit``).
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cds_service.biopsy import BiopsyHer2, BiopsyReading, latest_reading
-from cds_service.card_cache import CardTemplate, PreparedCard, Slot
+from cds_service.card_cache import CardTemplate, PreparedCard, Slot, dumps
 from cds_service.cards import (
     CardContext,
+    PredictionBasis,
     biopsy_line,
     build_prediction_card,
     descriptors_needed_card,
 )
 from cds_service.errors import ApiError
+from cds_service.fhir_transparency import (
+    DescriptorSource,
+    link_imaging_studies,
+    variant_model_card,
+)
 from cds_service.identity import AmbiguousIdentityError, patient_keys
-from cds_service.prefetch import PrefetchKey, PrefetchResolver, bundle_resources
+from cds_service.predictions import RuntimeUnavailableError
+from cds_service.prefetch import (
+    PrefetchKey,
+    PrefetchResolver,
+    bundle_resources,
+    fhir_list,
+    imaging_study_ids,
+)
 from cds_service.schema import HookRequest
 from cds_service.state import ServiceState
 from cds_service.store import AuditTuple, HookRow, ReviewFlag
+from cds_service.writeback import WritebackJob, server_allowed, writer_for
 from models.prediction import Prediction
 
 log = logging.getLogger(__name__)
@@ -63,7 +79,7 @@ def _patient(resolver: PrefetchResolver, request: HookRequest) -> dict[str, Any]
 def _all_keys(st: ServiceState, patient: dict[str, Any]) -> list[tuple[str, str]]:
     """Every (issuer, value) pair of a Patient, ignoring ambiguity (to find cases to hold)."""
     keys = []
-    for ident in patient.get("identifier") or []:
+    for ident in fhir_list(patient.get("identifier")):
         if isinstance(ident, dict) and isinstance(ident.get("value"), str):
             keys += [
                 (issuer, ident["value"])
@@ -120,12 +136,45 @@ def handle(st: ServiceState, request: HookRequest, commit: Commit) -> bytes | di
     body = template.render(
         {Slot.PATIENT_ID: request.context.patient_id, Slot.BIOPSY_LINE: biopsy_line(biopsy)}
     )
+    if prepared.needs_biopsy:  # a prediction card: name the EHR's ImagingStudy when it has one
+        study_ids = imaging_study_ids(resolver.get(PrefetchKey.IMAGING, required=False))
+        if study_ids:
+            body = dumps(link_imaging_studies(json.loads(body), study_ids)).encode()
     detail = {"card": prepared.card_uuid, "hookInstance": request.hook_instance}
     events: list[AuditTuple] = [(actor, "card-shown", row.result_id, detail)]
     if discordant:
         events.append((actor, "discordance-detected", row.result_id, detail))
     commit(events)
+    if prepared.needs_biopsy and st.settings.cds_fhir_writeback:
+        _write_back(st, request, body, row.result_id, prepared.card_uuid)
     return body
+
+
+def _write_back(
+    st: ServiceState, request: HookRequest, body: bytes, result_id: str, card_uuid: str
+) -> None:
+    """Queue the card's resources for the EHR's fhirServer (never blocks the response)."""
+    server = request.fhir_server
+    if server is None or not server_allowed(server, st.settings.cds_fhir_server_allowlist):
+        return
+    auth = request.fhir_authorization
+    writer = writer_for(
+        st,
+        st.store,
+        timeout=st.settings.cds_fhir_timeout_seconds,
+        attempts=st.settings.cds_fhir_writeback_attempts,
+    )
+    writer.submit(
+        WritebackJob(
+            server=server,
+            body=body,
+            result_id=result_id,
+            card_uuid=card_uuid,
+            hook_instance=request.hook_instance,
+            access_token=auth.access_token if auth is not None else None,
+            not_after=time.monotonic() + auth.expires_in if auth is not None else None,
+        )
+    )
 
 
 def _prepare(st: ServiceState, row: HookRow) -> PreparedCard:
@@ -136,7 +185,11 @@ def _prepare(st: ServiceState, row: HookRow) -> PreparedCard:
     if parts is None:
         return PreparedCard(row.card_uuid, None, None, needs_biopsy=False)
     prediction = Prediction.from_dict(parts.prediction) if parts.prediction else None
-    basis = parts.basis or {}
+    basis = PredictionBasis.stored(parts.basis)
+    if basis.not_scored:  # settings differ from the model's: no estimate, no card
+        return PreparedCard(
+            row.card_uuid, None, None, needs_biopsy=False, warning="result not scored"
+        )
     case_url = f"{st.base_url}/review/cases/{row.result_id}"
     ctx = CardContext(
         result_id=row.result_id,
@@ -144,14 +197,17 @@ def _prepare(st: ServiceState, row: HookRow) -> PreparedCard:
         acquired_at=row.acquired_at,
         computed_at=row.computed_at,
         laterality=row.laterality,
-        provenance={"roi": basis.get("roi"), "qc": basis.get("qc")},
+        roi=basis.roi,
+        qc=basis.qc,
         observation=parts.observation,
         observation_status=row.observation_status or "preliminary",
         case_url=case_url,
         descriptors_url=f"{case_url}#descriptors",
         model_card_url=f"{st.base_url}/review/model-card",
-        descriptors_entered=bool(basis.get("descriptors_entered")),
+        descriptors_entered=basis.descriptors_entered,
         biopsy=BiopsyReading(BiopsyHer2.UNKNOWN),
+        descriptors_source=_descriptor_source(st, row) if basis.descriptors_entered else None,
+        model_card_markdown=_model_card(st, prediction) if prediction is not None else None,
     )
     if prediction is not None:
 
@@ -178,3 +234,24 @@ def _prepare(st: ServiceState, row: HookRow) -> PreparedCard:
         needs_biopsy=False,
         warning="no prediction for case with descriptors",
     )
+
+
+def _descriptor_source(st: ServiceState, row: HookRow) -> DescriptorSource | None:
+    """Who entered the descriptors this prediction used (Provenance entity agent)."""
+    case = st.store.case(row.result_id)
+    if case is None or case.descriptors is None or case.prediction is None:
+        return None
+    if case.prediction.id != row.prediction_id:
+        return None  # a newer prediction appeared meanwhile; its own card will name its author
+    if case.prediction.descriptors_version != case.descriptors.version:
+        return None
+    entry = case.descriptors
+    return DescriptorSource(entry.entered_by, entry.version, entry.entered_at)
+
+
+def _model_card(st: ServiceState, prediction: Prediction) -> str | None:
+    """The Markdown model card of the prediction's model variant (None: a minimal one is used)."""
+    try:
+        return variant_model_card(st.runtime.get(), prediction)
+    except RuntimeUnavailableError:
+        return None
