@@ -1,7 +1,8 @@
 """A tiny FHIR R4 server for tests: a stand-in for an EHR's FHIR server.
 
 Serves Patient reads and Observation/ImagingStudy searches from in-memory resources on a free
-loopback port, and answers 401 unless the request carries ``Authorization: Bearer <token>``.
+loopback port, accepts a transaction Bundle POSTed to the base (creates, ``ifNoneExist`` by
+identifier honoured), and answers 401 unless the request carries ``Authorization: Bearer <token>``.
 It records the requests it saw so tests can check what the CDS service fetched. Not a FHIR
 implementation: only what the CDS service's prefetch templates ask for.
 """
@@ -27,6 +28,10 @@ class FhirTestServer:
     imaging_studies: list[dict[str, Any]] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
     delay_seconds: float = 0.0
+    # POST [base] of a transaction Bundle (the CDS service's write-back)
+    transactions: list[dict[str, Any]] = field(default_factory=list)
+    created: list[dict[str, Any]] = field(default_factory=list)
+    fail_transactions: int = 0  # answer this many transactions with 503 first
     _server: BaseWSGIServer | None = None
     _thread: threading.Thread | None = None
 
@@ -69,6 +74,8 @@ class FhirTestServer:
             }
             return self._json(outcome, 401)(environ, start_response)
         parts = request.path.strip("/").split("/")
+        if request.method == "POST" and parts == ["fhir"]:
+            return self._transaction(request)(environ, start_response)
         if parts[:1] != ["fhir"] or len(parts) < 2:
             return self._json({"resourceType": "OperationOutcome"}, 404)(environ, start_response)
         kind = parts[1]
@@ -101,3 +108,44 @@ class FhirTestServer:
         else:
             response = self._json({"resourceType": "OperationOutcome"}, 404)
         return response(environ, start_response)
+
+    def _transaction(self, request: Request) -> Response:
+        """POST [base] with a transaction Bundle: all entries created, or none (FHIR R4 §3.1.0.11)."""
+        try:
+            bundle = json.loads(request.get_data())
+        except ValueError:
+            return self._json({"resourceType": "OperationOutcome"}, 400)
+        if not isinstance(bundle, dict) or bundle.get("type") != "transaction":
+            return self._json({"resourceType": "OperationOutcome"}, 400)
+        self.transactions.append(bundle)
+        if self.fail_transactions > 0:
+            self.fail_transactions -= 1
+            return self._json({"resourceType": "OperationOutcome"}, 503)
+        answers = []
+        for entry in bundle.get("entry", []):
+            resource, req = entry["resource"], entry["request"]
+            condition = req.get("ifNoneExist", "")
+            existing = next(
+                (r for r in self.created if condition and _matches(r, req["url"], condition)), None
+            )
+            if existing is None:
+                existing = dict(resource, id=str(len(self.created) + 1))
+                self.created.append(existing)
+                status = "201 Created"
+            else:
+                status = "200 OK"
+            location = f"{existing['resourceType']}/{existing['id']}/_history/1"
+            answers.append({"response": {"status": status, "location": location}})
+        return self._json(
+            {"resourceType": "Bundle", "type": "transaction-response", "entry": answers}
+        )
+
+
+def _matches(resource: dict[str, Any], kind: str, condition: str) -> bool:
+    """``identifier=system|value`` against a stored resource of type ``kind``."""
+    name, _, wanted = condition.partition("=")
+    if name != "identifier" or resource.get("resourceType") != kind:
+        return False
+    return any(
+        f"{i.get('system')}|{i.get('value')}" == wanted for i in resource.get("identifier", [])
+    )

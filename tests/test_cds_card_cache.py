@@ -20,6 +20,7 @@ import requests
 from test_cds_support import (
     MASS_DESCRIPTORS,
     SERVICE_PATH,
+    ReviewClient,
     Service,
     her2_bundle,
     hook_body,
@@ -32,7 +33,8 @@ from test_cds_support import (
 
 from cds_service.biopsy import BiopsyHer2, BiopsyReading, latest_reading
 from cds_service.card_cache import CardCache, CardTemplate, PreparedCard, Slot
-from cds_service.cards import CardContext, prediction_card
+from cds_service.cards import CardContext, PredictionBasis, biopsy_line, build_prediction_card
+from cds_service.fhir_transparency import DescriptorSource
 from cds_service.orm import AuditEvent, UsedJti
 from models.prediction import Prediction
 
@@ -67,7 +69,7 @@ def _fresh_card(svc: Service, rid: str, pid: str, her2: Any) -> dict[str, Any]:
     st = _state(svc)
     case = st.store.case(rid)
     row = case.prediction
-    basis = row.basis or {}
+    basis = PredictionBasis.stored(row.basis)
     base = svc.url
     ctx = CardContext(
         result_id=rid,
@@ -75,16 +77,28 @@ def _fresh_card(svc: Service, rid: str, pid: str, her2: Any) -> dict[str, Any]:
         acquired_at=case.result.acquired_at,
         computed_at=row.computed_at,
         laterality=case.result.laterality,
-        provenance={"roi": basis.get("roi"), "qc": basis.get("qc")},
+        roi=basis.roi,
+        qc=basis.qc,
         observation=row.observation,
         observation_status=row.observation_status,
         case_url=f"{base}/review/cases/{rid}",
         descriptors_url=f"{base}/review/cases/{rid}#descriptors",
         model_card_url=f"{base}/review/model-card",
-        descriptors_entered=bool(basis.get("descriptors_entered")),
+        descriptors_entered=basis.descriptors_entered,
         biopsy=latest_reading(her2) if her2 else BiopsyReading(BiopsyHer2.UNKNOWN),
+        descriptors_source=(
+            DescriptorSource(
+                case.descriptors.entered_by, case.descriptors.version, case.descriptors.entered_at
+            )
+            if case.descriptors
+            else None
+        ),
     )
-    card = prediction_card(Prediction.from_dict(row.prediction), ctx, pid)
+    prediction = Prediction.from_dict(row.prediction)
+    discordant = prediction.above_threshold and ctx.biopsy.status is BiopsyHer2.ZERO
+    card = build_prediction_card(
+        prediction, ctx, pid, discordant=discordant, biopsy_text=biopsy_line(ctx.biopsy)
+    )
     # what goes over the wire: JSON (tuples become lists etc.)
     loaded: dict[str, Any] = json.loads(json.dumps(card))
     return loaded
@@ -150,15 +164,16 @@ def test_board_decision_replaces_the_cached_card(service: Service) -> None:
     assert shown["suggestions"][0]["actions"][0]["resource"]["status"] == "final"
     assert _card(service) == shown  # now cached
     url = f"{service.url}/review/cases/{rid}/decision"
-    form = {"decision": "amend", "reason": "descriptors-corrected", "reviewer": "dr-board"}
-    assert requests.post(url, data=form, timeout=10, allow_redirects=False).status_code == 303
+    board = ReviewClient(service, "oncologist", "dr-board")
+    form = {"decision": "amend", "reason": "descriptors-corrected"}
+    assert board.post(url, form, allow_redirects=False).status_code == 303
     amended = _card(service)
     assert amended["uuid"] != shown["uuid"]
     assert amended["suggestions"][0]["actions"][0]["resource"]["status"] == "amended"
     assert "Observation status amended" in amended["detail"]
     assert amended == _fresh_card(service, rid, "pat-1", None)
     form.update(decision="entered-in-error", reason="wrong-lesion")
-    requests.post(url, data=form, timeout=10, allow_redirects=False)
+    board.post(url, form, allow_redirects=False)
     assert _card(service) is None
 
 
