@@ -7,6 +7,7 @@ warns loudly when JWT checks are off (local development only).
 from __future__ import annotations
 
 import logging
+from enum import StrEnum
 from typing import Any
 
 from flask import Flask, Response, jsonify
@@ -16,6 +17,7 @@ from cds_service.cors import init_cors
 from cds_service.db import MIGRATIONS
 from cds_service.errors import register_error_handlers
 from cds_service.predictions import PredictionService, Predictor, RuntimeProvider
+from cds_service.request_json import MAX_BODY_BYTES
 from cds_service.state import EXTENSION_KEY, ServiceState
 from cds_service.store import Store
 from her2low.core.database import make_engine, session_factory
@@ -23,14 +25,27 @@ from her2low.core.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 16 * 1024 * 1024
+
+class AppPart(StrEnum):
+    """Which endpoints an app serves: all (one port, the default), or one side of a split."""
+
+    ALL = "all"
+    HOOKS = "hooks"  # CDS Hooks + results API: what the EHR and the node call
+    REVIEW = "review"  # the tumour-board web app: what clinicians' browsers open
 
 
-def create_app(settings: Settings | None = None, *, runtime: Predictor | None = None) -> Flask:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    runtime: Predictor | None = None,
+    part: AppPart = AppPart.ALL,
+) -> Flask:
     """Build the service app.
 
     ``runtime``: anything with ``predict(inputs) -> Prediction``; None loads
     ``models.runtime.ModelRuntime.load(settings.model_dir)`` on first use.
+    ``part``: with ``review_port`` set, the hooks port and the review port each get their own app
+    (``cds_service.wsgi``), so the hospital can expose one without the other.
     Raises ``her2low.core.database.NotMigratedError`` if the database is not at head.
     """
     settings = settings or load_settings()
@@ -76,9 +91,11 @@ def create_app(settings: Settings | None = None, *, runtime: Predictor | None = 
     from cds_service.results import bp as results_bp
     from cds_service.review import bp as review_bp
 
-    app.register_blueprint(hooks_bp)
-    app.register_blueprint(results_bp)
-    app.register_blueprint(review_bp)
+    if part is not AppPart.REVIEW:
+        app.register_blueprint(hooks_bp)
+        app.register_blueprint(results_bp)
+    if part is not AppPart.HOOKS:
+        app.register_blueprint(review_bp)  # brings sign-in, CSRF, host check (review.auth)
 
     @app.get("/healthz")
     def healthz() -> Response:

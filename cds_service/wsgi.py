@@ -15,7 +15,7 @@ from typing import Any
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
-from cds_service.app import create_app
+from cds_service.app import AppPart, create_app
 from cds_service.db import MIGRATIONS
 from her2low.core.logs import configure
 from her2low.core.settings import Settings, load_settings
@@ -26,17 +26,55 @@ _app: Flask | None = None
 _lock = threading.Lock()
 
 
-def production_app(settings: Settings) -> Flask:
+def production_app(settings: Settings, *, part: AppPart = AppPart.ALL) -> Flask:
     """The app with its model loaded and hash-checked now, not on the first hook call."""
     from cds_service.state import state
 
-    flask_app = create_app(settings)
+    flask_app = create_app(settings, part=part)
     with flask_app.app_context():
         try:
             state().runtime.get()
         except Exception:
             log.exception("model not loaded at start-up")
     return flask_app
+
+
+def review_split(settings: Settings) -> bool:
+    """True when the review app has its own address (``review_port``), apart from CDS Hooks."""
+    review = (settings.review_host or settings.cds_host, settings.review_port)
+    return settings.review_port != 0 and review != (settings.cds_host, settings.cds_port)
+
+
+class PortDispatcher:
+    """One app per listening port: gunicorn binds both ports, and a request is answered by the
+    app of the port it arrived on (the local socket, not the client-chosen ``Host`` header)."""
+
+    def __init__(self, by_port: dict[int, Flask]) -> None:
+        self.by_port = by_port
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        sock = environ.get("gunicorn.socket")
+        try:
+            port = int(sock.getsockname()[1]) if sock is not None else None
+        except (OSError, IndexError, TypeError):
+            port = None
+        target = self.by_port.get(port) if port is not None else None
+        if target is None:
+            start_response("421 Misdirected Request", [("Content-Type", "text/plain")])
+            return [b"no application on this port\n"]
+        return target(environ, start_response)
+
+
+def production_wsgi(settings: Settings) -> Flask | PortDispatcher:
+    """The one app, or with ``review_port`` a hooks-only and a review-only app by port."""
+    if not review_split(settings):
+        return production_app(settings)
+    return PortDispatcher(
+        {
+            settings.cds_port: production_app(settings, part=AppPart.HOOKS),
+            settings.review_port: production_app(settings, part=AppPart.REVIEW),
+        }
+    )
 
 
 def _get() -> Flask:
@@ -70,15 +108,24 @@ class _Gunicorn(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        return production_app(self.settings)
+        return production_wsgi(self.settings)
 
 
 def serve(settings: Settings, *, workers: int = 2) -> None:
     """Run the service under gunicorn on the configured address until stopped."""
+    from her2low.core.private_files import check_private, private_umask
+
+    private_umask()  # cds.db holds MRNs: nothing the service writes is readable by others
+    check_private(settings.home)
     # Fail fast in the parent on an un-migrated database rather than in every worker.
     MIGRATIONS.check_current(settings.cds_database_url)
     options = {
-        "bind": f"{settings.cds_host}:{settings.cds_port}",
+        "bind": [f"{settings.cds_host}:{settings.cds_port}"]
+        + (
+            [f"{settings.review_host or settings.cds_host}:{settings.review_port}"]
+            if review_split(settings)
+            else []
+        ),
         "workers": workers,
         # gthread: idle keep-alive connections wait in the worker's poller, not in a thread, so
         # an EHR that reuses connections skips the TCP handshake per hook call (a sync worker

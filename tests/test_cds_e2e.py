@@ -17,6 +17,7 @@ from test_cds_support import (
     FULL_FEATURES,
     MASS_DESCRIPTORS,
     RESULTS_TOKEN,
+    ReviewClient,
     her2_bundle,
     hook_body,
     patient_resource,
@@ -61,9 +62,10 @@ def test_real_runtime_end_to_end(tmp_path: Path) -> None:
         errors = list(fhir_validator().iter_errors(observation))
         assert not errors, [e.message[:200] for e in errors[:5]]
         assert observation["status"] == "final"
-        page = requests.get(f"{svc.url}/review/cases/{rid}", timeout=10)
+        board = ReviewClient(svc, "oncologist")
+        page = board.get(f"{svc.url}/review/cases/{rid}")
         assert page.status_code == 200
-        card_page = requests.get(f"{svc.url}/review/model-card", timeout=10)
+        card_page = board.get(f"{svc.url}/review/model-card")
         assert card_page.status_code == 200
         assert observation["contained"][0]["deviceName"][0]["name"] in card_page.text
     finally:

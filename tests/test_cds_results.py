@@ -12,6 +12,7 @@ import requests
 from test_cds_support import (
     MASS_DESCRIPTORS,
     RESULTS_TOKEN,
+    ReviewClient,
     Service,
     is_operation_outcome,
     result_payload,
@@ -154,14 +155,13 @@ def test_descriptors_unknown_case_404(service: Service) -> None:
 
 def test_worklist_and_case_page(service: Service) -> None:
     rid = service.publish(result_payload(previews=True)).json()["result_id"]
-    worklist = requests.get(service.url + "/review/", timeout=10)
+    board = ReviewClient(service, "radiologist")  # sees the descriptor form too
+    worklist = board.get(service.url + "/review/")
     assert worklist.status_code == 200 and "text/html" in worklist.headers["Content-Type"]
     assert "reference model, not clinically validated" in worklist.text.lower()
     assert rid in worklist.text and "fake-her2low" in worklist.text
-    assert (
-        requests.get(service.url + "/review", timeout=10, allow_redirects=False).status_code == 200
-    )
-    page = requests.get(f"{service.url}/review/cases/{rid}", timeout=10)
+    assert board.get(service.url + "/review", allow_redirects=False).status_code == 200
+    page = board.get(f"{service.url}/review/cases/{rid}")
     assert page.status_code == 200
     for text in (
         "ADC mean",
@@ -176,59 +176,51 @@ def test_worklist_and_case_page(service: Service) -> None:
         "<td>Dapp mean</td><td>1.2 ×10⁻³ mm²/s</td>",
     ):
         assert text in page.text, text
-    assert requests.get(service.url + "/review/model-card", timeout=10).status_code == 200
-    missing = requests.get(service.url + "/review/cases/nope", timeout=10)
+    assert board.get(service.url + "/review/model-card").status_code == 200
+    missing = board.get(service.url + "/review/cases/nope")
     assert missing.status_code == 404 and is_operation_outcome(missing)
 
 
 def test_review_form_invalid_keeps_values(service: Service) -> None:
     rid = service.publish(result_payload()).json()["result_id"]
-    form = {
-        "lesion_type": "nme",
-        "mass_shape": "irregular",
-        "entered_by": "dr-a",
-        "roi_confirmed": "yes",
-    }
-    response = requests.post(f"{service.url}/review/cases/{rid}/descriptors", data=form, timeout=10)
+    form = {"lesion_type": "nme", "mass_shape": "irregular", "roi_confirmed": "yes"}
+    response = ReviewClient(service).post(f"{service.url}/review/cases/{rid}/descriptors", form)
     assert response.status_code == 422
     assert "not saved" in response.text and "Mass shape" in response.text
     assert '<option value="irregular" selected>' in response.text  # nothing lost
-    assert 'value="dr-a"' in response.text
+    assert 'name="roi_confirmed" value="yes" checked' in response.text
 
 
 def test_review_form_partial_needs_confirmation(service: Service) -> None:
     rid = service.publish(result_payload()).json()["result_id"]
-    form = {"lesion_type": "mass", "mass_shape": "irregular", "entered_by": "dr-a"}
-    partial = requests.post(f"{service.url}/review/cases/{rid}/descriptors", data=form, timeout=10)
+    form = {"lesion_type": "mass", "mass_shape": "irregular"}
+    radiologist = ReviewClient(service, "radiologist", "dr-a")
+    url = f"{service.url}/review/cases/{rid}/descriptors"
+    partial = radiologist.post(url, form)
     assert partial.status_code == 422 and "Not entered: Mass margin" in partial.text
     assert '<option value="irregular" selected>' in partial.text
     form["allow_partial"] = "yes"
-    saved = requests.post(
-        f"{service.url}/review/cases/{rid}/descriptors",
-        data=form,
-        timeout=10,
-        allow_redirects=False,
-    )
+    saved = radiologist.post(url, form, allow_redirects=False)
     assert saved.status_code == 303
-    page = requests.get(service.url + saved.headers["Location"], timeout=10)
+    page = radiologist.get(service.url + saved.headers["Location"])
     assert "Descriptors saved" in page.text and "Version 1 entered by dr-a" in page.text
     case = requests.get(f"{service.url}/api/v1/cases/{rid}", headers=AUTH, timeout=10).json()
     assert case["prediction"]["variant"] == "combined"
     assert case["prediction"]["observation_status"] == "preliminary"  # ROI not confirmed
 
 
-def test_review_form_missing_name_and_cross_site(service: Service) -> None:
+def test_review_form_anonymous_forged_and_cross_site(service: Service) -> None:
     rid = service.publish(result_payload()).json()["result_id"]
+    url = f"{service.url}/review/cases/{rid}/descriptors"
     form = dict(MASS_DESCRIPTORS)
-    response = requests.post(f"{service.url}/review/cases/{rid}/descriptors", data=form, timeout=10)
-    assert response.status_code == 422 and "Entered by" in response.text
-    form["entered_by"] = "dr-a"
-    cross = requests.post(
-        f"{service.url}/review/cases/{rid}/descriptors",
-        data=form,
-        headers={"Origin": "https://evil.example.test"},
-        timeout=10,
-    )
+    anonymous = requests.post(url, data=form, timeout=10, allow_redirects=False)
+    assert anonymous.status_code == 400  # no CSRF token, no session
+    radiologist = ReviewClient(service, "radiologist", "dr-a")
+    forged = radiologist.post(url, {**form, "entered_by": "dr-someone-else"}, allow_redirects=False)
+    assert forged.status_code == 303
+    page = radiologist.get(f"{service.url}/review/cases/{rid}").text
+    assert "entered by dr-a" in page and "dr-someone-else" not in page  # the session decides
+    cross = radiologist.post(url, form, headers={"Origin": "https://evil.example.test"})
     assert cross.status_code == 403
 
 
@@ -238,13 +230,14 @@ def test_board_decision_amends_then_withdraws_the_observation(service: Service) 
     rid = service.publish(result_payload()).json()["result_id"]
     service.put_descriptors(rid, MASS_DESCRIPTORS, confirmed=True)
     url = f"{service.url}/review/cases/{rid}/decision"
-    incomplete = requests.post(url, data={"decision": "amend", "comment": "keep me"}, timeout=10)
+    board = ReviewClient(service, "oncologist", "dr-board")
+    incomplete = board.post(url, {"decision": "amend", "comment": "keep me"})
     assert incomplete.status_code == 422
     assert (
         "Reason: choose a coded reason" in incomplete.text and 'value="keep me"' in incomplete.text
     )
-    form = {"decision": "amend", "reason": "descriptors-corrected", "reviewer": "dr-board"}
-    assert requests.post(url, data=form, timeout=10, allow_redirects=False).status_code == 303
+    form = {"decision": "amend", "reason": "descriptors-corrected"}
+    assert board.post(url, form, allow_redirects=False).status_code == 303
     case = requests.get(f"{service.url}/api/v1/cases/{rid}", headers=AUTH, timeout=10).json()
     assert case["prediction"]["observation_status"] == "amended"
     body = hook_body(prefetch={"patient": patient_resource(), "her2": None})
@@ -252,9 +245,9 @@ def test_board_decision_amends_then_withdraws_the_observation(service: Service) 
     assert card["suggestions"][0]["actions"][0]["resource"]["status"] == "amended"
     form["decision"] = "entered-in-error"
     form["reason"] = "wrong-lesion"
-    requests.post(url, data=form, timeout=10)
+    board.post(url, form)
     assert service.post_hook(
         hook_body(prefetch={"patient": patient_resource(), "her2": None})
     ).json() == {"cards": []}
-    page = requests.get(f"{service.url}/review/cases/{rid}", timeout=10).text
+    page = board.get(f"{service.url}/review/cases/{rid}").text
     assert "board-amend" in page and "board-entered-in-error" in page and "dr-board" in page

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from cds_service.app import create_app
 from cds_service.db import MIGRATIONS
 from her2low.core.settings import Settings
+from models.contract import DEFAULT_CONVENTIONS, AnalysisConventions, SettingsMismatchError
 from models.prediction import Contribution, ModelVariant, Prediction
 
 ISSUER = "https://ehr.example.test"
@@ -110,9 +112,19 @@ class FakePredictor:
     def __init__(self) -> None:
         self.calls = 0
 
-    def predict(self, inputs: Mapping[str, str | float | None]) -> Prediction:
+    def predict(
+        self,
+        inputs: Mapping[str, str | float | None],
+        *,
+        conventions: AnalysisConventions | None = None,
+    ) -> Prediction:
         self.calls += 1
         from models import schema
+
+        if conventions is not None:  # trained, like the reference model, with the defaults
+            differences = DEFAULT_CONVENTIONS.differences(conventions)
+            if differences:
+                raise SettingsMismatchError(differences)
 
         present = {k: v for k, v in inputs.items() if v is not None and v != ""}
         desc = [n for n in schema.DESCRIPTOR_NAMES if n in present]
@@ -190,7 +202,17 @@ def result_payload(
         "features": {"adc_mean": adc_mean, "dapp_mean": 0.0012, "kapp_mean": 0.95, "adc_p5": None},
         "provenance": {
             "b_values": [0, 50, 800, 1000, 1500, 2000],
-            "fit": {"method": "nls", "dki_bmin": 0},
+            "fit": {
+                "method": "nls",
+                "dki_bmin": 0,
+                "bounds": {"dapp": [0, 0.0035], "kapp": [0, 3]},
+            },
+            "adc_b_values": [0, 800],
+            "discretisation": {
+                "bin_width": {"adc": 2.5e-05, "dapp": 2.5e-05, "kapp": 0.025},
+                "bin_min": 0,
+            },
+            "statistics": {"kurtosis": "excess", "percentile_rule": "linear", "entropy_base": 2},
             "roi": {"source": "seg", "confirmed": True, "voxels": 512, "volume_ml": 1.9},
             "qc": {"flags": {"at_bound": 3, "low_signal": 0}, "problems": []},
         },
@@ -437,6 +459,16 @@ def walk_empty(value: Any, path: str = "$") -> list[str]:
     return found
 
 
+def issued_card(service: Service, **payload: Any) -> dict[str, Any]:
+    """Publish a result and call the hook once: the card the service issued (for feedback)."""
+    published = service.publish(result_payload(**payload))
+    assert published.status_code == 201, published.text
+    answer = service.post_hook(hook_body(prefetch={"patient": patient_resource(), "her2": None}))
+    assert answer.status_code == 200, answer.text
+    (card,) = answer.json()["cards"]
+    return dict(card)
+
+
 def is_operation_outcome(response: requests.Response) -> bool:
     body = response.json()
     return (
@@ -444,3 +476,57 @@ def is_operation_outcome(response: requests.Response) -> bool:
         and body.get("resourceType") == "OperationOutcome"
         and bool(body.get("issue"))
     )
+
+
+# --- the review app, signed in ------------------------------------------------------------------
+
+REVIEW_PASSWORD = "a-long-test-password-1"
+_CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def csrf_token(html: str) -> str:
+    """The CSRF token of the first form of a review page."""
+    match = _CSRF.search(html)
+    assert match, "no csrf_token field on the page"
+    return match.group(1)
+
+
+def add_review_user(app: Any, username: str, role: str, password: str = REVIEW_PASSWORD) -> None:
+    """Create a review-app account directly (what ``her2low user add`` does)."""
+    app.extensions["her2low_review"].accounts.add_user(username, role, password)
+
+
+class ReviewClient:
+    """A browser-like ``requests`` session signed in to a running service's review app.
+
+    ``post`` adds the page's CSRF token, as the forms do; ``post_raw`` sends exactly ``data``.
+    """
+
+    def __init__(self, service: Service, role: str = "radiologist", username: str = "") -> None:
+        self.url = service.url
+        self.username = username or f"dr-{role}"
+        if service.app.extensions["her2low_review"].accounts.user(self.username) is None:
+            add_review_user(service.app, self.username, role)
+        self.http = requests.Session()
+        page = self.http.get(self.url + "/review/sign-in", timeout=10)
+        signed = self.http.post(
+            self.url + "/review/sign-in",
+            data={
+                "username": self.username,
+                "password": REVIEW_PASSWORD,
+                "csrf_token": csrf_token(page.text),
+            },
+            timeout=10,
+            allow_redirects=False,
+        )
+        assert signed.status_code == 303, signed.text
+        self.csrf = csrf_token(self.http.get(self.url + "/review/", timeout=10).text)
+
+    def get(self, url: str, **kwargs: Any) -> requests.Response:
+        return self.http.get(url, timeout=10, **kwargs)
+
+    def post(self, url: str, data: dict[str, Any], **kwargs: Any) -> requests.Response:
+        return self.http.post(url, data={**data, "csrf_token": self.csrf}, timeout=10, **kwargs)
+
+    def post_raw(self, url: str, data: dict[str, Any], **kwargs: Any) -> requests.Response:
+        return self.http.post(url, data=data, timeout=10, **kwargs)

@@ -1,20 +1,24 @@
 """Minimal tumour-board pages: worklist, case, descriptor form, model card (server-rendered).
 
 No JavaScript; forms post back and re-render with every entered value on error, so nothing is
-lost. Every page carries the "statistical estimate / reference model" banner.
+lost. Every page carries the "statistical estimate / reference model" banner. Every page needs a
+signed-in user and every form a CSRF token (:mod:`cds_service.review.auth`); who entered or
+decided is the session's user, never a form field.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit
 
 from flask import Blueprint, abort, redirect, render_template, request, url_for
 from werkzeug.datastructures import MultiDict
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from cds_service.cards import VARIANT_TEXT
+from cds_service import display
+from cds_service.accounts import Permission
+from cds_service.review import auth
+from cds_service.review.auth import login_required, permission_required, signed_in_user
 from cds_service.schema import validate_descriptor_values
 from cds_service.state import state
 from cds_service.store import BoardDecision, CaseSnapshot, NotFoundError
@@ -24,8 +28,6 @@ from models.prediction import Prediction
 bp = Blueprint(
     "review", __name__, url_prefix="/review", template_folder="templates", static_folder="static"
 )
-
-_SIDES = {"L": "left breast", "R": "right breast"}
 
 
 class BoardReason(StrEnum):
@@ -65,20 +67,12 @@ def _prediction(case: CaseSnapshot) -> Prediction | None:
     return Prediction.from_dict(row.prediction) if row is not None and row.prediction else None
 
 
-def _fmt(name: str, value: Any) -> str:
-    spec = feature_schema.FEATURES.get(name)
-    if value is None or spec is None:
-        return "—" if value is None else str(value)
-    if spec.is_categorical:
-        return dict(zip(spec.values, spec.value_labels, strict=True)).get(str(value), str(value))
-    unit = f" {spec.display_unit}" if spec.display_unit and spec.display_unit != "1" else ""
-    unit = unit.replace("10^-3 mm2/s", "×10⁻³ mm²/s")  # the schema's ASCII form, typeset
-    return f"{float(value) * spec.display_scale:.4g}{unit}"
+def _fmt(name: str, value: str | float | None) -> str:
+    """Pages show four significant digits and typeset units (cards: three, ASCII)."""
+    return display.format_value(name, value, digits=4, typeset=True)
 
 
-def _label(name: str) -> str:
-    spec = feature_schema.FEATURES.get(name)
-    return spec.label if spec else name
+_label = display.label
 
 
 def _descriptor_fields() -> list[dict[str, Any]]:
@@ -113,25 +107,24 @@ def _render_case(
 ) -> tuple[str, int]:
     st = state()
     prediction = _prediction(case)
-    provenance = case.revision.provenance or {}
-    roi = _section(provenance, "roi")
-    qc = _section(provenance, "qc")
+    provenance = case.provenance
+    qc = provenance.qc if provenance else None
     features = [
-        {"label": _label(n), "value": _fmt(n, case.revision.features.get(n))}
+        {"label": _label(n), "value": _fmt(n, case.features[n])}
         for n in feature_schema.QUANTITATIVE_NAMES
-        if n in (case.revision.features or {})
+        if n in case.features
     ]
     html = render_template(
         "review_case.html",
         case=case,
         reference=prediction.reference if prediction else True,
-        side=_SIDES.get(case.result.laterality or "", "not recorded"),
-        roi=roi,
-        qc_flags={k: v for k, v in (qc.get("flags") or {}).items() if v},
-        qc_problems=[str(p) for p in qc.get("problems") or []],
+        side=display.side(case.result.laterality, "not recorded"),
+        roi=provenance.roi if provenance else None,
+        qc_flags=qc.flags.raised() if qc else {},
+        qc_problems=list(qc.problems) if qc else [],
         previews=case.revision.previews or {},
         prediction=prediction,
-        variant_text=VARIANT_TEXT[prediction.variant] if prediction else "",
+        variant_text=display.VARIANT_TEXT[prediction.variant] if prediction else "",
         used=", ".join(_label(n) for n in prediction.inputs_used) if prediction else "",
         missing=", ".join(_label(n) for n in prediction.inputs_missing) if prediction else "",
         contributions=[
@@ -152,11 +145,6 @@ def _render_case(
     return html, status
 
 
-def _section(provenance: dict[str, Any], key: str) -> dict[str, Any]:
-    value = provenance.get(key)
-    return value if isinstance(value, dict) else {}
-
-
 def _load(result_id: str) -> CaseSnapshot:
     case = state().store.case(result_id)
     if case is None:
@@ -171,6 +159,7 @@ def _model_text(prediction: Prediction | None) -> str | None:
 
 
 @bp.get("/", strict_slashes=False)
+@login_required
 def worklist() -> str:
     st = state()
     discordant = st.store.discordant_results()
@@ -181,7 +170,7 @@ def worklist() -> str:
             {
                 "id": case.result.id,
                 "acquired": case.result.acquired_at.strftime("%Y-%m-%d"),
-                "side": _SIDES.get(case.result.laterality or "", "—"),
+                "side": display.side(case.result.laterality, "—"),
                 "percent": prediction.probability * 100 if prediction else None,
                 "above": prediction.above_threshold if prediction else False,
                 "model": _model_text(prediction),
@@ -195,35 +184,25 @@ def worklist() -> str:
 
 
 @bp.get("/cases/<result_id>")
+@login_required
 def case(result_id: str) -> tuple[str, int]:
     snapshot = _load(result_id)
     form: dict[str, str] = dict(snapshot.descriptors.values) if snapshot.descriptors else {}
     if snapshot.descriptors and snapshot.descriptors.roi_confirmed:
         form["roi_confirmed"] = "yes"
-    state().store.audit("review-app", "case-viewed", result_id)
+    state().store.audit(signed_in_user().username, "case-viewed", result_id)
     return _render_case(
         snapshot, form=form, errors=[], saved=request.args.get("saved") == "1", status=200
     )
 
 
-def _same_origin() -> bool:
-    """Refuse cross-site form posts (no session/CSRF token in this minimal app)."""
-    origin = request.headers.get("Origin")
-    if not origin or origin == "null":
-        return origin is None
-    return urlsplit(origin).netloc == request.host
-
-
 @bp.post("/cases/<result_id>/descriptors")
+@permission_required(Permission.ENTER_DESCRIPTORS)
 def save_descriptors(result_id: str) -> WerkzeugResponse | tuple[str, int]:
     snapshot = _load(result_id)
-    if not _same_origin():
-        abort(403, "cross-site form post refused")
     form = request.form
     errors: list[str] = []
-    entered_by = (form.get("entered_by") or "").strip()
-    if not entered_by:
-        errors.append("Entered by: give your name or user id.")
+    entered_by = signed_in_user().username
     raw = {spec.name: form.get(spec.name) or None for spec in feature_schema.DESCRIPTORS}
     values: dict[str, str] = {}
     try:
@@ -258,11 +237,10 @@ def save_descriptors(result_id: str) -> WerkzeugResponse | tuple[str, int]:
 
 
 @bp.post("/cases/<result_id>/decision")
+@permission_required(Permission.RECORD_DECISION)
 def board_decision(result_id: str) -> WerkzeugResponse | tuple[str, int]:
     """Tumour-board accept/override with a coded reason; the Observation status follows."""
     snapshot = _load(result_id)
-    if not _same_origin():
-        abort(403, "cross-site form post refused")
     form = request.form
     errors: list[str] = []
     decision: BoardDecision | None = None
@@ -275,9 +253,7 @@ def board_decision(result_id: str) -> WerkzeugResponse | tuple[str, int]:
         reason = BoardReason(form.get("reason", ""))
     except ValueError:
         errors.append("Reason: choose a coded reason.")
-    reviewer = (form.get("reviewer") or "").strip()
-    if not reviewer:
-        errors.append("Reviewer: give your name or user id.")
+    reviewer = signed_in_user().username
     comment = (form.get("comment") or "").strip()[:2000]
     if errors or decision is None or reason is None:
         current = dict(snapshot.descriptors.values) if snapshot.descriptors else {}
@@ -291,6 +267,10 @@ def board_decision(result_id: str) -> WerkzeugResponse | tuple[str, int]:
 
 
 @bp.get("/model-card")
+@login_required
 def model_card() -> str:
     text = state().runtime.model_card
     return render_template("review_model_card.html", card_text=text, reference=True)
+
+
+auth.install(bp)
