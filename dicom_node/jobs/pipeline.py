@@ -93,6 +93,15 @@ def _acquired_at(ds: Dataset) -> dt.datetime:
     return dt.datetime.strptime(digits, "%Y%m%d%H%M%S")
 
 
+def _study_date(ds: Dataset) -> dt.date | None:
+    """StudyDate (DA, ``YYYYMMDD``) as a date; None when absent or malformed."""
+    raw = text(ds, "StudyDate")
+    try:
+        return dt.datetime.strptime(raw[:8], "%Y%m%d").date() if len(raw) >= 8 else None
+    except ValueError:
+        return None
+
+
 def build_payload(first: Dataset, analysis: Analysis, series_uid: str) -> ResultPayload:
     """The results-API body (docs/results-api.md) for one analysed series, checked on build."""
     return ResultPayload(
@@ -104,8 +113,10 @@ def build_payload(first: Dataset, analysis: Analysis, series_uid: str) -> Result
         patient=PatientKey(
             id=text(first, "PatientID"),
             issuer=text(first, "IssuerOfPatientID"),
+            name=text(first, "PatientName")[:324] or None,
         ),
         acquired_at=_acquired_at(first),
+        study_date=_study_date(first),
         laterality=analysis.laterality,
         features=dict(analysis.features),
         provenance=analysis.provenance,

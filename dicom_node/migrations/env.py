@@ -3,6 +3,7 @@
 
 from alembic import context
 
+import dicom_node.jobs.export  # noqa: F401  (its Export table is on the same Base)
 from dicom_node.db import Base
 
 config = context.config

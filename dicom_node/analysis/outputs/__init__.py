@@ -1,0 +1,129 @@
+"""Results as standard DICOM objects (IHE AI Results style), written with highdicom.
+
+For one analysed DWI series: a TID 1500 Measurement Report (:mod:`.sr`), the automatic ROI as a
+SEG (:mod:`.seg`, only when the node proposed the ROI), and float Parametric Maps of ADC, Dapp
+and Kapp (:mod:`.parametric_maps`), all in the source's patient, study and frame of reference,
+each in a new series, with UIDs derived from the source (:mod:`.identification`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.analysis.features import MAPS
+from dicom_node.analysis.outputs.context import OutputContext, memoise_iod_lookups, source_images
+from dicom_node.analysis.outputs.identification import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    is_own_object,
+)
+from dicom_node.analysis.outputs.parametric_maps import build_parametric_map
+from dicom_node.analysis.outputs.seg import ROI_SEGMENT_NUMBER, build_roi_seg
+from dicom_node.analysis.outputs.sr import Likelihood, build_measurement_report
+from dicom_node.analysis.roi import RoiSource
+from dicom_node.analysis.series_analysis import Analysis
+from dicom_node.series.volume import DwiVolume
+
+__all__ = [
+    "Likelihood",
+    "ResultObjects",
+    "build_outputs",
+    "is_own_object",
+    "write_outputs",
+]
+
+
+@dataclass
+class ResultObjects:
+    """The objects of one analysed series: SR first, then the SEG (if written) and the maps."""
+
+    sr: Dataset
+    maps: dict[str, Dataset]
+    seg: Dataset | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def datasets(self) -> list[Dataset]:
+        return [self.sr, *([self.seg] if self.seg is not None else []), *self.maps.values()]
+
+    def write(self, folder: Path) -> list[Path]:
+        """Write every object as ``<Modality>_<SOPInstanceUID>.dcm`` (atomic rename each)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for ds in self.datasets:
+            ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+            ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+            path = folder / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
+            tmp = path.with_suffix(".tmp")
+            ds.save_as(tmp, enforce_file_format=True)
+            tmp.replace(path)
+            paths.append(path)
+        return paths
+
+
+def _roi_seg(analysis: Analysis, segs: Sequence[Dataset]) -> Dataset | None:
+    """The incoming SEG the ROI came from (same series UID), if any."""
+    if analysis.roi.source is not RoiSource.SEG:
+        return None
+    for ds in segs:
+        if str(ds.get("SeriesInstanceUID", "")) == analysis.roi.seg_series_uid:
+            return ds
+    return None
+
+
+def build_outputs(
+    analysis: Analysis,
+    dwi: DwiVolume,
+    datasets: Sequence[pydicom.Dataset],
+    *,
+    segs: Sequence[pydicom.Dataset] = (),
+    likelihood: Likelihood | None = None,
+) -> ResultObjects:
+    """SR, SEG (automatic ROI only) and the three Parametric Maps of one analysed series.
+
+    ``datasets`` are the DWI series' instances (the source images are picked from them);
+    ``segs`` the SEGs the analysis was given, so an incoming SEG is referenced rather than
+    re-written.
+    """
+    memoise_iod_lookups()
+    ctx = OutputContext(
+        analysis=analysis,
+        dwi=dwi,
+        sources=source_images(dwi, datasets),
+        roi_seg=_roi_seg(analysis, segs),
+    )
+    maps: dict[str, Dataset] = {name: build_parametric_map(ctx, name) for name in MAPS}
+    problems: list[str] = []
+    own_seg: Dataset | None = None
+    if ctx.roi_seg is not None:
+        seg, number = ctx.roi_seg, int(analysis.roi.segment_number or 1)
+    else:
+        if analysis.roi.source is RoiSource.SEG:
+            problems.append("the ROI's SEG was not among the datasets: an automatic SEG is written")
+        own_seg = build_roi_seg(ctx)
+        seg, number = own_seg, ROI_SEGMENT_NUMBER
+    sr = build_measurement_report(
+        ctx,
+        seg=seg,
+        segment_number=number,
+        maps=list(maps.values()),
+        likelihood=likelihood,
+    )
+    return ResultObjects(sr=sr, maps=maps, seg=own_seg, problems=problems)
+
+
+def write_outputs(
+    analysis: Analysis,
+    dwi: DwiVolume,
+    datasets: Sequence[pydicom.Dataset],
+    folder: Path,
+    *,
+    segs: Sequence[pydicom.Dataset] = (),
+) -> list[Path]:
+    """:func:`build_outputs` and write them to ``folder``; returns the paths (SR first)."""
+    return build_outputs(analysis, dwi, datasets, segs=segs).write(folder)

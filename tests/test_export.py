@@ -1,0 +1,372 @@
+"""Result objects to a real Orthanc (Debian package): same study, retries, dead letter, retry.
+
+The export queue lives in the node database; these tests drive it one pass at a time
+(:func:`dicom_node.jobs.export.run_due`), as the worker's export thread does every second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import requests
+
+from dicom_node.analysis.series_analysis import analyse
+from dicom_node.jobs import export
+from dicom_node.jobs.export import Destination, Export, ExportConfig, ExportPolicy, ExportState
+from dicom_node.series.assemble import assemble_dwi
+from dicom_node.synth import write_study
+from tests.conftest import free_port, require_tool
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@dataclass
+class Orthanc:
+    http: str
+    dicom_port: int
+
+    def get(self, path: str) -> Any:
+        response = requests.get(self.http + path, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def find_instance(self, sop_uid: str) -> list[str]:
+        response = requests.post(
+            self.http + "/tools/find",
+            json={"Level": "Instance", "Query": {"SOPInstanceUID": sop_uid}},
+            timeout=10,
+        )
+        response.raise_for_status()
+        return list(response.json())
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """Orthanc on free ports that rejects associations not addressed to AE title ORTHANC."""
+    require_tool("Orthanc")
+    folder = tmp_path / "orthanc"
+    folder.mkdir()
+    http_port, dicom_port = free_port(), free_port()
+    config = {
+        "Name": "her2low-export-test",
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "index"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "DicomCheckCalledAet": True,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [],
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    log = open(folder / "orthanc.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [shutil.which("Orthanc") or "Orthanc", str(folder / "config.json")],
+        cwd=folder,
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{http_port}/system", timeout=1)
+                break
+            except requests.RequestException:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError(
+                        "Orthanc did not start: " + (folder / "orthanc.log").read_text()[-2000:]
+                    ) from None
+                time.sleep(0.2)
+        yield Orthanc(f"http://127.0.0.1:{http_port}", dicom_port)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+@dataclass
+class Source:
+    study_uid: str
+    series_uid: str
+    files: list[Path]
+    analysis: Any
+    dwi: Any
+    datasets: list[pydicom.Dataset]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
+    folder = tmp_path_factory.mktemp("study")
+    manifest = write_study(folder, seed=9)
+    files = [folder / f for f in manifest.dwi.files]
+    datasets = [pydicom.dcmread(f) for f in files]
+    dwi = assemble_dwi(datasets)
+    return Source(
+        manifest.study_instance_uid,
+        manifest.dwi.series_instance_uid,
+        files,
+        analyse(dwi),
+        dwi,
+        datasets,
+    )
+
+
+def _storescu(orthanc: Orthanc, files: list[Path]) -> None:
+    result = subprocess.run(
+        ["storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port)]
+        + [str(f) for f in files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _sessions(home: Path) -> Any:
+    from her2low.core.database import make_engine, session_factory
+    from her2low.core.settings import load_settings
+
+    return session_factory(make_engine(load_settings().node_database_url))
+
+
+def _config(home: Path, dest: Destination, **policy: Any) -> ExportConfig:
+    return ExportConfig(
+        destinations=(dest,),
+        outputs_dir=home / "outputs",
+        policy=ExportPolicy(calling_aet="HER2LOW", timeout=5, **policy),
+    )
+
+
+def _rows(sessions: Any) -> list[Export]:
+    with sessions() as session:
+        rows = list(session.query(Export).order_by(Export.id))
+        session.expunge_all()
+        return rows
+
+
+def test_objects_land_in_the_source_study(home: Path, orthanc: Orthanc, source: Source) -> None:
+    require_tool("storescu")
+    _storescu(orthanc, source.files)
+    sessions = _sessions(home)
+    dest = Destination("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom_port)
+    config = _config(home, dest)
+    ids = export.export_results(
+        sessions, config, analysis=source.analysis, dwi=source.dwi, datasets=source.datasets
+    )
+    assert len(ids) == 1
+    # a retried analysis job queues nothing new (same SR UID, same destination)
+    assert not export.export_results(
+        sessions, config, analysis=source.analysis, dwi=source.dwi, datasets=source.datasets
+    )
+    assert export.run_due(sessions, config.destinations, config.policy) == [
+        (ids[0], ExportState.DONE)
+    ]
+    studies = orthanc.get("/studies")
+    assert len(studies) == 1
+    study = orthanc.get(f"/studies/{studies[0]}")
+    assert study["MainDicomTags"]["StudyInstanceUID"] == source.study_uid
+    series = [orthanc.get(f"/series/{s}") for s in study["Series"]]
+    modalities = sorted(s["MainDicomTags"].get("Modality", "") for s in series)
+    assert modalities == ["MR", "OT", "OT", "OT", "SEG", "SR"]
+    assert len(orthanc.get("/instances")) == len(source.files) + 5
+
+
+def test_refused_then_dead_then_retried_sends_each_object_once(
+    home: Path, orthanc: Orthanc, source: Source, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from her2low.cli import main
+
+    sessions = _sessions(home)
+    wrong = Destination("pacs", "NOT-ORTHANC", "127.0.0.1", orthanc.dicom_port)
+    config = _config(home, wrong, max_attempts=3, backoff_seconds=0.2)
+    (export_id,) = export.export_results(
+        sessions, config, analysis=source.analysis, dwi=source.dwi, datasets=source.datasets
+    )
+    states: list[ExportState] = []
+    waits: list[float] = []
+    deadline = time.monotonic() + 30
+    while ExportState.DEAD not in states and time.monotonic() < deadline:
+        for _, state in export.run_due(sessions, config.destinations, config.policy):
+            states.append(state)
+            (row,) = _rows(sessions)
+            waits.append(row.next_attempt_at - row.updated_at)
+        time.sleep(0.05)
+    assert states == [ExportState.PENDING, ExportState.PENDING, ExportState.DEAD]
+    assert waits[0] == pytest.approx(0.2, abs=0.01) and waits[1] == pytest.approx(0.4, abs=0.01)
+    (row,) = _rows(sessions)
+    assert row.attempts == 3 and row.last_error.startswith("rejected")
+    assert orthanc.get("/instances") == []
+    # dead letters stay dead: nothing is sent until someone retries
+    assert export.run_due(sessions, config.destinations, config.policy) == []
+
+    assert main(["export", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["counts"]["dead"] == 1 and listed["exports"][0]["id"] == export_id
+
+    fixed = Destination("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom_port)
+    assert main(["export", "retry", "--all"]) == 0
+    assert export.run_due(sessions, (fixed,), config.policy) == [(export_id, ExportState.DONE)]
+    # a second retry of a delivered export re-sends the same SOP Instance UIDs: no duplicates
+    assert main(["export", "retry", str(export_id)]) == 0
+    assert export.run_due(sessions, (fixed,), config.policy) == [(export_id, ExportState.DONE)]
+    (row,) = _rows(sessions)
+    uids = [
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in row.file_paths()
+    ]
+    assert len(uids) == 5
+    assert all(len(orthanc.find_instance(uid)) == 1 for uid in uids)
+    assert len(orthanc.get("/instances")) == 5
+
+
+def test_destinations_by_calling_aet_and_backoff() -> None:
+    everyone = Destination.from_dict({"ae_title": "PACS", "host": "h", "port": 104})
+    only = Destination.from_dict(
+        {"name": "mod", "ae_title": "PACS", "host": "h", "port": 104, "calling_aets": ["CT1"]}
+    )
+    assert everyone.name == "PACS@h:104" and everyone.serves("ANY")
+    assert only.serves("CT1") and not only.serves("MR2")
+    policy = ExportPolicy(calling_aet="X", backoff_seconds=30, backoff_max_seconds=100)
+    assert [policy.delay(n) for n in (1, 2, 3, 4)] == [30, 60, 100, 100]
+    from her2low.core.settings import ConfigurationError
+
+    with pytest.raises(ConfigurationError):
+        Destination.from_dict({"ae_title": "PACS", "host": "h"})
+
+
+def test_the_node_never_analyses_objects_it_produced(
+    home: Path, source: Source, tmp_path: Path
+) -> None:
+    """Our SR, SEG and maps routed back by a PACS are recognised by equipment identity."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicom_node.analysis.outputs import build_outputs
+    from dicom_node.jobs.pipeline import PipelineSettings, Skipped, run_pipeline
+    from dicom_node.receiving.ingest import Ingestor
+    from dicom_node.receiving.storage import FileStore
+    from her2low.core.settings import load_settings
+
+    settings = load_settings()
+    sessions = _sessions(home)
+    ingestor = Ingestor(FileStore(settings.storage_dir), sessions)
+    files = build_outputs(source.analysis, source.dwi, source.datasets).write(tmp_path / "own")
+    series = []
+    for path in files:  # renamed, as a PACS would: the file name plays no part
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ingestor.ingest(
+            path.read_bytes(),
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
+        series.append(str(ds.SeriesInstanceUID))
+    config = PipelineSettings(results_url="http://127.0.0.1:9", results_token="t", quiet_seconds=1)
+    for uid in series:
+        with pytest.raises(Skipped, match="result object this node produced") as skipped:
+            run_pipeline(sessions, uid, config)
+        assert skipped.value.role == "own_result"
+
+
+def test_worker_sends_results_of_a_received_study(tmp_path: Path, orthanc: Orthanc) -> None:
+    """The whole path: storescu → node → worker (analysis, objects, export thread) → Orthanc."""
+    from tests.system import running_system
+
+    require_tool("storescu")
+    destinations = [
+        {
+            "name": "pacs",
+            "ae_title": "ORTHANC",
+            "host": "127.0.0.1",
+            "port": orthanc.dicom_port,
+            "calling_aets": ["PACS"],
+        }
+    ]
+    with running_system(
+        tmp_path,
+        HER2LOW_NODE_EXPORT_DESTINATIONS=json.dumps(destinations),
+        HER2LOW_NODE_EXPORT_BACKOFF_SECONDS="1",
+    ) as system:
+        study = tmp_path / "study"
+        made = system.run("synth", "--out", str(study), "--seed", "12")
+        assert made.returncode == 0, made.stderr
+        sent = subprocess.run(
+            [
+                "storescu",
+                "-aet",
+                "PACS",
+                "-aec",
+                "HER2LOW",
+                "+sd",
+                "+r",
+                "-xe",
+                "-R",
+                "127.0.0.1",
+                str(system.node_port),
+                str(study / "dwi"),
+                str(study / "seg"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 240
+        listed: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            out = system.run("export", "list", "--json")
+            if out.returncode == 0:
+                listed = json.loads(out.stdout)
+                if listed["counts"]["done"]:
+                    break
+            time.sleep(2)
+        assert listed.get("counts", {}).get("done") == 1, system.logs()
+    manifest = json.loads((study / "manifest.json").read_text())
+    studies = orthanc.get("/studies")
+    assert len(studies) == 1
+    tags = orthanc.get(f"/studies/{studies[0]}")["MainDicomTags"]
+    assert tags["StudyInstanceUID"] == manifest["study_instance_uid"]
+    # SR + 3 maps: the study's own SEG is referenced by the SR, not copied
+    assert len(orthanc.get("/instances")) == 4
+
+
+def test_a_silent_destination_times_out_and_is_retried_later(home: Path, source: Source) -> None:
+    """A peer that accepts TCP but never answers costs one timeout, not a stuck thread."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    try:
+        port = listener.getsockname()[1]
+        sessions = _sessions(home)
+        dest = Destination("silent", "PACS", "127.0.0.1", port)
+        policy = ExportPolicy(calling_aet="HER2LOW", timeout=1.0, backoff_seconds=60)
+        (export_id,) = export.schedule(
+            sessions,
+            destinations=[dest],
+            paths=source.files[:1],
+            batch_key="k",
+            study_uid=source.study_uid,
+            source_series_uid=source.series_uid,
+            calling_aet="",
+        )
+        started = time.monotonic()
+        assert export.run_due(sessions, [dest], policy) == [(export_id, ExportState.PENDING)]
+        assert time.monotonic() - started < 10
+        (row,) = _rows(sessions)
+        assert row.last_error.startswith("unreachable") and row.next_attempt_at > time.time() + 50
+    finally:
+        listener.close()
