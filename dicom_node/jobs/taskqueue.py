@@ -11,6 +11,7 @@ from typing import Any
 
 from huey import Huey, RedisHuey, SqliteHuey
 
+from her2low.core.private_files import create_private_file
 from her2low.core.settings import Settings
 
 TASK_NAME = "her2low.analyse_series"
@@ -21,7 +22,7 @@ def make_huey(settings: Settings) -> Huey:
         return RedisHuey("her2low", url=settings.queue_url)
     if settings.queue_url:
         raise ValueError("HER2LOW_QUEUE_URL must be empty (SQLite) or a redis:// URL")
-    settings.home.mkdir(parents=True, exist_ok=True)
+    create_private_file(settings.queue_path)  # 0640: SQLite gives -wal/-shm the same mode
     return SqliteHuey("her2low", filename=str(settings.queue_path), fsync=True)
 
 

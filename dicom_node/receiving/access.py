@@ -5,6 +5,11 @@ rejected-permanent, source DICOM UL service-user, reason "calling AE title not r
 or "called AE title not recognised" (7). A known AE title calling from a host that is not
 listed for it is, to the standard, an unrecognised calling AE: reason 3.
 
+Past the per-calling-AE or per-host association limit (:class:`AssociationLimits`) a request is
+refused as pynetdicom refuses one past the total limit: rejected-transient, source DICOM UL
+service-provider (presentation related function), reason "local-limit-exceeded" (2), so one
+peer cannot hold every slot and the refused sender knows to retry later.
+
 Allow-list entries (``HER2LOW_NODE_ALLOWED_CALLING_AETS``, a JSON list):
 
 - ``"ORTHANC"``: this AE title from any host;
@@ -53,6 +58,14 @@ class RejectReason(IntEnum):
     APPLICATION_CONTEXT_NOT_SUPPORTED = 0x02
     CALLING_AE_TITLE_NOT_RECOGNIZED = 0x03
     CALLED_AE_TITLE_NOT_RECOGNIZED = 0x07
+
+
+class ProviderRejectReason(IntEnum):
+    """A-ASSOCIATE-RJ Reason/Diag. when the source is the service-provider's presentation
+    related function (PS3.8 Table 9-21)."""
+
+    TEMPORARY_CONGESTION = 0x01
+    LOCAL_LIMIT_EXCEEDED = 0x02
 
 
 def resolve_host(name: str) -> list[str]:
@@ -147,6 +160,29 @@ class AccessPolicy:
         if self.allowed and not any(e.admits(calling, address) for e in self.allowed):
             return RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED
         return None
+
+
+@dataclass(frozen=True)
+class AssociationLimits:
+    """Concurrent associations one calling AE title, and one peer address, may hold."""
+
+    per_calling_aet: int
+    per_host: int
+
+    def exceeded(self, calling: str, address: str, others: Iterable[tuple[str, str]]) -> str:
+        """'' when a new association from ``calling`` at ``address`` fits beside ``others``
+        (calling AE title, address of each association already held), else the limit's name."""
+        calling = calling.strip()
+        host = _normalise(address) or address
+        same_aet = same_host = 0
+        for other_aet, other_address in others:
+            same_aet += other_aet.strip() == calling
+            same_host += (_normalise(other_address) or other_address) == host
+        if same_aet >= self.per_calling_aet:
+            return "node_max_associations_per_aet"
+        if same_host >= self.per_host:
+            return "node_max_associations_per_host"
+        return ""
 
 
 def describe(entries: Sequence[AllowEntry]) -> list[str]:

@@ -7,7 +7,6 @@ code so that it can be tested and benchmarked without an association.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -17,25 +16,42 @@ from typing import cast
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState
+from dicom_node.receiving.checks import (
+    EXTENDED_OFFSET_TABLE,
+    PIXEL_DATA,
+    UNDEFINED_LENGTH,
+    PixelElement,
+    TooLarge,
+    encapsulated_problem,
+    inflated_size_within,
+    native_length_problem,
+    pixel_element,
+)
 from dicom_node.receiving.status import StoreStatus
-from dicom_node.receiving.storage import FileStore, StorageFull, digest
+from dicom_node.receiving.storage import FileStore, StorageFull, digest, same_content
+from dicom_node.series.headers import text
 
 log = logging.getLogger(__name__)
 
-UNDEFINED_LENGTH = 0xFFFFFFFF
+#: Default of ``node_max_instance_bytes``: holds any breast MRI instance, multi-frame included.
+DEFAULT_MAX_INSTANCE_BYTES = 1 << 30
+#: Transfer syntax UID -> encapsulated? (pydicom's lookup costs more than the check itself)
+_COMPRESSED: dict[str, bool] = {}
+_DEFLATED = DeflatedExplicitVRLittleEndian.encode()
 _INSTANCES = cast(Table, Instance.__table__)
 _SERIES = cast(Table, Series.__table__)
 _JOBS = cast(Table, Job.__table__)
 
 # Built once: constructing SQL expressions cost more per C-STORE than executing them.
 _LATEST_VERSION = (
-    select(_INSTANCES.c.id, _INSTANCES.c.version, _INSTANCES.c.sha256)
+    select(_INSTANCES.c.id, _INSTANCES.c.version, _INSTANCES.c.sha256, _INSTANCES.c.path)
     .where(_INSTANCES.c.sop_instance_uid == bindparam("sop_uid"))
     .order_by(_INSTANCES.c.version.desc())
     .limit(1)
@@ -88,8 +104,16 @@ class IngestOutcome:
 class Ingestor:
     """Turns encoded instances into files and index rows; thread-safe for concurrent associations."""
 
-    def __init__(self, store: FileStore, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        store: FileStore,
+        sessions: sessionmaker[Session],
+        *,
+        max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
+    ) -> None:
         self.store = store
+        #: Bound on the instance as received and once inflated (``node_max_instance_bytes``).
+        self.max_instance_bytes = max_instance_bytes
         self.sessions = sessions
         self.engine: Engine = sessions.kw["bind"]
         # SQLite has one writer at a time; serialising here avoids busy retries under load.
@@ -105,15 +129,21 @@ class Ingestor:
         calling_aet: str = "",
     ) -> IngestOutcome:
         """Store one instance given as a DICOM file (preamble, file meta, dataset)."""
-        stream = BytesIO(encoded)
+        limit = self.max_instance_bytes
+        if len(encoded) > limit:
+            return IngestOutcome(
+                StoreStatus.OUT_OF_RESOURCES,
+                f"{len(encoded)} bytes exceed the {limit}-byte limit (node_max_instance_bytes)",
+            )
         try:
-            header = dcmread(stream, stop_before_pixels=True)
-            torn = _torn_element(header) or _torn_pixel_data(encoded, stream.tell(), header)
+            header, torn, pixels = _read_header(encoded, transfer_syntax_uid, limit)
             if not torn:
-                problem = _mismatch(header, sop_class_uid, sop_instance_uid)
+                problem = _mismatch(header, sop_class_uid, sop_instance_uid) or pixels
                 study_uid = str(header.StudyInstanceUID) if not problem else ""
                 series_uid = str(header.SeriesInstanceUID) if not problem else ""
-                modality = str(header.get("Modality", "") or "")
+                modality = text(header, "Modality")
+        except TooLarge as exc:
+            return IngestOutcome(StoreStatus.OUT_OF_RESOURCES, str(exc))
         except Exception as exc:  # pydicom raises many types on corrupt input, also on access
             return IngestOutcome(StoreStatus.CANNOT_UNDERSTAND, f"unreadable: {type(exc).__name__}")
         if torn:
@@ -128,7 +158,9 @@ class Ingestor:
                 # path, and ORM unit-of-work bookkeeping cost more than the SQL itself.
                 with self.engine.begin() as conn:
                     latest = conn.execute(_LATEST_VERSION, {"sop_uid": sop_instance_uid}).first()
-                    if latest is not None and latest.sha256 == sha:
+                    if latest is not None and (
+                        latest.sha256 == sha or same_content(encoded, latest.path)
+                    ):  # re-sent, perhaps in another transfer syntax: nothing new to analyse
                         return IngestOutcome(StoreStatus.SUCCESS, "duplicate", series_uid)
                     version = 1 if latest is None else latest.version + 1
                     pending = self.store.begin_write(
@@ -193,40 +225,85 @@ def _torn_element(ds: Dataset) -> str:
     return ""
 
 
-def _torn_pixel_data(encoded: bytes, offset: int, header: Dataset) -> str:
-    """The tag of the element the header read stopped at (Pixel Data) when its declared length
-    runs past the end of ``encoded``, or ''. ``offset`` is where that element starts."""
+def _read_header(encoded: bytes, syntax_uid: str, limit: int) -> tuple[Dataset, str, str]:
+    """The dataset up to Pixel Data, the tag of a torn element ('' if none) and why the Pixel
+    Data contradicts the header ('' if it does not).
+
+    A Deflated dataset (PS3.5 A.5) is first inflated into nothing, with a bound, so that a small
+    C-STORE cannot make pydicom inflate gigabytes; raises :class:`TooLarge` past ``limit``.
+    """
+    stream = BytesIO(encoded)
+    if _deflated(encoded, syntax_uid, stream):
+        inflated_size_within(memoryview(encoded)[stream.tell() :], limit)
+        stream.seek(0)
+        dataset = dcmread(stream)  # Deflated is always native: the length is all to check
+        raw = dataset.get_item(PIXEL_DATA)
+        if raw is None:
+            return dataset, _torn_element(dataset), ""
+        value = raw.value if raw.value is not None else b""
+        return dataset, _torn_element(dataset), native_length_problem(dataset, len(value))
+    header = dcmread(stream, stop_before_pixels=True)
+    torn = _torn_element(header)
     syntax = header.file_meta.get("TransferSyntaxUID")
-    if syntax is None or syntax == DeflatedExplicitVRLittleEndian or offset >= len(encoded):
-        return ""
-    little = syntax != ExplicitVRBigEndian
-    implicit = syntax == ImplicitVRLittleEndian
-    end = "<" if little else ">"
-    if offset + 8 > len(encoded):
-        return "(7FE0,0010)"
-    group, element = struct.unpack_from(f"{end}HH", encoded, offset)
-    if implicit:
-        (length,) = struct.unpack_from(f"{end}I", encoded, offset + 4)
-        start = offset + 8
-    else:
-        if offset + 12 > len(encoded):
-            return f"({group:04X},{element:04X})"
-        (length,) = struct.unpack_from(f"{end}I", encoded, offset + 8)
-        start = offset + 12
-    if length != UNDEFINED_LENGTH and start + length > len(encoded):
-        return f"({group:04X},{element:04X})"
-    return ""
+    if torn or syntax is None:
+        return header, torn, ""
+    syntax = syntax if isinstance(syntax, UID) else UID(syntax)
+    found = pixel_element(encoded, stream.tell(), syntax)
+    if isinstance(found, str):
+        return header, found, ""
+    if found is None:
+        return header, "", ""
+    return header, "", _pixel_problem(encoded, found, header, syntax)
+
+
+def _deflated(encoded: bytes, syntax_uid: str, stream: BytesIO) -> bool:
+    """Whether the file meta names Deflated (the stream then stands after the file meta).
+
+    Decided by the file meta, not only the caller's word (``recover`` reads files from disk);
+    the meta is parsed only when its bytes mention the Deflated UID, to keep the common path fast.
+    """
+    if syntax_uid != DeflatedExplicitVRLittleEndian and encoded.find(_DEFLATED, 0, 4096) < 0:
+        return False
+    read_preamble(stream, False)
+    meta = _read_file_meta_info(stream)
+    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return True
+    stream.seek(0)
+    return False
+
+
+def _pixel_problem(encoded: bytes, found: PixelElement, header: Dataset, syntax: UID) -> str:
+    """Native Pixel Data must have the length the header implies; encapsulated Pixel Data must
+    parse into an offset table and at least one fragment per frame (PS3.5 8.2, A.4)."""
+    compressed = _COMPRESSED.get(syntax)
+    if compressed is None:
+        try:
+            compressed = _COMPRESSED[syntax] = syntax.is_compressed
+        except ValueError:  # a private transfer syntax: nothing known about its encoding
+            return ""
+    if not compressed:
+        if found.length == UNDEFINED_LENGTH:
+            return "native Pixel Data with undefined length"
+        return native_length_problem(header, found.length)
+    if found.length != UNDEFINED_LENGTH:
+        return "encapsulated Pixel Data with a defined length"
+    return encapsulated_problem(
+        encoded,
+        found.start,
+        header,
+        syntax,
+        extended_table=EXTENDED_OFFSET_TABLE in header,
+    )
 
 
 def _mismatch(header: Dataset, sop_class_uid: str, sop_instance_uid: str) -> str:
     """Why the dataset does not match the request (PS3.4 B.2.3 'does not match SOP Class')."""
-    get = header.get
-    if str(get("SOPClassUID", "") or "") != sop_class_uid:
+    if text(header, "SOPClassUID") != sop_class_uid:
         return "SOPClassUID differs from the presentation context"
-    if str(get("SOPInstanceUID", "") or "") != sop_instance_uid:
+    if text(header, "SOPInstanceUID") != sop_instance_uid:
         return "SOPInstanceUID differs from the request"
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-        if not str(get(keyword, "") or ""):
+        if not text(header, keyword):
             return f"{keyword} missing"
     return ""
 
@@ -263,6 +340,7 @@ def _touch_series(
     # A late or changed instance: a new generation will be analysed after the quiet period.
     conn.execute(_REOPEN_SERIES, params)
     conn.execute(_SUPERSEDE_JOBS, {"series_uid": series_uid})
+
 
 def recover(ingestor: Ingestor) -> int:
     """Index what a crash left unindexed: orphaned temporary files and unindexed files.

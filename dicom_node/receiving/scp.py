@@ -5,6 +5,9 @@ arguments (pynetdicom's ``(event, handler, [args])`` form) and return named stat
 Association acceptance (PS3.8 9.3.4) is decided by :mod:`dicom_node.receiving.access` in an
 ``EVT_REQUESTED`` hook; TLS (PS3.15 B.9) by :mod:`dicom_node.receiving.tls`, with the handshake done on
 the connection's own thread so a silent or plain-TCP peer cannot stall the listener.
+One peer cannot hold every association slot: limits per calling AE title and per host sit beside
+the total, and an association that only echoes is aborted once it has stored nothing for
+``node_echo_idle_seconds`` (a C-ECHO every minute would otherwise keep it forever).
 """
 
 from __future__ import annotations
@@ -13,16 +16,29 @@ import logging
 import socket
 import ssl
 import threading
+import time
+import weakref
 from typing import Any, cast
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.receiving.access import AccessPolicy, RejectResult, RejectSource, describe
+from dicom_node.metrics import record_store
+from dicom_node.receiving.access import (
+    AccessPolicy,
+    AssociationLimits,
+    ProviderRejectReason,
+    RejectResult,
+    RejectSource,
+    describe,
+)
 from dicom_node.receiving.ingest import Ingestor
 from dicom_node.receiving.status import EchoStatus, StoreStatus
 from dicom_node.receiving.tls import context_from_settings
@@ -31,14 +47,137 @@ from her2low.core.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def handle_echo(event: Event) -> int:
-    """C-ECHO: the association itself proves reachability (PS3.4 A.4)."""
+class IdleGuard:
+    """When each association last did real work (was accepted, or stored an instance)."""
+
+    def __init__(self, idle_seconds: float) -> None:
+        self.idle_seconds = idle_seconds
+        self._last_work: weakref.WeakKeyDictionary[Association, float] = weakref.WeakKeyDictionary()
+        self._closing: weakref.WeakSet[Association] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def worked(self, assoc: Association) -> None:
+        with self._lock:
+            self._last_work[assoc] = time.monotonic()
+
+    def echoed(self, assoc: Association) -> bool:
+        """True (and the association marked for closing) when it has been idle too long."""
+        now = time.monotonic()
+        with self._lock:
+            idle = now - self._last_work.setdefault(assoc, now)
+            if idle > self.idle_seconds:
+                self._closing.add(assoc)
+                return True
+        return False
+
+    def take_closing(self, assoc: Association) -> bool:
+        """True once for an association marked by :meth:`echoed`."""
+        with self._lock:
+            if assoc in self._closing:
+                self._closing.discard(assoc)
+                return True
+        return False
+
+
+class MessageSizeGuard:
+    """Counts the data set bytes of the C-STORE being received on each association.
+
+    pynetdicom gathers a whole message in memory before the C-STORE handler sees it, so the
+    instance bound (``node_max_instance_bytes``) is also applied here, fragment by fragment: past
+    it the association is aborted instead of buffering gigabytes a hostile peer announces.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._received: weakref.WeakKeyDictionary[Association, int] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def exceeded(self, assoc: Association, pdu: object) -> bool:
+        """Count ``pdu``; True once, when the message in progress passes the limit."""
+        if not isinstance(pdu, P_DATA_TF):
+            return False
+        with self._lock:
+            total = self._received.get(assoc, 0)
+            if total < 0:  # already over: being aborted
+                return False
+            for item in pdu.presentation_data_value_items:
+                value = item.presentation_data_value
+                if not value or value[0] & 0x01:  # a command fragment (PS3.8 E.2)
+                    continue
+                total += len(value) - 1
+                if total > self.limit:
+                    self._received[assoc] = -1
+                    return True
+                if value[0] & 0x02:  # the last fragment of the data set
+                    total = 0
+            self._received[assoc] = total
+        return False
+
+
+def handle_pdu_recv(event: Event, guard: MessageSizeGuard) -> None:
+    """Abort an association whose C-STORE data set grows past ``node_max_instance_bytes``."""
+    if guard.exceeded(event.assoc, event.pdu):
+        log.warning(
+            "c-store data set larger than node_max_instance_bytes; association aborted",
+            extra={
+                "calling_aet": str(event.assoc.requestor.ae_title),
+                "peer": event.assoc.requestor.address,
+                "limit": guard.limit,
+            },
+        )
+        # not on this (the DUL's) thread: abort() waits for the DUL to stop
+        threading.Thread(target=event.assoc.abort, name="size-abort", daemon=True).start()
+
+
+def handle_echo(event: Event, guard: IdleGuard) -> int:
+    """C-ECHO: the association itself proves reachability (PS3.4 A.4).
+
+    An association that has stored nothing for ``node_echo_idle_seconds`` gets its answer and
+    then an A-ABORT (:func:`handle_dimse_sent`): echoes alone do not hold a slot.
+    """
+    if guard.echoed(event.assoc):
+        log.warning(
+            "association only echoes; aborting it after this answer",
+            extra={
+                "calling_aet": str(event.assoc.requestor.ae_title),
+                "peer": event.assoc.requestor.address,
+                "idle_seconds": guard.idle_seconds,
+            },
+        )
     return int(EchoStatus.SUCCESS)
 
 
-def handle_store(event: Event, ingestor: Ingestor) -> int:
+def handle_dimse_sent(event: Event, guard: IdleGuard) -> None:
+    """After a response is queued: abort an association :class:`IdleGuard` marked as idle."""
+    if guard.take_closing(event.assoc):
+        threading.Thread(
+            target=_abort_once_sent, args=(event.assoc,), name="idle-abort", daemon=True
+        ).start()
+
+
+def _abort_once_sent(assoc: Association, drain_seconds: float = 2.0) -> None:
+    """Abort once the DUL has sent what is queued, so the peer still gets its C-ECHO answer."""
+    deadline = time.monotonic() + drain_seconds
+    while not assoc.dul.to_provider_queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # the last PDU leaves the socket
+    if assoc.is_established:
+        assoc.abort()
+
+
+def _status(status: StoreStatus, comment: str) -> Dataset:
+    """A C-STORE response status with an Error Comment (0000,0902) saying why (PS3.7 C.4)."""
+    rsp = Dataset()
+    rsp.Status = int(status)
+    text = "".join(c if c.isprintable() and c != "\\" else " " for c in comment)
+    rsp.ErrorComment = text[:64]  # LO
+    return rsp
+
+
+def handle_store(event: Event, ingestor: Ingestor, guard: IdleGuard) -> int | Dataset:
     """C-STORE: success only once the instance is on disk and indexed (PS3.4 B.2.3)."""
     calling = str(event.assoc.requestor.ae_title)
+    guard.worked(event.assoc)
     try:
         encoded = event.encoded_dataset(include_meta=True)
         request = cast(C_STORE, event.request)
@@ -51,7 +190,9 @@ def handle_store(event: Event, ingestor: Ingestor) -> int:
         )
     except Exception:  # never let pynetdicom turn a surprise into an unnamed 0xC211
         log.exception("c-store not understood", extra={"calling_aet": calling})
-        return int(StoreStatus.CANNOT_UNDERSTAND)
+        record_store(StoreStatus.CANNOT_UNDERSTAND, "")
+        return _status(StoreStatus.CANNOT_UNDERSTAND, "internal error; see the node log")
+    record_store(outcome.status, outcome.detail)  # her2low_node_instances_* (dicom_node.metrics)
     if outcome.status is not StoreStatus.SUCCESS:
         log.warning(
             "c-store refused",
@@ -63,17 +204,48 @@ def handle_store(event: Event, ingestor: Ingestor) -> int:
                 "calling_aet": calling,
             },
         )
+        return _status(outcome.status, outcome.detail)
     return int(outcome.status)
 
 
-def handle_requested(event: Event, policy: AccessPolicy) -> None:
-    """A-ASSOCIATE-RQ received: reject unknown called/calling AEs (PS3.8 Table 9-21)."""
+def _held(assoc: Association) -> list[tuple[str, str]]:
+    """(calling AE title, address) of the other associations this AE accepted and holds."""
+    held = []
+    for other in assoc.ae.active_associations:
+        request = other.requestor.primitive if other.is_acceptor else None
+        if other is assoc or request is None:
+            continue
+        if other.is_aborted or other.is_rejected or other.is_released:
+            continue
+        held.append((str(request.calling_ae_title), other.requestor.address))
+    return held
+
+
+def handle_requested(
+    event: Event, policy: AccessPolicy, limits: AssociationLimits, guard: IdleGuard
+) -> None:
+    """A-ASSOCIATE-RQ received: reject unknown called/calling AEs and peers past their
+    association limit (PS3.8 Table 9-21)."""
     assoc = event.assoc
     request = cast(A_ASSOCIATE, assoc.requestor.primitive)
     calling = str(request.calling_ae_title)
     address = assoc.requestor.address
     reason = policy.check(calling, str(request.called_ae_title), address)
     if reason is None:
+        limit = limits.exceeded(calling, address, _held(assoc))
+        if not limit:
+            guard.worked(assoc)
+            return
+        log.warning(
+            "association rejected: local limit exceeded",
+            extra={"calling_aet": calling, "peer": address, "limit": limit},
+        )
+        assoc.acse.send_reject(
+            RejectResult.TRANSIENT,
+            RejectSource.SERVICE_PROVIDER_PRESENTATION,
+            ProviderRejectReason.LOCAL_LIMIT_EXCEEDED,
+        )
+        assoc.kill()
         return
     log.warning(
         "association rejected",
@@ -157,10 +329,17 @@ def start(settings: Settings, ingestor: Ingestor, **kwargs: Any) -> NodeServer:
     """
     policy = access_policy(settings)
     ae = build_ae(settings, policy)
+    limits = AssociationLimits(
+        per_calling_aet=settings.node_max_associations_per_aet,
+        per_host=settings.node_max_associations_per_host,
+    )
+    guard = IdleGuard(settings.node_echo_idle_seconds)
     handlers: list[Any] = [
-        (evt.EVT_REQUESTED, handle_requested, [policy]),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [ingestor]),
+        (evt.EVT_REQUESTED, handle_requested, [policy, limits, guard]),
+        (evt.EVT_C_ECHO, handle_echo, [guard]),
+        (evt.EVT_DIMSE_SENT, handle_dimse_sent, [guard]),
+        (evt.EVT_C_STORE, handle_store, [ingestor, guard]),
+        (evt.EVT_PDU_RECV, handle_pdu_recv, [MessageSizeGuard(ingestor.max_instance_bytes)]),
     ]
     kwargs.setdefault("ssl_context", context_from_settings(settings))
     server = cast(
@@ -183,6 +362,8 @@ def start(settings: Settings, ingestor: Ingestor, **kwargs: Any) -> NodeServer:
             "mutual_tls": settings.node_tls_ca is not None,
             "allowed_calling_aets": describe(policy.allowed),
             "max_associations": settings.node_max_associations,
+            "max_associations_per_aet": settings.node_max_associations_per_aet,
+            "max_associations_per_host": settings.node_max_associations_per_host,
         },
     )
     return server

@@ -16,9 +16,21 @@ import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
+
+from her2low.core.private_files import FILE_MODE, FOLDER_MODE, ensure_private_dir
 
 _UID = re.compile(r"^[0-9.]{1,64}$")
+_PIXEL_DATA = 0x7FE00010
+_TRAILING_PADDING = 0xFFFCFFFC
+_UNDEFINED = 0xFFFFFFFF
 
 
 class StorageFull(OSError):
@@ -63,6 +75,88 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def content_digest(data: bytes) -> str | None:
+    """A digest of what an instance says, not of how it was encoded; ``None`` if unknown.
+
+    Walks the dataset in tag order hashing each tag with its little-endian value bytes (the
+    same in Implicit and Explicit VR, defined or undefined sequence lengths), without the file
+    meta, group lengths and trailing padding; compressed Pixel Data is hashed decoded. So the
+    same instance re-sent in another transfer syntax hashes alike, and a changed value does not.
+    Only computed for a re-sent SOP Instance UID whose bytes differ, never per new instance.
+    """
+    try:
+        dataset = dcmread(BytesIO(data))
+        syntax = dataset.file_meta.TransferSyntaxUID
+        if not syntax.is_little_endian:
+            return None  # retired big endian: value bytes differ, leave it to the byte digest
+        hasher = hashlib.sha256()
+        _hash_dataset(dataset, hasher, top=True)
+        if _PIXEL_DATA in dataset:
+            hasher.update(b"pixels")
+            hasher.update(_pixel_bytes(dataset, compressed=syntax.is_compressed))
+        return hasher.hexdigest()
+    except Exception:  # unreadable or undecodable: count it as different (a new version)
+        return None
+
+
+def _hash_dataset(dataset: Dataset, hasher: Any, *, top: bool = False) -> None:
+    for tag in sorted(dataset.keys()):
+        if tag.element == 0 or tag == _TRAILING_PADDING or (top and tag == _PIXEL_DATA):
+            continue
+        raw = dataset.get_item(tag)
+        hasher.update(BaseTag(tag).to_bytes(4, "little"))
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.length != _UNDEFINED
+            and raw.VR != "SQ"
+            and isinstance(raw.value, bytes)
+            and not (raw.VR is None and _is_sequence(dataset, tag))
+        ):
+            hasher.update(raw.value)
+            continue
+        element = dataset[tag]
+        if element.VR == "SQ":
+            for item in element.value:
+                hasher.update(b"item")
+                _hash_dataset(item, hasher)
+            hasher.update(b"end")
+        else:
+            hasher.update(repr(element.value).encode())
+
+
+def _is_sequence(dataset: Dataset, tag: int) -> bool:
+    """An Implicit VR element of defined length may be a sequence (its VR from the dictionary)."""
+    try:
+        return dataset[tag].VR == "SQ"
+    except Exception:
+        return False
+
+
+def _pixel_bytes(dataset: Dataset, *, compressed: bool) -> bytes:
+    """Pixel values as native little-endian bytes: decoded when compressed, else without the
+    pad byte, so a losslessly compressed copy of a native instance hashes alike."""
+    if compressed:
+        return bytes(dataset.pixel_array.tobytes())
+    value = bytes(dataset.PixelData)
+    rows, columns = int(dataset.Rows), int(dataset.Columns)
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+    bits = int(dataset.BitsAllocated)
+    if bits % 8:
+        return value
+    return value[: rows * columns * frames * samples * bits // 8]
+
+
+def same_content(data: bytes, stored: str | os.PathLike[str]) -> bool:
+    """Whether ``data`` says the same as the file at ``stored`` (see :func:`content_digest`)."""
+    try:
+        old = Path(stored).read_bytes()
+    except OSError:
+        return False
+    new_digest = content_digest(data)
+    return new_digest is not None and new_digest == content_digest(old)
+
+
 class FileStore:
     """Files laid out as ``root/<study>/<series>/<sop>[.v<n>].dcm``."""
 
@@ -70,7 +164,7 @@ class FileStore:
         self.root = Path(root)
         self.fsync = fsync
         self.dir_fsync = dir_fsync
-        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.root)
         self._flusher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
         self._folders: set[Path] = set()  # series folders known to exist
 
@@ -94,9 +188,11 @@ class FileStore:
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident():x}.tmp")
         try:
             if target.parent not in self._folders:
-                target.parent.mkdir(parents=True, exist_ok=True)
+                # one level at a time: mkdir(parents=True) gives parents the default mode
+                target.parent.parent.mkdir(mode=FOLDER_MODE, exist_ok=True)
+                target.parent.mkdir(mode=FOLDER_MODE, exist_ok=True)
                 self._folders.add(target.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         except OSError as exc:
             raise StorageFull(exc.errno, f"cannot store instance: {exc.strerror}") from exc
         try:

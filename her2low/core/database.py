@@ -15,8 +15,10 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from her2low.core.private_files import create_private_file
 
 
 class NotMigratedError(RuntimeError):
@@ -28,6 +30,23 @@ def display_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+#: Driver-less PostgreSQL URLs as integrators write them; the project installs psycopg 3
+#: (``pip install her2low-cds[postgres]``), not SQLAlchemy's default psycopg2.
+_POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
+
+
+def engine_url(url: str) -> URL:
+    """``url`` with the driver this project ships: ``postgresql://`` → ``postgresql+psycopg://``.
+
+    The one place the mapping lives, so the node, the service and both migration runners
+    accept the plain URL every PostgreSQL tool understands.
+    """
+    parsed = make_url(url)
+    if parsed.drivername in _POSTGRES_SCHEMES:
+        return parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
 def make_engine(url: str) -> Engine:
     """An engine for concurrent writers.
 
@@ -35,11 +54,12 @@ def make_engine(url: str) -> Engine:
     survives a process crash, and after power loss the node rebuilds its index from the fsynced
     files. Network databases get ``pool_pre_ping`` because they drop idle connections.
     """
-    parsed = make_url(url)
+    parsed = engine_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    if parsed.database:
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        return create_engine(parsed, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:" and not parsed.query.get("mode"):
+        # 0640 before SQLite creates it 0644: its -wal and -shm files copy the file's mode
+        create_private_file(Path(parsed.database))
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
