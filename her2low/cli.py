@@ -1,240 +1,168 @@
 """``her2low``: one command for operators, integrators and site data scientists.
 
-Sub-commands import their component lazily, so ``her2low --help`` is instant and the node never
-loads the service's code (or the reverse).
+Every command's arguments are defined once, by the module that runs it: each exposes
+``COMMANDS = {name: (help, description, add_arguments, run)}`` (the help line for its own entry
+point, ``python -m dicom_node`` for example). This module composes them and imports a command's
+component only when that command is named, so ``her2low node`` never loads the service's code
+(nor the reverse) and ``her2low --help`` imports no component: its one-line summaries are the
+table below.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from her2low import __version__
-from her2low.core import logs
-from her2low.core.database import NotMigratedError
-from her2low.core.settings import ConfigurationError, Settings, describe, load_settings
+from her2low.core.commands import Parser, configured_settings, run_guarded
+
+Spec = tuple[
+    str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]
+]
+
+# command -> (module whose COMMANDS[command] defines it, summary in `her2low --help`), in order.
+MODULES: dict[str, tuple[str, str]] = {
+    "up": ("her2low.up", "start node, worker and service on embedded defaults (+ the demo study)"),
+    "node": ("dicom_node.processes", "run the DICOM node (C-STORE SCP + series stability timers)"),
+    "worker": ("dicom_node.processes", "run analysis workers (DKI fit, ROI, features, publishing)"),
+    "service": ("cds_service.__main__", "run the CDS service (CDS Hooks, results API, review app)"),
+    "demo": ("her2low.demo", "send the synthetic study to a running system, show the card; token"),
+    "synth": ("dicom_node.synth.study", "write a synthetic breast DKI study (DWI, T2, SEG, truth)"),
+    "inspect": ("dicom_node.series.inspection", "describe the DICOM series in files or folders"),
+    "fit": ("dicom_node.analysis.cohort", "offline DKI analysis of studies or a research cohort"),
+    "export": ("dicom_node.jobs.export", "list result exports to DICOM destinations, or retry"),
+    "model": ("models.cli", "the model's input schema and the model registry"),
+    "train": ("models.cli", "train and export a model from a labelled cohort CSV"),
+    "predict": ("models.cli", "predict one case (or many) from JSON inputs"),
+    "user": ("cds_service.accounts_cli", "review-app accounts: add, list, disable, enable, reset"),
+    "db": ("her2low.cli", "database migrations (db upgrade)"),
+    "config": ("her2low.cli", "show every setting with its value and meaning"),
+}
 
 
-def _settings() -> Settings:
-    settings = load_settings()
-    logs.configure(settings.log_level, settings.log_format)
-    return settings
-
-
-def cmd_config(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    rows = describe(settings)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for row in rows:
-        print(f"{row['variable']} = {json.dumps(row['value'])}\n    {row['description']}")
-    return 0
+# --- the commands defined here: db, config --------------------------------------------------
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from her2low.up import upgrade_databases
 
-    upgrade_databases(_settings())
+    upgrade_databases(configured_settings())
     print("node and service databases are at the latest revision")
     return 0
 
 
-def cmd_node(args: argparse.Namespace) -> int:
-    from dicom_node.processes import run_node
+def add_db_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="db_command", required=True, metavar="SUBCOMMAND")
+    sub.add_parser(
+        "upgrade",
+        help="apply migrations to both databases",
+        description="Create or upgrade the node and the service databases to their latest "
+        "revision (idempotent). `her2low up` does this itself; separate deployments run it "
+        "before starting `node`, `worker` or `service`.",
+        formatter_class=parser.formatter_class,
+    ).set_defaults(func=cmd_db_upgrade)
 
-    run_node(_settings())
+
+def _nested(args: argparse.Namespace) -> int:
+    """Run the sub-command's handler (the sub-parser set ``func``)."""
+    code: int = args.func(args)
+    return code
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from her2low.core.settings import SECTIONS, describe, load_settings
+
+    rows = describe(load_settings())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    order = {name: i for i, name in enumerate(SECTIONS)}
+    rows.sort(key=lambda r: order.get(r["section"], len(order)))  # stable: field order kept
+    section = None
+    for row in rows:
+        if row["section"] != section:
+            section = row["section"]
+            print(f"{'' if section == rows[0]['section'] else chr(10)}[{section}]")
+        print(f"{row['variable']} = {json.dumps(row['value'])}\n    {row['description']}")
     return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from dicom_node.processes import run_worker
-
-    run_worker(_settings())
-    return 0
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--show", action="store_true", help="print the settings (the default)")
+    parser.add_argument("--json", action="store_true", help="one JSON list, a row per setting")
 
 
-def cmd_service(args: argparse.Namespace) -> int:
-    from cds_service.wsgi import serve
-
-    serve(_settings(), workers=args.workers)
-    return 0
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    from her2low.up import up
-
-    return up(_settings(), demo=not args.no_demo)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from her2low.demo import demo
-
-    return demo(_settings(), as_json=args.json, timeout=args.timeout, seed=args.seed)
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from dicom_node.synth import cmd_synth as run
-
-    return run(args.out, args.seed, args.lesion, args.snr, args.vendor)
+COMMANDS: dict[str, Spec] = {
+    "db": (
+        "database migrations",
+        "Database migrations of the node and the service (Alembic; SQLite by default, "
+        "PostgreSQL when scaled).",
+        add_db_arguments,
+        _nested,
+    ),
+    "config": (
+        "show every setting with its value and meaning",
+        "Print every HER2LOW_* setting, grouped by component (floor, node, worker, service, "
+        "model), with its current value (secrets masked) and what it means. Values come from "
+        "the environment, then the TOML file named by HER2LOW_CONFIG "
+        "(default $HER2LOW_HOME/her2low.toml).",
+        add_config_arguments,
+        cmd_config,
+    ),
+}
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from dicom_node.series.inspection import cmd_inspect as run
-
-    return run(args.paths, args.json)
+# --- composition -----------------------------------------------------------------------------
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    from dicom_node.analysis.cohort import cmd_fit as run
-
-    return run(args)
-
-
-def cmd_model_schema(args: argparse.Namespace) -> int:
-    from models.cli import cmd_schema
-
-    return cmd_schema(args.json)
+def _spec(name: str) -> Spec:
+    spec: Spec = importlib.import_module(MODULES[name][0]).COMMANDS[name]
+    return spec
 
 
-def cmd_model_list(args: argparse.Namespace) -> int:
-    from models.cli import cmd_list
-
-    return cmd_list(args.registry)
-
-
-def cmd_model_add(args: argparse.Namespace) -> int:
-    from models.cli import cmd_add
-
-    return cmd_add(args.model_dir, args.registry)
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command named in ``argv``, or None when the whole listing is needed (``--help``)."""
+    for token in argv:
+        if token in ("-h", "--help"):
+            return None
+        if not token.startswith("-"):
+            return token
+    return None
 
 
-def cmd_model_compare(args: argparse.Namespace) -> int:
-    from models.cli import cmd_compare
-
-    return cmd_compare(args.model_dirs)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from models.cli import cmd_train as run
-
-    return run(args.cohort, args.out, args.target, args.features)
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from models.cli import cmd_predict as run
-
-    return run(args.model_dir, args.inputs)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``her2low`` parser; only ``command``'s component is imported (None: the listing)."""
+    parser = Parser(
         prog="her2low",
-        description="HER2-low likelihood from breast MRI (reference model, not clinically validated).",
+        description="HER2-low likelihood from breast MRI: a DICOM node, a CDS Hooks service and "
+        "the model's tools (reference model, NOT clinically validated). Settings are HER2LOW_* "
+        "variables (`her2low config --show`); `her2low COMMAND --help` tells more.",
     )
     parser.add_argument("--version", action="version", version=f"her2low-cds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser(
-        "up", help="start node, worker and service on embedded defaults (+ demo study)"
-    )
-    p.add_argument("--no-demo", action="store_true", help="do not load the synthetic demo study")
-    p.set_defaults(func=cmd_up)
-
-    sub.add_parser("node", help="run the DICOM node (SCP + stability timers)").set_defaults(
-        func=cmd_node
-    )
-    sub.add_parser("worker", help="run analysis workers").set_defaults(func=cmd_worker)
-    p = sub.add_parser("service", help="run the CDS service (gunicorn)")
-    p.add_argument("--workers", type=int, default=2)
-    p.set_defaults(func=cmd_service)
-
-    p = sub.add_parser(
-        "demo", help="send the synthetic study to a running system and show the card"
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object for EHR integrators")
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--seed", type=int, default=7)
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("synth", help="write a synthetic breast DKI study (DICOM + truth)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lesion", choices=["mass", "nme"], default="mass")
-    p.add_argument("--snr", type=float, default=30.0)
-    p.add_argument("--vendor", choices=["siemens", "ge", "philips"], default="siemens")
-    p.set_defaults(func=cmd_synth)
-
-    p = sub.add_parser("inspect", help="report series, roles and b-values of DICOM files")
-    p.add_argument("paths", nargs="+", type=Path)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser("fit", help="offline DKI analysis of studies or a cohort folder")
-    p.add_argument("paths", nargs="+", type=Path)
-    p.add_argument("--roi", type=Path, default=None, help="DICOM SEG of the tumour")
-    p.add_argument("--method", choices=["wls", "nls", "nls_rician"], default="nls")
-    p.add_argument("--out", type=Path, default=Path("her2low-fit"))
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--jobs", type=int, default=1)
-    p.set_defaults(func=cmd_fit)
-
-    p = sub.add_parser("model", help="model schema and registry")
-    msub = p.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
-    q = msub.add_parser("schema", help="list the model's input features")
-    q.add_argument("--json", action="store_true")
-    q.set_defaults(func=cmd_model_schema)
-    q = msub.add_parser("list", help="models, versions and variants in a registry")
-    q.add_argument("--registry", type=Path, default=None, help="default: the shipped reference")
-    q.set_defaults(func=cmd_model_list)
-    q = msub.add_parser("add", help="add a trained model folder to a registry (hash checked)")
-    q.add_argument("model_dir", type=Path)
-    q.add_argument("--registry", type=Path, required=True)
-    q.set_defaults(func=cmd_model_add)
-    q = msub.add_parser("compare", help="AUC (95% CI) overall/mass/NME of models side by side")
-    q.add_argument("model_dirs", nargs="+", type=Path)
-    q.set_defaults(func=cmd_model_compare)
-
-    p = sub.add_parser("train", help="train and export a model from a labelled cohort CSV")
-    p.add_argument("cohort", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--target", default="her2_group")
-    p.add_argument("--features", nargs="*", default=None)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("predict", help="predict one case from JSON inputs")
-    p.add_argument("inputs", help="JSON object of feature values, or @file.json")
-    p.add_argument("--model-dir", type=Path, default=None)
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("db", help="database migrations")
-    dsub = p.add_subparsers(dest="db_command", required=True, metavar="SUBCOMMAND")
-    dsub.add_parser("upgrade", help="apply migrations to both databases").set_defaults(
-        func=cmd_db_upgrade
-    )
-
-    p = sub.add_parser("config", help="show every setting with its value and meaning")
-    p.add_argument("--show", action="store_true", help="(default) print the settings")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_config)
+    for name, (_module, summary) in MODULES.items():
+        if name != command:
+            sub.add_parser(name, help=summary)  # listed; its component is not imported
+            continue
+        _help, description, add_arguments, run = _spec(name)
+        p = sub.add_parser(name, help=summary, description=description)
+        add_arguments(p)
+        p.set_defaults(func=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigurationError as exc:
-        print(f"her2low: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except NotMigratedError as exc:
-        print(f"her2low: {exc}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        return 130
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(arguments))
+    args: Any = parser.parse_args(arguments)
+    from her2low.core.logs import configure_cli
+
+    configure_cli()  # warnings (pydicom's) as one clean line each, never raw
+    return run_guarded(f"her2low {args.command}", args.func, args)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,60 @@ from jwt.algorithms import ECAlgorithm
 from tests.conftest import free_port
 
 ISSUER = "https://ehr.example.test"
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` giving the child SIGTERM when the test process dies (Linux
+    ``PR_SET_PDEATHSIG``), so even a killed test run leaves no node or service behind."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return preexec
+
+
+def popen_group(args: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start a process in its own process group (it and its children, e.g. gunicorn's workers,
+    can be stopped together by :func:`stop_group`)."""
+    return subprocess.Popen(
+        list(args), start_new_session=True, preexec_fn=_die_with_parent(), **kwargs
+    )
+
+
+def stop_group(
+    proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, timeout: float = 30
+) -> int | None:
+    """Send ``sig`` to the process, wait, then SIGKILL whatever is left of its process group.
+
+    Returns the process's exit code after ``sig`` (None when it had to be killed)."""
+    code: int | None = None
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            code = proc.wait(timeout=timeout)
+    else:
+        code = proc.returncode
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the group outlives its leader: children too
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    return code
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of the process group ``pgid`` still runs (zombies excepted)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 class System:
@@ -48,12 +105,12 @@ class System:
         )
 
     def start(self, name: str) -> None:
-        log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115
-        self.procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "her2low", name], env=self.env, stdout=log, stderr=log
+        with open(self.home / f"{name}.log", "ab") as log:
+            self.procs.append(
+                popen_group(
+                    [sys.executable, "-m", "her2low", name], env=self.env, stdout=log, stderr=log
+                )
             )
-        )
 
     def token(self, audience: str, **overrides: object) -> str:
         now = int(time.time())
@@ -71,14 +128,13 @@ class System:
         return (self.home / "secrets" / "results-api-token").read_text().strip()
 
     def stop_all(self) -> None:
+        """SIGTERM every process, then SIGKILL each one's whole group (gunicorn workers too)."""
         for proc in self.procs:
             if proc.poll() is None:
-                proc.terminate()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
         for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_group(proc, timeout=10)
         self.procs.clear()
 
     def wait_result(self, study_uid: str, timeout: float = 120) -> dict[str, Any]:

@@ -124,3 +124,70 @@ def test_model_list_shows_the_reference_variants(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     for variant in ("combined", "descriptors", "quantitative"):
         assert f"her2low-reference 0.1.0 {variant} reference" in result.stdout
+
+
+def test_config_rows_name_their_component() -> None:
+    from her2low.core.settings import SECTIONS, describe, load_settings
+
+    rows = {row["variable"]: row["section"] for row in describe(load_settings())}
+    assert rows["HER2LOW_HOME"] == "floor" and rows["HER2LOW_NODE_PORT"] == "node"
+    assert rows["HER2LOW_QUEUE_URL"] == "worker" and rows["HER2LOW_CDS_PORT"] == "service"
+    assert rows["HER2LOW_MODEL_DIR"] == "model"
+    assert set(rows.values()) <= set(SECTIONS)
+
+
+def test_busy_port_is_named_with_its_setting(tmp_path: Path) -> None:
+    import socket
+
+    from her2low.up import busy_ports
+    from tests.conftest import free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = load_settings(
+            home=tmp_path, cds_host="127.0.0.1", cds_port=port, node_port=free_port()
+        )
+        assert busy_ports(settings) == [f"port {port} (HER2LOW_CDS_PORT) is already in use"]
+    assert busy_ports(settings) == []
+
+
+def test_demo_key_is_trusted_beside_configured_issuers(tmp_path: Path) -> None:
+    from her2low import demo_ehr
+    from her2low.up import trusted_issuers
+
+    settings = load_settings(home=tmp_path, cds_trusted_issuers={"https://ehr.test": "/k.json"})
+    issuers = trusted_issuers(settings, demo=True)
+    assert issuers is not None
+    assert issuers["https://ehr.test"] == "/k.json" and demo_ehr.ISSUER in issuers
+    assert trusted_issuers(settings, demo=False) is None
+
+
+def test_concurrent_demo_runs_each_write_their_own_folder(tmp_path: Path) -> None:
+    """`her2low demo` while up's demo is still writing: no FileExistsError, one study."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from her2low.demo import demo_study
+
+    settings = load_settings(home=tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda seed: demo_study(settings, seed), [7, 7]))
+    assert all((f / "manifest.json").exists() for f in folders)
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == ["study-seed7"]
+
+
+def test_demo_token_is_signed_by_the_demo_key_for_the_hook(tmp_path: Path) -> None:
+    import jwt
+
+    from her2low import demo_ehr
+
+    result = _her2low(
+        "demo",
+        "token",
+        env={"HER2LOW_HOME": str(tmp_path), "HER2LOW_CDS_PUBLIC_BASE_URL": "http://h.test:81"},
+    )
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), options={"verify_signature": False})
+    assert claims["iss"] == demo_ehr.ISSUER
+    assert claims["aud"] == "http://h.test:81/cds-services/her2low-mri"

@@ -18,12 +18,23 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicom_node.series.assemble import check_headers, plan_layout
-from dicom_node.series.bvalues import b_label
+from dicom_node.series.assemble import check_headers
+from dicom_node.series.bvalues import SEARCHED_CONVENTIONS, b_label
 from dicom_node.series.dicomio import read_datasets
+from dicom_node.series.headers import text
+from dicom_node.series.layout import plan_layout
 from dicom_node.series.roles import BreastRules, SeriesRole, classify_series
+from dicom_node.series.vendors import vendor_family
 
-__all__ = ["add_subcommand", "cmd_inspect", "format_report", "inspect_paths", "inspect_series"]
+__all__ = [
+    "add_arguments",
+    "add_subcommand",
+    "cmd_inspect",
+    "format_report",
+    "inspect_paths",
+    "inspect_series",
+    "run",
+]
 
 _DIFFUSION_INPUT = (SeriesRole.DWI_TRACE, SeriesRole.DWI_DIRECTIONAL)
 
@@ -37,9 +48,11 @@ def inspect_series(datasets: Sequence[Dataset], rules: BreastRules = BreastRules
     classification = classify_series(datasets, rules)
     layout = plan_layout(datasets)
     problems = [str(p) for p in layout.problems]
+    family = vendor_family(ds)
     if classification.role in _DIFFUSION_INPUT and layout.frames_without_b:
         problems.insert(0, f"missing b-values: {layout.frames_without_b} of "
-                           f"{len(layout.frames)} images carry no b-value")
+                           f"{len(layout.frames)} images carry no b-value (searched "
+                           f"{SEARCHED_CONVENTIONS}; vendor family {family.value})")
     b_values = sorted({f.diffusion.b for f in layout.frames if f.diffusion.b is not None})
     per_b: dict[float, int] = defaultdict(int)
     for vol in layout.volumes:
@@ -47,7 +60,8 @@ def inspect_series(datasets: Sequence[Dataset], rules: BreastRules = BreastRules
             per_b[vol.b] += 1
     return {
         "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
-        "vendor": str(ds.get("Manufacturer", "") or ""),
+        "vendor": text(ds, "Manufacturer"),
+        "vendor_family": family.value,
         "role": classification.role.value,
         "storage": layout.storage.value,
         "b_values": [float(b) for b in b_values],
@@ -58,8 +72,8 @@ def inspect_series(datasets: Sequence[Dataset], rules: BreastRules = BreastRules
         "problems": problems,
         "is_breast": classification.is_breast,
         "reasons": classification.reasons,
-        "description": str(ds.get("SeriesDescription", "") or ""),
-        "modality": str(ds.get("Modality", "") or ""),
+        "description": text(ds, "SeriesDescription"),
+        "modality": text(ds, "Modality"),
         "series_number": _int_or_none(ds.get("SeriesNumber")),
         "instances": len(datasets),
         "b_sources": sorted({f.diffusion.source.value for f in layout.frames
@@ -137,7 +151,7 @@ def cmd_inspect(paths: Sequence[Path], as_json: bool) -> int:
     """Run ``inspect``: 0 when series were found, 1 when none, 2 for a missing path."""
     missing = [p for p in paths if not Path(p).exists()]
     for p in missing:
-        print(f"inspect: {p}: no such file or folder", file=sys.stderr)
+        print(f"her2low inspect: error: {p}: no such file or folder", file=sys.stderr)
     if missing:
         return 2
     report = inspect_paths([Path(p) for p in paths])
@@ -145,18 +159,39 @@ def cmd_inspect(paths: Sequence[Path], as_json: bool) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_report(report))
-    return 0 if report["series"] else 1
+    if not report["series"]:
+        unreadable = len(report["unreadable"])
+        print(f"her2low inspect: error: no DICOM series found ({unreadable} unreadable file(s))",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+HELP = "describe the DICOM series in files or folders (roles, b-values, problems)"
+DESCRIPTION = (
+    "Read DICOM headers (plain or gzip-wrapped) under the given paths and report each series as "
+    "the node would analyse it: role, storage style, b-values and volumes, matrix and problems. "
+    "Exit 0 when a series was found, 1 when none, 2 for a missing path."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``inspect`` (defined here only; ``her2low`` composes them)."""
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                        help="DICOM file or folder (searched recursively)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of the parser :func:`add_arguments` filled."""
+    return cmd_inspect(args.paths, args.json)
+
+
+COMMANDS = {"inspect": (HELP, DESCRIPTION, add_arguments, run)}
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``inspect PATH... [--json]``; the handler is ``args.func(args) -> int``."""
-    parser = subparsers.add_parser(
-        "inspect",
-        help="describe the DICOM series in files or folders (roles, b-values, problems)",
-        description="Read DICOM headers (plain or gzip-wrapped) under the given paths and "
-                    "report each series as the node would analyse it.",
-    )
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                        help="DICOM file or folder (searched recursively)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(func=lambda args: cmd_inspect(args.paths, args.json))
+    parser = subparsers.add_parser("inspect", help=HELP, description=DESCRIPTION)
+    add_arguments(parser)
+    parser.set_defaults(func=run)

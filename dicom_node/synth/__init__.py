@@ -1,7 +1,7 @@
 """Synthetic breast DKI studies (DWI in Siemens/GE/Philips b-value conventions, T2, SEG, truth).
 
 ``write_study(out, seed=..., lesion=..., snr=..., vendor=...)`` writes the study and returns its
-``StudyManifest``; ``add_subcommand`` registers ``her2low synth``.
+``StudyManifest``; ``add_arguments`` + ``run`` are ``her2low synth``.
 """
 
 from .phantom import Laterality, LesionType, Phantom, TissueLabel, dki_signal, make_phantom
@@ -9,8 +9,10 @@ from .study import (
     DEFAULT_B_VALUES,
     SeriesEntry,
     StudyManifest,
+    add_arguments,
     add_subcommand,
     cmd_synth,
+    run,
     study_geometry,
     write_study,
 )
@@ -25,10 +27,12 @@ __all__ = [
     "StudyManifest",
     "TissueLabel",
     "Vendor",
+    "add_arguments",
     "add_subcommand",
     "cmd_synth",
     "dki_signal",
     "make_phantom",
+    "run",
     "study_geometry",
     "write_study",
 ]

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,15 @@ from pydantic_settings import (
 
 class ConfigurationError(ValueError):
     """A setting is missing or invalid; the message names the ``HER2LOW_*`` variable."""
+
+
+class Durability(StrEnum):
+    """How far the node flushes a stored instance before answering C-STORE success."""
+
+    #: fsync each file before the rename; lost renames are recovered at start.
+    FILE = "file"
+    #: also fsync the folder after the rename (a second device flush per instance).
+    FULL = "full"
 
 
 def _toml_path() -> Path | None:
@@ -62,15 +72,57 @@ class Settings(BaseSettings):
         "", description="SQLAlchemy URL of the node database; default SQLite in home."
     )
     node_storage_dir: Path | None = Field(None, description="DICOM file store; default home/dicom.")
+    node_metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address of the node's and workers' HTTP side port (/healthz, /readyz, "
+        "/metrics; no authentication: keep it on loopback or the monitoring network).",
+    )
+    node_metrics_port: int = Field(
+        11180, description="HTTP side port of `her2low node` (docs/operations.md); 0 = off."
+    )
+    worker_metrics_port: int = Field(
+        11181,
+        description="HTTP side port of one `her2low worker` process (job metrics); give each "
+        "worker process on a host its own port; 0 = off.",
+    )
+    node_retention_days: float = Field(
+        0.0,
+        description="Delete a series' received DICOM files this many days after it was analysed "
+        "or skipped (never while unfinished); 0 = keep forever.",
+    )
     node_quiet_seconds: float = Field(
         10.0, description="Quiet period after the last instance before a series counts as stable."
     )
-    node_durability: str = Field(
-        "file",
+    node_durability: Durability = Field(
+        Durability.FILE,
         description="'file': fsync each instance before success, recover lost renames at start; "
         "'full': also fsync the folder (a second device flush per instance).",
     )
     node_max_associations: int = Field(10, description="Concurrent associations accepted.")
+    node_max_associations_per_aet: int = Field(
+        4,
+        ge=1,
+        description="Concurrent associations accepted from one calling AE title; more are "
+        "refused transiently (local limit exceeded), so one peer cannot take every slot.",
+    )
+    node_max_associations_per_host: int = Field(
+        6,
+        ge=1,
+        description="Concurrent associations accepted from one peer address (any AE title).",
+    )
+    node_echo_idle_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="An association that has stored nothing for this long is aborted at its "
+        "next C-ECHO: echoes alone do not keep an association slot.",
+    )
+    node_max_instance_bytes: int = Field(
+        1 << 30,
+        gt=0,
+        description="Largest instance accepted, as received and once inflated (Deflated "
+        "transfer syntax); larger ones get 0xA700. 1 GiB holds any breast MRI instance, "
+        "enhanced multi-frame included.",
+    )
     node_acse_timeout: float = Field(
         30.0, description="Seconds to wait for association request/release messages (ACSE)."
     )
@@ -92,12 +144,39 @@ class Settings(BaseSettings):
     node_results_url: str = Field(
         "http://127.0.0.1:8080", description="Base URL of the CDS service's results API."
     )
+    node_export_destinations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="JSON list of DICOM destinations for the result objects (SR, SEG, maps): "
+        '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104, "tls": false, '
+        '"calling_aets": ["MODALITY"]}]; an empty or missing calling_aets means every source.',
+    )
+    node_export_max_attempts: int = Field(
+        6, description="Sends of one export before it is dead-lettered (`her2low export list`)."
+    )
+    node_export_backoff_seconds: float = Field(
+        30.0, description="Wait before the first retry of a failed export; doubles each time."
+    )
+    node_export_backoff_max_seconds: float = Field(
+        3600.0, description="Longest wait between two retries of an export."
+    )
+    node_export_timeout: float = Field(
+        30.0, description="Seconds the export SCU waits for association and DIMSE responses."
+    )
 
     # --- queue ---------------------------------------------------------------------------------
     queue_url: str = Field(
         "", description="'' for Huey on SQLite in home, or redis://host:port/db for Huey on Redis."
     )
     worker_count: int = Field(1, description="Worker threads of `her2low worker`.")
+    worker_lease_seconds: float = Field(
+        20.0,
+        gt=0,
+        description="Lease a worker holds on a running job; its heartbeat renews it, so a "
+        "worker that dies (kill -9, lost host) has its job re-queued once this runs out.",
+    )
+    worker_heartbeat_seconds: float = Field(
+        5.0, gt=0, description="How often a worker renews the lease of the job it runs."
+    )
 
     # --- shared secret between node and service -----------------------------------------------
     results_api_token: str = Field(
@@ -129,6 +208,14 @@ class Settings(BaseSettings):
         description="JSON: DICOM IssuerOfPatientID -> FHIR Identifier.system.",
     )
     cds_fhir_timeout_seconds: float = Field(3.0, description="Timeout of prefetch fetches.")
+    cds_fhir_writeback: bool = Field(
+        False,
+        description="Write the card's FHIR resources (Observation, DiagnosticReport, Provenance, "
+        "Device, model card) back to the EHR's fhirServer as one transaction, in the background.",
+    )
+    cds_fhir_writeback_attempts: int = Field(
+        3, ge=1, le=10, description="Attempts per FHIR write-back (exponential backoff)."
+    )
     cds_fhir_server_allowlist: list[str] = Field(
         default_factory=list,
         description="fhirServer URL prefixes the service may fetch missing prefetch data from "
@@ -138,6 +225,55 @@ class Settings(BaseSettings):
     cds_jwt_leeway_seconds: int = Field(30, description="Clock skew allowed on exp/iat.")
     model_dir: Path | None = Field(
         None, description="Model registry folder; default: the shipped reference model."
+    )
+    cds_recompute_on_model_change: bool = Field(
+        True,
+        description="At start, re-score in the background the stored cases a different model "
+        "version scored (cds_service.recompute).",
+    )
+
+    # --- review app (tumour board) -------------------------------------------------------------
+    review_host: str = Field(
+        "",
+        description="Address of the review app when it has its own port; '' = cds_host.",
+    )
+    review_port: int = Field(
+        0,
+        description="Own HTTP port of the review app (the CDS Hooks port then serves no review "
+        "pages, and this port no CDS Hooks); 0 = served on cds_port with everything else.",
+    )
+    review_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the review app answers to besides cds_public_base_url's (JSON "
+        "list; '.example.org' matches subdomains). Other Host headers get 400 (DNS rebinding).",
+    )
+    review_secret_key: str = Field(
+        "",
+        description="Key signing the review app's CSRF cookie; default: generated once into "
+        "home/secrets/review-secret-key (shared by every worker and instance using that home).",
+    )
+    review_session_idle_minutes: int = Field(
+        30, description="A review sign-in ends after this many minutes without a request."
+    )
+    review_session_max_hours: float = Field(
+        12.0, description="A review sign-in ends this many hours after it began, active or not."
+    )
+    review_signin_max_failures: int = Field(
+        5, description="Failed sign-ins for one user name before it is locked for a while."
+    )
+    review_signin_max_failures_per_address: int = Field(
+        20, description="Failed sign-ins from one client address before it is locked."
+    )
+    review_signin_lockout_minutes: int = Field(
+        15, description="How long a locked user name or client address must wait."
+    )
+    review_viewer_url_template: str = Field(
+        "",
+        description=(
+            "Link from a review case to the study in the PACS viewer; {study_uid} is replaced by"
+            " the StudyInstanceUID, e.g. https://pacs.example/ohif/viewer?StudyInstanceUIDs="
+            "{study_uid}. Empty: no link."
+        ),
     )
 
     @field_validator("node_ae_title")
@@ -211,17 +347,35 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigurationError(message) from exc
 
 
+SECTIONS = ("floor", "node", "worker", "service", "model")
+_SECTION_OF_PREFIX = {
+    "node": "node",
+    "queue": "worker",
+    "worker": "worker",
+    "cds": "service",
+    "review": "service",
+    "model": "model",
+}
+
+
+def section_of(name: str) -> str:
+    """The component a setting belongs to, from its name (``node_*``, ``cds_*``, …); the flat
+    ``HER2LOW_*`` names stay as they are, the grouping is only how they are shown."""
+    return _SECTION_OF_PREFIX.get(name.split("_", 1)[0], "floor")
+
+
 def describe(settings: Settings) -> list[dict[str, Any]]:
-    """Rows for ``her2low config --show``: variable, value (secrets masked), description."""
+    """Rows for ``her2low config --show``: section, variable, value (secrets masked), description."""
     rows = []
     for name, field in Settings.model_fields.items():
         value = getattr(settings, name)
-        if "token" in name and value:
+        if ("token" in name or "secret" in name) and value:
             value = "***"
         if isinstance(value, Path):
             value = str(value)
         rows.append(
             {
+                "section": section_of(name),
                 "variable": f"HER2LOW_{name.upper()}",
                 "value": json.loads(json.dumps(value, default=str)),
                 "description": field.description or "",
