@@ -16,6 +16,7 @@ from cds_service.auth import JwksCache, TokenVerifier, parse_trusted_issuers
 from cds_service.cors import init_cors
 from cds_service.db import MIGRATIONS
 from cds_service.errors import register_error_handlers
+from cds_service.metrics import init_app as init_metrics
 from cds_service.predictions import PredictionService, Predictor, RuntimeProvider
 from cds_service.request_json import MAX_BODY_BYTES
 from cds_service.state import EXTENSION_KEY, ServiceState
@@ -24,6 +25,7 @@ from her2low.core.database import make_engine, session_factory
 from her2low.core.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
+RECOMPUTE_KEY = "her2low_recompute"  # the background re-scoring job (cds_service.recompute)
 
 
 class AppPart(StrEnum):
@@ -84,6 +86,12 @@ def create_app(
         runtime=provider,
         predictions=PredictionService(store, provider),
     )
+    if settings.cds_recompute_on_model_change and part is not AppPart.REVIEW:
+        from cds_service.recompute import RecomputeJob
+
+        job = RecomputeJob(store, app.extensions[EXTENSION_KEY].predictions)
+        app.extensions[RECOMPUTE_KEY] = job
+        job.start()
     register_error_handlers(app)
     init_cors(app, settings.cds_cors_origins, ("/cds-services",))
 
@@ -100,6 +108,8 @@ def create_app(
     @app.get("/healthz")
     def healthz() -> Response:
         return jsonify({"status": "ok"})
+
+    init_metrics(app)  # /readyz, /metrics (outside sign-in), hook latency (cds_service.metrics)
 
     return app
 

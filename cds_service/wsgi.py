@@ -17,6 +17,7 @@ from gunicorn.app.base import BaseApplication
 
 from cds_service.app import AppPart, create_app
 from cds_service.db import MIGRATIONS
+from cds_service.metrics import enable_multiprocess
 from her2low.core.logs import configure
 from her2low.core.settings import Settings, load_settings
 
@@ -119,6 +120,7 @@ def serve(settings: Settings, *, workers: int = 2) -> None:
     check_private(settings.home)
     # Fail fast in the parent on an un-migrated database rather than in every worker.
     MIGRATIONS.check_current(settings.cds_database_url)
+    enable_multiprocess(settings.home / "run" / f"metrics-{settings.cds_port}")  # see metrics.py
     options = {
         "bind": [f"{settings.cds_host}:{settings.cds_port}"]
         + (

@@ -39,6 +39,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     folder = tmp_path / "home"
     monkeypatch.setenv("HER2LOW_HOME", str(folder))
+    monkeypatch.setenv("HER2LOW_NODE_METRICS_PORT", "0")  # side ports: no fixed ports in tests
+    monkeypatch.setenv("HER2LOW_WORKER_METRICS_PORT", "0")
     settings = load_settings()
     MIGRATIONS.upgrade(settings.node_database_url)
     return folder
@@ -53,6 +55,11 @@ class RunningNode:
     @property
     def port(self) -> int:
         return int(self.settings.node_port)
+
+    @property
+    def side_url(self) -> str:
+        """The node's HTTP side port (/healthz, /readyz, /metrics)."""
+        return f"http://127.0.0.1:{self.settings.node_metrics_port}"
 
     def sessions(self):  # type: ignore[no-untyped-def]
         from her2low.core.database import make_engine, session_factory
@@ -94,6 +101,7 @@ def node_env(home: Path, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv("HER2LOW_NODE_PORT", str(free_port()))
     monkeypatch.setenv("HER2LOW_NODE_HOST", "127.0.0.1")
     monkeypatch.setenv("HER2LOW_NODE_QUIET_SECONDS", "1")
+    monkeypatch.setenv("HER2LOW_NODE_METRICS_PORT", str(free_port()))  # node.side_url
     return monkeypatch
 
 

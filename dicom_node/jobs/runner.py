@@ -1,13 +1,19 @@
 """Run one analysis job: claim it, analyse its series, publish, and record the outcome.
 
 A claim is a conditional update (queued → running with a lease), so a job sent twice runs once,
-and a job whose worker died is taken over once its lease expires.
+also with several workers on PostgreSQL: the second ``UPDATE … WHERE state = 'queued'`` waits for
+the first one's row lock, re-reads the row and matches nothing. The lease is short and renewed
+by a heartbeat thread while the job runs, so a worker killed mid-job (``kill -9``, a lost host)
+has its job re-queued by the node's scheduler within a lease, not after a fixed long timeout.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
+from types import TracebackType
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,17 +21,28 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.db import Job, JobState, Series, SeriesState
 from dicom_node.jobs.pipeline import Deferred, PipelineSettings, Skipped, run_pipeline
 from dicom_node.jobs.publish import PublishError
+from dicom_node.metrics import record_job
 
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS = 600.0
+#: Default lease (``HER2LOW_WORKER_LEASE_SECONDS``); the heartbeat renews it while a job runs.
+LEASE_SECONDS = 20.0
+#: Default renewal interval (``HER2LOW_WORKER_HEARTBEAT_SECONDS``).
+HEARTBEAT_SECONDS = 5.0
 
 
 class RetryLater(RuntimeError):
     """Raised to the queue so that it runs the job again after a delay."""
 
 
-def claim(sessions: sessionmaker[Session], job_id: str, *, now: float | None = None) -> Job | None:
+def claim(
+    sessions: sessionmaker[Session],
+    job_id: str,
+    *,
+    now: float | None = None,
+    lease_seconds: float = LEASE_SECONDS,
+) -> Job | None:
+    """Take a queued job (running, one more attempt, a lease); None if anyone else has it."""
     now = time.time() if now is None else now
     with sessions() as session:
         result = session.execute(
@@ -34,7 +51,7 @@ def claim(sessions: sessionmaker[Session], job_id: str, *, now: float | None = N
             .values(
                 state=JobState.RUNNING,
                 attempts=Job.attempts + 1,
-                lease_expires_at=now + LEASE_SECONDS,
+                lease_expires_at=now + lease_seconds,
                 updated_at=now,
             )
         )
@@ -50,6 +67,75 @@ def claim(sessions: sessionmaker[Session], job_id: str, *, now: float | None = N
         return job
 
 
+def renew_lease(
+    sessions: sessionmaker[Session], job: Job, lease_seconds: float, *, now: float | None = None
+) -> bool:
+    """Extend the lease of ``job`` as this worker claimed it; False once it is no longer ours.
+
+    The condition (still running, same attempt) makes a worker that lost its lease — paused
+    past it, cut off from the database — unable to take the job back from its new owner.
+    """
+    now = time.time() if now is None else now
+    with sessions() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.state == JobState.RUNNING, Job.attempts == job.attempts)
+            .values(lease_expires_at=now + lease_seconds)
+        )
+        session.commit()
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+class Heartbeat:
+    """A thread renewing a running job's lease every ``every`` seconds until the job ends.
+
+    A failed renewal (database briefly unreachable) is logged and retried at the next beat; the
+    lease is several beats long, so one miss does not lose the job.
+    """
+
+    def __init__(
+        self, sessions: sessionmaker[Session], job: Job, *, lease_seconds: float, every: float
+    ) -> None:
+        self.sessions = sessions
+        self.job = job
+        self.lease_seconds = lease_seconds
+        self.every = min(every, lease_seconds / 3)
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job.id[:8]}", daemon=True)
+
+    def _run(self) -> None:
+        extra = {"job_id": self.job.id}
+        while not self._stop.wait(self.every):
+            try:
+                if not renew_lease(self.sessions, self.job, self.lease_seconds):
+                    self.lost = True
+                    log.warning("job lease lost to another worker", extra=extra)
+                    return
+            except Exception as exc:
+                log.warning("lease renewal failed", extra={**extra, "err": str(exc)[:300]})
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.every + 5)
+
+
+def _ours(stored: Job | None, job: Job) -> bool:
+    """The stored job is still the run this worker claimed (not re-queued and taken over)."""
+    return (
+        stored is not None and stored.state == JobState.RUNNING and stored.attempts == job.attempts
+    )
+
+
 def _finish(
     sessions: sessionmaker[Session],
     job: Job,
@@ -62,9 +148,12 @@ def _finish(
 ) -> None:
     now = time.time()
     with sessions() as session:
-        stored = session.get(Job, job.id)
+        stored = session.get(Job, job.id, with_for_update=True)
         series = session.get(Series, job.series_instance_uid)
         if stored is None or series is None:
+            return
+        if not _ours(stored, job):  # our lease ran out and another worker owns the job now
+            log.warning("job outcome dropped: lease lost", extra={"job_id": job.id})
             return
         stored.state = job_state
         stored.updated_at = now
@@ -90,8 +179,8 @@ def requeue(sessions: sessionmaker[Session], job: Job, reason: str) -> None:
     retries it, then the scheduler re-sends it every few minutes until it publishes.
     """
     with sessions() as session:
-        stored = session.get(Job, job.id)
-        if stored is not None:
+        stored = session.get(Job, job.id, with_for_update=True)
+        if stored is not None and _ours(stored, job):
             stored.attempts = max(0, stored.attempts - 1)
             stored.state = JobState.QUEUED
             stored.updated_at = time.time()
@@ -102,18 +191,28 @@ def requeue(sessions: sessionmaker[Session], job: Job, reason: str) -> None:
             session.commit()
 
 
-def run_job(sessions: sessionmaker[Session], settings: PipelineSettings, job_id: str) -> None:
+def run_job(
+    sessions: sessionmaker[Session],
+    settings: PipelineSettings,
+    job_id: str,
+    *,
+    lease_seconds: float = LEASE_SECONDS,
+    heartbeat_seconds: float = HEARTBEAT_SECONDS,
+) -> None:
     """Entry point of the queue task. Raises :class:`RetryLater` for transient problems."""
-    job = claim(sessions, job_id)
+    job = claim(sessions, job_id, lease_seconds=lease_seconds)
     if job is None:
         log.info("job already taken or finished", extra={"job_id": job_id})
         return
     extra = {"job_id": job.id, "series_uid": job.series_instance_uid}
+    log.info("job claimed", extra={**extra, "attempt": job.attempts, "worker_pid": os.getpid()})
     started = time.perf_counter()
     try:
-        outcome = run_pipeline(sessions, job.series_instance_uid, settings)
+        with Heartbeat(sessions, job, lease_seconds=lease_seconds, every=heartbeat_seconds):
+            outcome = run_pipeline(sessions, job.series_instance_uid, settings)
     except Skipped as skip:
         log.info("series not analysed", extra={**extra, "reason": skip.reason, "role": skip.role})
+        record_job("skipped", time.perf_counter() - started, reason=skip.reason, role=skip.role)
         _finish(
             sessions,
             job,
@@ -125,6 +224,7 @@ def run_job(sessions: sessionmaker[Session], settings: PipelineSettings, job_id:
         return
     except Deferred as wait:
         log.info("job deferred", extra={**extra, "reason": str(wait)})
+        record_job("deferred", time.perf_counter() - started)
         requeue(sessions, job, str(wait))
         raise RetryLater(str(wait)) from wait
     except PublishError as exc:
@@ -132,9 +232,11 @@ def run_job(sessions: sessionmaker[Session], settings: PipelineSettings, job_id:
             log.warning(
                 "results API unavailable; job re-queued", extra={**extra, "err": str(exc)[:300]}
             )
+            record_job("retry", time.perf_counter() - started)
             requeue(sessions, job, str(exc))
             raise RetryLater(str(exc)) from exc
         log.error("publish failed", extra={**extra, "err": str(exc)[:300]})
+        record_job("publish_failed", time.perf_counter() - started)
         _finish(
             sessions,
             job,
@@ -145,6 +247,7 @@ def run_job(sessions: sessionmaker[Session], settings: PipelineSettings, job_id:
         return
     except Exception as exc:
         log.exception("analysis failed", extra=extra)
+        record_job("failed", time.perf_counter() - started)
         _finish(
             sessions,
             job,
@@ -161,6 +264,7 @@ def run_job(sessions: sessionmaker[Session], settings: PipelineSettings, job_id:
         result_id=outcome.result_id,
         role=outcome.role,
     )
+    record_job("done", time.perf_counter() - started)  # dicom_node.metrics
     log.info(
         "series analysed and published",
         extra={
