@@ -60,10 +60,21 @@ def listening_ports(settings: Settings) -> list[tuple[str, int, str]]:
         (settings.node_host, settings.node_port, "HER2LOW_NODE_PORT"),
         (settings.cds_host, settings.cds_port, "HER2LOW_CDS_PORT"),
     ]
-    review_port = int(getattr(settings, "review_port", 0) or 0)
-    if review_port:
-        review_host = str(getattr(settings, "review_host", "") or settings.cds_host)
-        ports.append((review_host, review_port, "HER2LOW_REVIEW_PORT"))
+    if settings.review_port:
+        review_host = settings.review_host or settings.cds_host
+        ports.append((review_host, settings.review_port, "HER2LOW_REVIEW_PORT"))
+    if settings.node_metrics_port:
+        ports.append(
+            (settings.node_metrics_host, settings.node_metrics_port, "HER2LOW_NODE_METRICS_PORT")
+        )
+    if settings.worker_metrics_port:
+        ports.append(
+            (
+                settings.node_metrics_host,
+                settings.worker_metrics_port,
+                "HER2LOW_WORKER_METRICS_PORT",
+            )
+        )
     return ports
 
 

@@ -191,6 +191,8 @@ def running_system(
         "HER2LOW_HOME": str(home),
         "HER2LOW_NODE_PORT": str(free_port()),
         "HER2LOW_NODE_HOST": "127.0.0.1",
+        "HER2LOW_NODE_METRICS_PORT": str(free_port()),  # side ports: never the fixed defaults
+        "HER2LOW_WORKER_METRICS_PORT": "0",
         "HER2LOW_NODE_QUIET_SECONDS": "2",
         "HER2LOW_CDS_PORT": str(cds_port),
         "HER2LOW_CDS_PUBLIC_BASE_URL": f"http://127.0.0.1:{cds_port}",
