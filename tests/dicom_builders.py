@@ -468,3 +468,70 @@ def simple_image(
     set_plane(ds, Grid(rows=4, cols=4), position)
     set_pixels(ds, np.full((4, 4), 100, np.uint16))
     return ds
+
+
+# --------------------------------------------------------------------------- vendor conventions
+# (tests/test_vendor_conventions.py; sources in docs/vendors.md)
+
+
+def tag_toshiba_classic(ds: Dataset, vol: Vol) -> None:
+    """Toshiba classic: (0018,9087)/(0018,9089) only where a gradient is applied; a b=0 image
+    carries no diffusion attribute at all (no MR Diffusion Sequence either)."""
+    if vol.b > 0:
+        ds.DiffusionBValue = float(vol.b)
+        if vol.direction is not None:
+            ds.DiffusionGradientOrientation = list(vol.direction)
+
+
+def tag_canon_comments(ds: Dataset, vol: Vol, *, b0_comment: bool = False) -> None:
+    """Canon classic (post-Toshiba): b and gradient only in Image Comments (0020,4000) as
+    ``b=1500(0.445,0.000,0.895)``; b=0 images have no comment unless ``b0_comment``."""
+    if vol.b > 0 or b0_comment:
+        x, y, z = vol.direction or (0.0, 0.0, 0.0)
+        ds.ImageComments = f"b={round(vol.b)}({x:.3f},{y:.3f},{z:.3f})"
+
+
+def strip_manufacturer(ds: Dataset, creator: str = "TOSHIBA_MEC_MR3") -> None:
+    """De-identified export: Manufacturer blanked, a vendor private block (0x700D) kept."""
+    ds.Manufacturer = ""
+    ds.private_block(0x700D, creator, create=True).add_new(0x00, "DS", "1")
+
+
+def uih_grid_without_plane(grid: Grid, vols: Sequence[Vol], *, orientation_in_vframes: bool = True
+                           ) -> list[Dataset]:
+    """UIH VFRAME grid with no top-level ImagePositionPatient/ImageOrientationPatient: the
+    per-slice positions (and, when ``orientation_in_vframes``, orientations) live only in the
+    MR VFrame Sequence (0065,xx51) items (dcm2niix UIH/README.md)."""
+    out = uih_grid_series(grid, vols)
+    for ds in out:
+        del ds.ImagePositionPatient
+        del ds.ImageOrientationPatient
+        if orientation_in_vframes:
+            for item in ds.private_block(0x0065, "Image Private Header")[0x51].value:
+                item.ImageOrientationPatient = [f"{v:.6f}" for v in grid.iop]
+    return out
+
+
+def to_bmatrix(ds: Dataset) -> Dataset:
+    """Rewrite an :func:`enhanced_series` object's per-frame diffusion as a b-matrix
+    (Directionality BMATRIX, Diffusion b-matrix Sequence (0018,9601), no (0018,9087)), the form
+    Bruker ParaVision writes (PS3.3 C.8.13.5.9)."""
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        diff = frame.MRDiffusionSequence[0]
+        b = float(diff.get("DiffusionBValue", 0.0))
+        g = np.zeros(3)
+        if "DiffusionGradientDirectionSequence" in diff:
+            g = np.asarray(diff.DiffusionGradientDirectionSequence[0].DiffusionGradientOrientation,
+                           dtype=float)
+            del diff.DiffusionGradientDirectionSequence
+        if "DiffusionBValue" in diff:
+            del diff.DiffusionBValue
+        m = b * np.outer(g, g) if np.linalg.norm(g) > 0 else np.eye(3) * b / 3.0
+        item = Dataset()
+        item.DiffusionBValueXX, item.DiffusionBValueXY, item.DiffusionBValueXZ = (
+            float(m[0, 0]), float(m[0, 1]), float(m[0, 2]))
+        item.DiffusionBValueYY, item.DiffusionBValueYZ, item.DiffusionBValueZZ = (
+            float(m[1, 1]), float(m[1, 2]), float(m[2, 2]))
+        diff.DiffusionBMatrixSequence = DicomSequence([item])
+        diff.DiffusionDirectionality = "BMATRIX"
+    return ds

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from dicom_node.series.bvalues import (
     B0_THRESHOLD,
     GROUP_REL_TOL,
+    SEARCHED_CONVENTIONS,
     DirectionalityValues,
     group_bvalues,
 )
@@ -185,8 +186,7 @@ def assemble_dwi(
             Problem(
                 ProblemKind.MISSING_B_VALUES,
                 f"{layout.frames_without_b} of {len(layout.frames)} images carry no b-value in any "
-                "known convention ((0018,9087), MR Diffusion Sequence, Siemens/GE/Philips/UIH "
-                "private tags, CSA header)",
+                f"known convention ({SEARCHED_CONVENTIONS})",
             ),
         )
     if problems:

@@ -3,8 +3,10 @@
 notes/dicom.md lists where scanners put b: the standard Diffusion b-value (0018,9087) (PS3.3
 C.8.13.5.9 MR Diffusion Macro, per frame in enhanced objects), Siemens (0019,xx0C) and the CSA
 header, GE (0043,xx39) first value (with a +n·10⁹ offset on older software), Philips (2001,xx03),
-UIH (0065,xx09) (effective b) and Toshiba/Canon, who omit the b tag on b=0 images that still
-carry an MR Diffusion Sequence. Private tags are looked up through their private creator
+UIH (0065,xx09) (effective b), Canon classic Image Comments ``b=1500(x,y,z)`` and the standard
+b-matrix (0018,9602-9607) of Directionality BMATRIX (Bruker). Toshiba/Canon omit the b tag on
+b=0 images: with an MR Diffusion Sequence that is decided here per image, without one it is a
+series-level rule (:func:`dicom_node.series.frames.expand_frames`). Private tags are looked up through their private creator
 (PS3.5 §7.8.1), never by a fixed element number. Exact header values are kept; grouping of
 nearly equal b (relative tolerance) and the b≈0 threshold are separate, explicit steps.
 """
@@ -24,12 +26,14 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from dicom_node.series.csa import csa_float, csa_floats
-from dicom_node.series.headers import floats, text
+from dicom_node.series.headers import floats, private_tag, text
+from dicom_node.series.vendors import canon_comment_diffusion
 
 __all__ = [
     "B0_THRESHOLD",
     "GE_B_OFFSET",
     "GROUP_REL_TOL",
+    "SEARCHED_CONVENTIONS",
     "BValueSource",
     "DiffusionInfo",
     "DirectionalityValues",
@@ -52,6 +56,13 @@ B0_THRESHOLD = 5.0
 #: series (tests/test_vendor_data.py) pass with it. The fit used 1 % before this was shared, but
 #: in the node it saw volumes that assembly had already grouped at 2 %.
 GROUP_REL_TOL = 0.02
+
+#: Every place a b-value is looked for, for messages that say what was searched.
+SEARCHED_CONVENTIONS = (
+    "(0018,9087), MR Diffusion Sequence (0018,9117), b-matrix (0018,9602-9607), Siemens "
+    "(0019,xx0C)/CSA B_value/SequenceName, GE (0043,xx39), Philips (2001,xx03), UIH (0065,xx09), "
+    "Canon Image Comments (0020,4000); b=0 implied only for Toshiba/Canon"
+)
 
 SIEMENS_MR = "SIEMENS MR HEADER"
 GE_PARM = "GEMS_PARM_01"
@@ -77,8 +88,11 @@ class BValueSource(Enum):
     GE_PRIVATE = "GE (0043,xx39) first value"
     PHILIPS_PRIVATE = "Philips (2001,xx03) Diffusion B-Factor"
     UIH_PRIVATE = "UIH (0065,xx09) effective b"
+    CANON_COMMENTS = "Canon Image Comments (0020,4000) b=<value>(x,y,z)"
+    BMATRIX = "b-matrix (0018,9602-9607) trace"
     SIEMENS_SEQUENCE_NAME = "Siemens SequenceName ep_b<value>"
     IMPLIED_B0 = "MR Diffusion Sequence without b-value: b=0 (Toshiba/Canon)"
+    IMPLIED_B0_SERIES = "no b-value on a Toshiba/Canon image of a diffusion series: b=0"
 
 
 class DirectionalityValues(Enum):
@@ -172,9 +186,9 @@ def ge_bvalue(raw: float) -> float:
 
 def private_value(ds: Dataset, group: int, creator: str, offset: int) -> Any:
     """Value of a private element found through its creator, or None when absent/empty."""
-    try:
-        elem: DataElement = ds.private_block(group, creator)[offset]
-    except (KeyError, ValueError):
+    tag = private_tag(ds, group, creator, offset)
+    elem: DataElement | None = None if tag is None else ds.get(tag)
+    if elem is None:
         return None
     value = elem.value
     if value is None or value == "" or (isinstance(value, bytes | list) and not value):
@@ -240,10 +254,48 @@ def _b_from_private(
         b = _as_float(raw)
         if b is not None:
             return (ge_bvalue(b) if source is BValueSource.GE_PRIVATE else b), source
+    canon = canon_comment_diffusion(ds)
+    if canon is not None:
+        return canon[0], BValueSource.CANON_COMMENTS
     match = _SEQNAME_B.search(text(ds, "SequenceName"))
     if match:
         return float(match.group(1)), BValueSource.SIEMENS_SEQUENCE_NAME
     return None, None
+
+
+_BMATRIX_KEYWORDS = (
+    "DiffusionBValueXX", "DiffusionBValueXY", "DiffusionBValueXZ",
+    "DiffusionBValueYY", "DiffusionBValueYZ", "DiffusionBValueZZ",
+)
+
+
+def _bmatrix(item: Dataset) -> NDArray[np.float64] | None:
+    """The symmetric b-matrix of a Diffusion b-matrix Sequence (0018,9601) item, if complete."""
+    seq = item.get("DiffusionBMatrixSequence")
+    holder = seq[0] if seq else item
+    vals = [_as_float(holder.get(k)) for k in _BMATRIX_KEYWORDS]
+    if any(v is None for v in vals):
+        return None
+    xx, xy, xz, yy, yz, zz = (float(v) for v in vals if v is not None)
+    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+
+
+def _bmatrix_diffusion(items: Sequence[Dataset]) -> tuple[float, tuple[float, float, float] | None] | None:
+    """b = trace of the b-matrix, direction = its principal eigenvector (PS3.3 C.8.13.5.9)."""
+    for item in items:
+        m = _bmatrix(item)
+        if m is None:
+            continue
+        b = float(np.trace(m))
+        if not math.isfinite(b) or b < 0:
+            continue
+        w, v = np.linalg.eigh(m)
+        if b < B0_THRESHOLD or float(np.max(w)) < 0.5 * b:
+            return b, None  # b≈0 or no dominant gradient axis (an isotropic trace)
+        vec = v[:, int(np.argmax(w))]
+        vec = vec if vec[int(np.argmax(np.abs(vec)))] > 0 else -vec  # the sign is arbitrary
+        return b, (float(vec[0]), float(vec[1]), float(vec[2]))
+    return None
 
 
 def _direction(
@@ -271,7 +323,11 @@ def _direction(
         vec = _as_vector(candidate)
         if vec:
             return vec
-    return None
+    bmatrix = _bmatrix_diffusion(items)
+    if bmatrix is not None and bmatrix[1] is not None:
+        return bmatrix[1]
+    canon = canon_comment_diffusion(ds)
+    return None if canon is None else canon[1]
 
 
 def _vendor_volume(ds: Dataset) -> tuple[tuple[int, ...] | None, int | None]:
@@ -313,6 +369,10 @@ def diffusion_info(
         if b is None and top_item is not None:
             b = _as_float(top_item.get("DiffusionBValue"))
         source = BValueSource.STANDARD if b is not None else None
+    if b is None:
+        bmatrix = _bmatrix_diffusion([*items, *([top_item] if top_item is not None else [])])
+        if bmatrix is not None:
+            b, source = bmatrix[0], BValueSource.BMATRIX
     if b is None:
         b, source = _b_from_private(ds, csa)
     if b is None and (items or top_item is not None):

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 
 from pydicom.dataset import Dataset
 
+from dicom_node.series.headers import private_tag
+
 __all__ = [
     "CSA_CREATOR",
     "CsaError",
@@ -83,10 +85,9 @@ def _unpack(fmt: str, raw: bytes, pos: int) -> tuple[int, ...]:
 
 def csa_image_header(ds: Dataset) -> dict[str, list[str]] | None:
     """The parsed CSA Image Header of ``ds``, or None when absent or unreadable."""
-    try:
-        block = ds.private_block(0x0029, CSA_CREATOR)
-        elem = block[_IMAGE_HEADER_ELEMENT]
-    except KeyError:
+    tag = private_tag(ds, 0x0029, CSA_CREATOR, _IMAGE_HEADER_ELEMENT)
+    elem = None if tag is None else ds.get(tag)
+    if elem is None:
         return None
     value = elem.value
     if not isinstance(value, bytes | bytearray) or not value:

@@ -20,6 +20,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+# Registers the UIH private dictionary, so Implicit VR UIH exports decode (docs/vendors.md).
+import dicom_node.series.vendors  # noqa: F401
+
 __all__ = [
     "DicomReadError",
     "ReadProblem",

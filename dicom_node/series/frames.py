@@ -6,11 +6,18 @@ groups (PS3.3 C.7.6.16, A.36 Enhanced MR Image), and mosaics (Siemens MOSAIC, UI
 grids) that tile all slices of a volume into one image. Each is expanded here into one record
 per 2-D image with its position, orientation, diffusion and rescale; :mod:`.layout` then orders
 them into slices and volumes.
+
+Where the standard plane attributes are missing, vendor fallbacks are read: the UIH MR VFrame
+Sequence (0065,xx51) holds each slice's ImagePositionPatient (and, in some exports, its
+ImageOrientationPatient). Series-level vendor rules that no single image can decide (Toshiba/
+Canon b=0 images without any b tag) are applied after expansion. :func:`placement_gaps` names
+exactly which attribute keeps an image from being placed.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -20,14 +27,17 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.series.bvalues import (
+    B0_THRESHOLD,
     SIEMENS_MR,
     UIH_IMAGE,
+    BValueSource,
     DiffusionInfo,
     diffusion_info,
     private_value,
 )
 from dicom_node.series.csa import csa_floats, csa_image_header, csa_int
 from dicom_node.series.headers import floats, number
+from dicom_node.series.vendors import VendorFamily, vendor_family
 
 __all__ = [
     "FrameRef",
@@ -35,9 +45,12 @@ __all__ = [
     "StorageStyle",
     "TileGrid",
     "Vec3",
+    "describe_gaps",
     "expand_frames",
     "image_matrix",
+    "imply_vendor_b0",
     "is_siemens_mosaic",
+    "placement_gaps",
     "storage_style",
     "tile_grid",
 ]
@@ -196,12 +209,84 @@ def _frame_ref(
     )
 
 
+def _uih_vframes(ds: Dataset) -> list[Dataset]:
+    """Items of the UIH MR VFrame Sequence (0065,xx51): one per slice of a VFRAME grid."""
+    seq = private_value(ds, 0x0065, UIH_IMAGE, 0x51)
+    try:
+        return [item for item in seq if isinstance(item, Dataset)] if seq is not None else []
+    except TypeError:
+        return []
+
+
+#: Where a classic image's plane may come from, for :func:`placement_gaps` messages.
+IPP = "ImagePositionPatient (0020,0032)"
+IOP = "ImageOrientationPatient (0020,0037)"
+_UIH_FALLBACK = "UIH MR VFrame Sequence (0065,xx51)"
+PLANE_POSITION = "Plane Position Sequence (0020,9113) > ImagePositionPatient"
+PLANE_ORIENTATION = "Plane Orientation Sequence (0020,9116) > ImageOrientationPatient"
+
+
+def _classic_position(ds: Dataset, vframes: Sequence[Dataset]) -> tuple[Any, bool]:
+    """ImagePositionPatient of a classic image and whether it is the image's own (top level)
+    value, else the first UIH VFrame item's (the first slice of the grid)."""
+    if floats(ds.get("ImagePositionPatient"), 3) is not None:
+        return ds.get("ImagePositionPatient"), True
+    for item in vframes[:1]:
+        if floats(item.get("ImagePositionPatient"), 3) is not None:
+            return item.get("ImagePositionPatient"), False
+    return None, False
+
+
+def _classic_orientation(ds: Dataset, vframes: Sequence[Dataset]) -> Any:
+    """ImageOrientationPatient at top level, else from the first UIH VFrame item carrying it."""
+    if floats(ds.get("ImageOrientationPatient"), 6) is not None:
+        return ds.get("ImageOrientationPatient")
+    for item in vframes:
+        if floats(item.get("ImageOrientationPatient"), 6) is not None:
+            return item.get("ImageOrientationPatient")
+    return None
+
+
+def placement_gaps(ds: Dataset) -> tuple[int, Counter[str]]:
+    """(2-D images stored in ``ds``, {missing attribute: images lacking it}).
+
+    Counts only what :func:`expand_frames` could not replace by a vendor fallback, so a
+    report can say e.g. "ImagePositionPatient (0020,0032) missing on 520 of 520 images".
+    """
+    gaps: Counter[str] = Counter()
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None:
+        shared_seq = ds.get("SharedFunctionalGroupsSequence")
+        shared = shared_seq[0] if shared_seq else None
+        for frame in per_frame:
+            position = _fg_item(frame, shared, "PlanePositionSequence")
+            orient = _fg_item(frame, shared, "PlaneOrientationSequence")
+            if position is None or floats(position.get("ImagePositionPatient"), 3) is None:
+                gaps[PLANE_POSITION] += 1
+            if orient is None or floats(orient.get("ImageOrientationPatient"), 6) is None:
+                gaps[PLANE_ORIENTATION] += 1
+        return len(per_frame), gaps
+    vframes = _uih_vframes(ds)
+    if _classic_position(ds, vframes)[0] is None:
+        gaps[IPP] += 1
+    if _classic_orientation(ds, vframes) is None:
+        gaps[IOP] += 1
+    return 1, gaps
+
+
+def describe_gaps(gaps: Counter[str], total: int) -> str:
+    """``"<attribute> missing on <n> of <total> images[ and no <fallback> value]"``, joined."""
+    fallback = {IPP: f" and no {_UIH_FALLBACK} value", IOP: f" and no {_UIH_FALLBACK} value"}
+    return "; ".join(f"{name} missing on {n} of {total} images{fallback.get(name, '')}"
+                     for name, n in sorted(gaps.items()))
+
+
 def _classic_frames(index: int, ds: Dataset) -> list[FrameRef]:
     csa = csa_image_header(ds)
     info = diffusion_info(ds, csa=csa)
-    plane = _plane(
-        ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")
-    )
+    vframes = _uih_vframes(ds)
+    position, own_position = _classic_position(ds, vframes)
+    plane = _plane(position, _classic_orientation(ds, vframes), ds.get("PixelSpacing"))
     if plane is None:
         return []
     base = _order_base(ds, info)
@@ -217,18 +302,22 @@ def _classic_frames(index: int, ds: Dataset) -> list[FrameRef]:
     snv = csa_floats(csa, "SliceNormalVector")
     if len(snv) == 3 and np.linalg.norm(snv) > 0:
         normal = np.asarray(snv) / np.linalg.norm(snv)
-    # The mosaic's IPP is the corner of the whole tiled image centred on the tile stack.
-    first = (
-        np.asarray(pos)
-        + row_dir * spacing[1] * (cols - t_cols) / 2.0
-        + col_dir * spacing[0] * (rows - t_rows) / 2.0
-    )
+    # The mosaic's own IPP is the corner of the whole tiled image centred on the tile stack;
+    # a position taken from the first UIH VFrame item is already the first slice's.
+    first = np.asarray(pos)
+    if own_position:
+        first = (
+            first
+            + row_dir * spacing[1] * (cols - t_cols) / 2.0
+            + col_dir * spacing[0] * (rows - t_rows) / 2.0
+        )
     gap = number(ds.get("SpacingBetweenSlices"), 0.0) or number(ds.get("SliceThickness"), 1.0)
-    vframes = None if grid.siemens else private_value(ds, 0x0065, UIH_IMAGE, 0x51)
+    if grid.siemens:
+        vframes = []
     out = []
     for k in range(grid.count):
         p = first + k * gap * normal
-        if vframes is not None and k < len(vframes):
+        if k < len(vframes):
             explicit = floats(vframes[k].get("ImagePositionPatient"), 3)
             if explicit is not None:
                 p = np.asarray(explicit)
@@ -280,6 +369,30 @@ def _enhanced_frames(index: int, ds: Dataset) -> list[FrameRef]:
     return out
 
 
+def imply_vendor_b0(datasets: Sequence[Dataset], infos: Sequence[DiffusionInfo]
+                    ) -> list[DiffusionInfo]:
+    """``infos`` with b=0 for Toshiba/Canon images that carry no b-value in a diffusion series.
+
+    Toshiba and Canon populate (0018,9087) only where a diffusion gradient is applied (dcm2niix
+    Canon/README.md), classic or enhanced, with or without an MR Diffusion Sequence on the b=0
+    image. An image without any b-value is b=0 when the series is of that family (Manufacturer
+    or TOSHIBA/CANON private creators) and other images of it do carry b > 0. For every other
+    family a missing b stays missing and is reported.
+    """
+    if not any(d.b is None for d in infos) or not any(
+        d.b is not None and d.b >= B0_THRESHOLD for d in infos
+    ):
+        return list(infos)
+    if not any(vendor_family(ds) is VendorFamily.CANON for ds in datasets):
+        return list(infos)
+    return [
+        replace(d, b=0.0, source=BValueSource.IMPLIED_B0_SERIES, direction=None)
+        if d.b is None
+        else d
+        for d in infos
+    ]
+
+
 def expand_frames(datasets: Sequence[Dataset]) -> list[FrameRef]:
     """Every 2-D image of ``datasets`` (frames of enhanced objects, tiles of mosaics)."""
     frames: list[FrameRef] = []
@@ -288,4 +401,6 @@ def expand_frames(datasets: Sequence[Dataset]) -> list[FrameRef]:
             frames.extend(_enhanced_frames(i, ds))
         else:
             frames.extend(_classic_frames(i, ds))
-    return frames
+    infos = imply_vendor_b0(datasets, [f.diffusion for f in frames])
+    return [f if f.diffusion is d else replace(f, diffusion=d)
+            for f, d in zip(frames, infos, strict=True)]

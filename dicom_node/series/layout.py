@@ -9,7 +9,7 @@ direction and vendor volume identity, and reports every reason the series cannot
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -30,9 +30,11 @@ from dicom_node.series.frames import (
     FrameRef,
     StorageStyle,
     Vec3,
+    describe_gaps,
     expand_frames,
     image_matrix,
     is_siemens_mosaic,
+    placement_gaps,
     storage_style,
     tile_grid,
 )
@@ -184,21 +186,28 @@ def plan_layout(
 
 
 def _check_placed(datasets: Sequence[Dataset], layout: Layout) -> None:
-    """Images without ImagePositionPatient/ImageOrientationPatient are reported, not lost."""
+    """Images without a usable position/orientation are reported, naming the missing tag."""
     placed: dict[int, int] = defaultdict(int)
     for f in layout.frames:
         placed[f.dataset_index] += 1
     unplaced = 0
+    total = 0
+    gaps: Counter[str] = Counter()
     for i, ds in enumerate(datasets):
         per_frame = ds.get("PerFrameFunctionalGroupsSequence")
         expected = len(per_frame) if per_frame is not None else 1
-        unplaced += max(expected - placed[i], 0)
+        total += expected
+        missing = max(expected - placed[i], 0)
+        unplaced += missing
+        if missing:
+            gaps.update(placement_gaps(ds)[1])
     if unplaced:
+        detail = describe_gaps(gaps, total)
         layout.problems.append(
             Problem(
                 ProblemKind.INCONSISTENT_GEOMETRY,
-                f"{unplaced} image(s) without ImagePositionPatient/"
-                "ImageOrientationPatient cannot be placed",
+                f"{unplaced} image(s) cannot be placed: "
+                + (detail or "ImagePositionPatient/ImageOrientationPatient unusable"),
             )
         )
 

@@ -20,8 +20,16 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicom_node.series.assemble import FrameRef, expand_frames
-from dicom_node.series.bvalues import B0_THRESHOLD, DirectionalityValues, b_label
+from dicom_node.series.bvalues import (
+    B0_THRESHOLD,
+    DiffusionInfo,
+    DirectionalityValues,
+    b_label,
+    diffusion_info,
+)
+from dicom_node.series.csa import csa_image_header
+from dicom_node.series.frames import FrameRef, expand_frames, imply_vendor_b0
+from dicom_node.series.headers import first_text, text
 
 __all__ = [
     "BreastRules",
@@ -118,15 +126,11 @@ def _frame_types(ds: Dataset) -> set[str]:
     return types
 
 
-def _text(ds: Dataset, *keywords: str) -> str:
-    return " ".join(str(ds.get(k, "") or "") for k in keywords)
-
-
 def detect_breast(datasets: Sequence[Dataset], rules: BreastRules = BreastRules()) -> tuple[
         bool, list[str]]:
     """Whether the series shows the breast under ``rules``, with the evidence used."""
     ds = datasets[0]
-    body = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    body = text(ds, "BodyPartExamined").strip().upper()
     if body in rules.body_parts:
         return True, [f"BodyPartExamined {body}"]
     for item in ds.get("AnatomicRegionSequence") or []:
@@ -136,13 +140,13 @@ def detect_breast(datasets: Sequence[Dataset], rules: BreastRules = BreastRules(
             return True, [f"AnatomicRegionSequence {code[0]} {code[1]} ({meaning})"]
     if body not in rules.neutral_body_parts:
         return False, [f"not breast: BodyPartExamined {body}"]
-    descriptions = _text(ds, "StudyDescription", "SeriesDescription", "ProtocolName",
-                         "RequestedProcedureDescription", "PerformedProcedureStepDescription")
+    descriptions = text(ds, "StudyDescription", "SeriesDescription", "ProtocolName",
+                        "RequestedProcedureDescription", "PerformedProcedureStepDescription")
     lowered = descriptions.lower()
     for word in rules.description_keywords:
         if re.search(rf"\b{re.escape(word)}", lowered):
             return True, [f"description mentions {word!r}"]
-    lat = str(ds.get("Laterality", "") or ds.get("ImageLaterality", "") or "").strip().upper()
+    lat = first_text(ds, "Laterality", "ImageLaterality").strip().upper()
     if rules.laterality_counts and lat in {"L", "R", "B"}:
         where = f"BodyPartExamined {body}" if body else "no BodyPartExamined"
         return True, [f"laterality {lat} with {where}"]
@@ -153,10 +157,20 @@ def detect_breast(datasets: Sequence[Dataset], rules: BreastRules = BreastRules(
                    "laterality or descriptions"]
 
 
-def _diffusion_role(datasets: Sequence[Dataset], frames: list[FrameRef], types: set[str],
+def _series_diffusion(datasets: Sequence[Dataset], frames: list[FrameRef]) -> list[DiffusionInfo]:
+    """Diffusion of every placed frame plus that of images that cannot be placed, so a series
+    whose geometry is missing is still recognised as diffusion (and not called T2-weighted)."""
+    placed = {f.dataset_index for f in frames}
+    unplaced = [ds for i, ds in enumerate(datasets)
+                if i not in placed and "PerFrameFunctionalGroupsSequence" not in ds]
+    extra = [diffusion_info(ds, csa=csa_image_header(ds)) for ds in unplaced]
+    return [f.diffusion for f in frames] + imply_vendor_b0(datasets, extra)
+
+
+def _diffusion_role(datasets: Sequence[Dataset], infos: list[DiffusionInfo], types: set[str],
                     reasons: list[str]) -> SeriesRole | None:
-    has_b = [f for f in frames if f.diffusion.b is not None]
-    contrast = str(datasets[0].get("AcquisitionContrast", "") or "").upper()
+    has_b = [d for d in infos if d.b is not None]
+    contrast = text(datasets[0], "AcquisitionContrast").upper()
     derived = sorted(types & DERIVED_DIFFUSION_TYPES)
     if derived:
         reasons.append(f"ImageType {'/'.join(derived)}: derived diffusion map, not fit input")
@@ -164,14 +178,14 @@ def _diffusion_role(datasets: Sequence[Dataset], frames: list[FrameRef], types: 
     if not has_b and "DIFFUSION" not in types and contrast != "DIFFUSION":
         return None
     if not has_b:
-        if _ADC_DESCRIPTION.search(_text(datasets[0], "SeriesDescription")):
+        if _ADC_DESCRIPTION.search(text(datasets[0], "SeriesDescription")):
             reasons.append("diffusion image without b-values and an ADC-like SeriesDescription:"
                            " derived map")
             return SeriesRole.DWI_DERIVED
         reasons.append("diffusion image type but no b-value in any convention")
         return SeriesRole.DWI_TRACE
-    sources = sorted({f.diffusion.source.value for f in has_b if f.diffusion.source})
-    bs = sorted({f.diffusion.b for f in has_b if f.diffusion.b is not None})
+    sources = sorted({d.source.value for d in has_b if d.source})
+    bs = sorted({d.b for d in has_b if d.b is not None})
     reasons.append(f"b-values {[b_label(b) for b in bs]} from {'; '.join(sources)}")
     trace_types = sorted(types & TRACE_TYPES)
     if trace_types:
@@ -179,8 +193,7 @@ def _diffusion_role(datasets: Sequence[Dataset], frames: list[FrameRef], types: 
                        "(derived from directions, usable as fit input)")
         return SeriesRole.DWI_TRACE
     directions: dict[float, set[tuple[float, ...]]] = {}
-    for f in has_b:
-        d = f.diffusion
+    for d in has_b:
         if (d.b is not None and d.b >= B0_THRESHOLD and d.direction is not None
                 and d.directionality is not DirectionalityValues.ISOTROPIC):
             directions.setdefault(d.b, set()).add(tuple(round(x, 3) for x in d.direction))
@@ -203,12 +216,12 @@ def _temporal_positions(datasets: Sequence[Dataset]) -> int:
 def _contrast_role(datasets: Sequence[Dataset], frames: list[FrameRef], types: set[str],
                    reasons: list[str]) -> SeriesRole:
     ds = datasets[0]
-    agent = str(ds.get("ContrastBolusAgent", "") or "").strip()
-    contrast = str(ds.get("AcquisitionContrast", "") or "").upper()
+    agent = text(ds, "ContrastBolusAgent").strip()
+    contrast = text(ds, "AcquisitionContrast").upper()
     n_time = _temporal_positions(datasets)
     positions = {tuple(round(x, 1) for x in f.position) for f in frames}
     repeats = len(frames) // max(len(positions), 1)
-    description = _text(ds, "SeriesDescription", "ProtocolName")
+    description = text(ds, "SeriesDescription", "ProtocolName")
     if (n_time > 1 or repeats > 1) and (agent or "SUBTRACTION" in types
                                         or _DCE_DESCRIPTION.search(description)):
         reasons.append(f"{max(n_time, repeats)} time points"
@@ -249,7 +262,7 @@ def classify_series(
     for d in datasets:
         types |= _frame_types(d)
     frames = expand_frames(datasets)
-    role = _diffusion_role(datasets, frames, types, reasons)
+    role = _diffusion_role(datasets, _series_diffusion(datasets, frames), types, reasons)
     if role is None:
         role = _contrast_role(datasets, frames, types, reasons)
     if not role.is_fit_input:
