@@ -134,16 +134,24 @@ def promote_complete(
 def stale_jobs(
     sessions: sessionmaker[Session], *, requeue_after: float = 120.0, now: float | None = None
 ) -> list[str]:
-    """Jobs to send again: queued too long without a worker claim, or running with a dead lease."""
+    """Jobs to send again: queued too long without a worker claim, or running with a dead lease.
+
+    The database is the job's state of record and the queue only wakes workers, so a message
+    the queue lost (Redis restarted without persistence, a worker killed after taking it) is
+    re-sent here. Rows are locked while decided (``FOR UPDATE SKIP LOCKED`` on PostgreSQL): a
+    worker renewing its lease at that moment either wins or finds the job re-queued.
+    """
     now = time.time() if now is None else now
     with sessions() as session:
         rows = session.scalars(
-            select(Job).where(
+            select(Job)
+            .where(
                 or_(
                     (Job.state == JobState.QUEUED) & (Job.updated_at <= now - requeue_after),
                     (Job.state == JobState.RUNNING) & (Job.lease_expires_at < now),
                 )
             )
+            .with_for_update(skip_locked=True)
         ).all()
         ids = []
         for job in rows:
