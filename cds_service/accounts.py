@@ -63,17 +63,21 @@ class Permission(StrEnum):
     ENTER_PATHOLOGY = "enter-pathology"
     MANAGE_USERS = "manage-users"
     READ_AUDIT = "read-audit"
+    SET_BOARD_DATE = "set-board-date"  # put a case on a tumour-board date
 
 
 #: Issue 13: radiologists enter descriptors and confirm ROIs; oncologists and radiologists record
 #: board decisions; pathologists enter the HER2 result; admins manage users and read the audit.
-#: Board coordinators prepare the meeting: they read every case but change none. Every signed-in
+#: Board coordinators prepare the meeting: they put cases on a board date but change nothing else
+#: (coordinators, radiologists and oncologists set board dates). Every signed-in
 #: role may read the worklist, the cases and the model card.
 PERMISSIONS: dict[Role, frozenset[Permission]] = {
-    Role.RADIOLOGIST: frozenset({Permission.ENTER_DESCRIPTORS, Permission.RECORD_DECISION}),
-    Role.ONCOLOGIST: frozenset({Permission.RECORD_DECISION}),
+    Role.RADIOLOGIST: frozenset(
+        {Permission.ENTER_DESCRIPTORS, Permission.RECORD_DECISION, Permission.SET_BOARD_DATE}
+    ),
+    Role.ONCOLOGIST: frozenset({Permission.RECORD_DECISION, Permission.SET_BOARD_DATE}),
     Role.PATHOLOGIST: frozenset({Permission.ENTER_PATHOLOGY}),
-    Role.COORDINATOR: frozenset(),
+    Role.COORDINATOR: frozenset({Permission.SET_BOARD_DATE}),
     Role.ADMIN: frozenset({Permission.MANAGE_USERS, Permission.READ_AUDIT}),
 }
 

@@ -6,12 +6,13 @@ on SQLite (default) and PostgreSQL (scaled deployment).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -63,6 +64,19 @@ class Result(Base):
         ),
         Index("ix_results_patient", "patient_issuer", "patient_id"),
         Index("ix_results_study", "study_instance_uid"),
+        # covering the filters: the counts per state are read from the index alone
+        Index(
+            "ix_results_worklist_state",
+            "state",
+            "study_date",
+            "likelihood",
+            "lesion_type",
+            "discordant",
+            "board_date",
+        ),
+        Index("ix_results_worklist_date", "study_date"),
+        Index("ix_results_worklist_board_date", "board_date"),
+        Index("ix_results_worklist_likelihood", "likelihood"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -79,6 +93,20 @@ class Result(Base):
     observation_override: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # --- the worklist's columns (migration 0003_worklist), kept by cds_service.store -------
+    # Copies of facts held elsewhere (payload, latest descriptors/prediction, audit), refreshed
+    # in the transaction that changes them, so 10,000 cases filter and sort on indexes.
+    patient_name: Mapped[str | None] = mapped_column(String(324), nullable=True)  # PHI
+    study_date: Mapped[date | None] = mapped_column(Date(), nullable=True)
+    lesion_type: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    likelihood: Mapped[float | None] = mapped_column(Float, nullable=True)
+    above_threshold: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    state: Mapped[str] = mapped_column(String(24), default="new")  # case_state.CaseState
+    discordant: Mapped[bool] = mapped_column(Boolean, default=False)
+    board_date: Mapped[date | None] = mapped_column(Date(), nullable=True)
+    board_decision: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    first_viewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    scored_by: Mapped[str | None] = mapped_column(String(160), nullable=True)  # model, version
 
 
 class ResultRevision(Base):
@@ -222,3 +250,31 @@ class SignInThrottle(Base):
     failures: Mapped[int] = mapped_column(Integer, default=0)
     first_failure_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     locked_until: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
+# --- pathology HER2 results (concordance, cds_service.review.concordance) ---------------------------
+
+
+class PathologyResult(Base):
+    """A pathology HER2 result for a case: entered by a pathologist or received from the EHR.
+
+    Append-only; the latest by ``reported_at`` counts. ``source_key`` (the FHIR Observation's
+    id or a digest of its content) makes a result received again on the next hook call a no-op.
+    """
+
+    __tablename__ = "pathology_results"
+    __table_args__ = (
+        UniqueConstraint("result_id", "source_key", name="uq_pathology_source"),
+        Index("ix_pathology_result", "result_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id"))
+    her2: Mapped[str] = mapped_column(String(16))  # store.Her2Pathology
+    score: Mapped[str] = mapped_column(String(32), default="")  # "0", "1+", "2+ ISH-" ...
+    source: Mapped[str] = mapped_column(String(16))  # "pathologist" | "ehr"
+    source_key: Mapped[str] = mapped_column(String(128))
+    entered_by: Mapped[str] = mapped_column(String(256))
+    reported_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    recorded_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)

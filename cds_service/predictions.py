@@ -117,7 +117,8 @@ def observation_status(case: CaseSnapshot) -> ObservationStatus:
     ObservationStatus)."""
     if case.result.observation_override:
         return ObservationStatus(case.result.observation_override)
-    if case.descriptors is not None and case.descriptors.roi_confirmed:
+    entry = case.descriptors  # an ROI confirmed before any descriptor is not yet final
+    if entry is not None and entry.roi_confirmed and entry.values:
         return ObservationStatus.FINAL
     return ObservationStatus.PRELIMINARY
 
@@ -162,7 +163,7 @@ class PredictionService:
         basis = PredictionBasis(
             roi=provenance.roi if provenance else None,
             qc=provenance.qc if provenance else None,
-            descriptors_entered=case.descriptors is not None,
+            descriptors_entered=bool(case.descriptors and case.descriptors.values),
         )
         row.basis = basis.model_dump(mode="json", exclude_none=True)
         if provenance is None:

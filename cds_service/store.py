@@ -18,7 +18,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -34,14 +34,18 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from cds_service.audit import AuditAction
+from cds_service.case_state import CaseFacts, CaseState, descriptors_complete, is_discordant
 from cds_service.orm import (
     AuditEvent,
     DescriptorEntry,
     Feedback,
+    PathologyResult,
     PredictionRow,
     Result,
     ResultRevision,
@@ -99,6 +103,58 @@ class ReviewFlag(StrEnum):
     """Why a case is held for review instead of being shown."""
 
     IDENTITY_AMBIGUOUS = "identity-ambiguous"
+
+
+class Her2Pathology(StrEnum):
+    """The pathology HER2 group (ASCO/CAP 2023 with the HER2-low category).
+
+    LOW: IHC 1+, or IHC 2+ with ISH not amplified; POSITIVE: IHC 3+, or 2+ with ISH amplified.
+    """
+
+    ZERO = "zero"
+    LOW = "low"
+    POSITIVE = "positive"
+
+    @property
+    def display(self) -> str:
+        return {
+            Her2Pathology.ZERO: "HER2 0",
+            Her2Pathology.LOW: "HER2-low (1+, or 2+ ISH not amplified)",
+            Her2Pathology.POSITIVE: "HER2-positive (3+, or 2+ ISH amplified)",
+        }[self]
+
+
+class PathologySource(StrEnum):
+    """Where a pathology HER2 result came from."""
+
+    PATHOLOGIST = "pathologist"  # entered on the review app
+    EHR = "ehr"  # a FHIR Observation seen in the CDS Hooks prefetch
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """Filters of the audit page and its CSV export (None: any)."""
+
+    actor: str | None = None
+    action: AuditAction | None = None
+    since: datetime | None = None
+    until: datetime | None = None  # exclusive
+    result_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ConcordanceRow:
+    """One case with a later pathology result: the latest prediction against it."""
+
+    result_id: str
+    acquired_at: datetime
+    probability: float | None
+    prediction: dict[str, Any] | None
+    her2: Her2Pathology
+    score: str
+    reported_at: datetime
+    features: dict[str, Any]
+    provenance: dict[str, Any]
 
 
 class NotFoundError(LookupError):
@@ -300,6 +356,170 @@ class CaseSnapshot:
     features: dict[str, float | None]
 
 
+# --- the worklist (cds_service.review.worklist) ------------------------------------------------
+
+
+class WorklistSort(StrEnum):
+    """Columns the worklist sorts by (whitelisted: a query string never names a column)."""
+
+    STUDY_DATE = "study-date"
+    LIKELIHOOD = "likelihood"
+    PATIENT = "patient"
+    STATE = "state"
+    BOARD_DATE = "board-date"
+    ACCESSION = "accession"
+
+
+_SORT_COLUMNS: dict[WorklistSort, Any] = {
+    WorklistSort.STUDY_DATE: RESULTS.c.study_date,
+    WorklistSort.LIKELIHOOD: RESULTS.c.likelihood,
+    WorklistSort.PATIENT: RESULTS.c.patient_name,
+    WorklistSort.STATE: RESULTS.c.state,
+    WorklistSort.BOARD_DATE: RESULTS.c.board_date,
+    WorklistSort.ACCESSION: RESULTS.c.accession_number,
+}
+
+
+@dataclass(frozen=True)
+class WorklistQuery:
+    """Filters, sort and page of the worklist (None: any). Likelihoods are 0–1, ``below`` open."""
+
+    states: tuple[CaseState, ...] = ()
+    since: date | None = None
+    until: date | None = None  # inclusive
+    likelihood_at_least: float | None = None
+    likelihood_below: float | None = None
+    lesion_type: str | None = None  # "mass" | "nme" | "unknown"
+    discordant_only: bool = False
+    board_date: date | None = None
+    sort: WorklistSort = WorklistSort.STUDY_DATE
+    descending: bool = True
+    limit: int = 100
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class WorklistRow:
+    """One worklist line: light columns of ``results`` only (no JSON is read)."""
+
+    result_id: str
+    patient_name: str | None
+    patient_id: str
+    patient_issuer: str
+    accession_number: str | None
+    study_date: date | None
+    laterality: str | None
+    lesion_type: str | None
+    likelihood: float | None
+    above_threshold: bool | None
+    state: CaseState
+    discordant: bool
+    board_date: date | None
+    review_flag: str | None
+    scored_by: str | None
+
+
+@dataclass(frozen=True)
+class WorklistPage:
+    """A page of rows, the number of matches and the count per state (other filters applied)."""
+
+    rows: list[WorklistRow]
+    total: int
+    counts: dict[CaseState, int]
+
+
+_WORKLIST_COLUMNS = (
+    RESULTS.c.id,
+    RESULTS.c.patient_name,
+    RESULTS.c.patient_id,
+    RESULTS.c.patient_issuer,
+    RESULTS.c.accession_number,
+    RESULTS.c.study_date,
+    RESULTS.c.laterality,
+    RESULTS.c.lesion_type,
+    RESULTS.c.likelihood,
+    RESULTS.c.above_threshold,
+    RESULTS.c.state,
+    RESULTS.c.discordant,
+    RESULTS.c.board_date,
+    RESULTS.c.review_flag,
+    RESULTS.c.scored_by,
+)
+
+
+def _worklist_filters(query: WorklistQuery, *, with_state: bool) -> list[Any]:
+    r = RESULTS.c
+    where: list[Any] = []
+    if with_state and query.states:
+        where.append(r.state.in_([st.value for st in query.states]))
+    if query.since is not None:
+        where.append(r.study_date >= query.since)
+    if query.until is not None:
+        where.append(r.study_date <= query.until)
+    if query.likelihood_at_least is not None:
+        where.append(r.likelihood >= query.likelihood_at_least)
+    if query.likelihood_below is not None:
+        where.append(r.likelihood < query.likelihood_below)
+    if query.lesion_type == "unknown":
+        where.append(r.lesion_type.is_(None))
+    elif query.lesion_type:
+        where.append(r.lesion_type == query.lesion_type)
+    if query.discordant_only:
+        where.append(r.discordant.is_(True))
+    if query.board_date is not None:
+        where.append(r.board_date == query.board_date)
+    return where
+
+
+def _refresh_worklist(s: Session, result: Result | str) -> None:
+    """Re-derive the worklist columns of one case inside the caller's transaction."""
+    if isinstance(result, str):
+        found = s.get(Result, result)
+        if found is None:
+            return
+        result = found
+    s.flush()
+    entry = s.scalar(
+        select(DescriptorEntry)
+        .where(DescriptorEntry.result_id == result.id)
+        .order_by(DescriptorEntry.version.desc())
+        .limit(1)
+    )
+    values = dict(entry.values) if entry is not None else {}
+    her2 = s.scalar(
+        select(PathologyResult.her2)
+        .where(PathologyResult.result_id == result.id)
+        .order_by(PathologyResult.reported_at.desc(), PathologyResult.id.desc())
+        .limit(1)
+    )
+    hook_seen = (
+        s.scalar(
+            select(AuditEvent.id)
+            .where(
+                AuditEvent.result_id == result.id,
+                AuditEvent.action == AuditAction.DISCORDANCE_DETECTED,
+            )
+            .limit(1)
+        )
+        is not None
+    )
+    facts = CaseFacts(
+        viewed=result.first_viewed_at is not None,
+        descriptors_entered=bool(values),
+        descriptors_complete=descriptors_complete(values),
+        roi_confirmed=bool(entry is not None and entry.roi_confirmed),
+        decided=result.board_decision is not None,
+        withdrawn=result.observation_override == ObservationStatus.ENTERED_IN_ERROR.value,
+        pathology_known=her2 is not None,
+    )
+    result.lesion_type = values.get("lesion_type") or None
+    result.state = CaseState.derive(facts).value
+    result.discordant = hook_seen or is_discordant(
+        above_threshold=bool(result.above_threshold),
+        biopsy_her2_zero=her2 == Her2Pathology.ZERO.value,
+    )
+
+
 class Store:
     """Database operations on a session factory."""
 
@@ -356,6 +576,8 @@ class Store:
             result.accession_number = payload.accession_number or None
             result.acquired_at = payload.acquired_at
             result.laterality = payload.laterality.value if payload.laterality else None
+            result.patient_name = payload.patient.name or None
+            result.study_date = payload.study_date or payload.acquired_at.date()
             result.updated_at = now
             s.flush()
             s.add(
@@ -377,11 +599,12 @@ class Store:
                 AuditEvent(
                     at=now,
                     actor="dicom-node",
-                    action=f"result-{status.value}",
+                    action=AuditAction.result(status.value),
                     result_id=result.id,
                     detail={"revision": result.revision, "series": payload.series_instance_uid},
                 )
             )
+            _refresh_worklist(s, result)
             return result.id, status
 
     def results_for_study(self, study_instance_uid: str | None) -> list[CaseSnapshot]:
@@ -465,7 +688,11 @@ class Store:
                 if result is None:
                     continue
                 result.review_flag = flag.value
-                s.add(AuditEvent(actor=actor, action=flag.value, result_id=rid, detail=detail))
+                s.add(
+                    AuditEvent(
+                        actor=actor, action=AuditAction(flag.value), result_id=rid, detail=detail
+                    )
+                )
 
     # --- descriptors and predictions ------------------------------------------------------
     def add_descriptors(
@@ -495,11 +722,12 @@ class Store:
                 s.add(
                     AuditEvent(
                         actor=entered_by,
-                        action="descriptors-entered",
+                        action=AuditAction.DESCRIPTORS_ENTERED,
                         result_id=result_id,
                         detail={"version": version, "roi_confirmed": roi_confirmed},
                     )
                 )
+                _refresh_worklist(s, result_id)
                 return version
 
         return _retry_on_conflict(append, attempts=3)
@@ -515,20 +743,41 @@ class Store:
                 raise NotFoundError(result_id)
             status = decision.observation_status
             result.observation_override = status.value if status else None
+            result.board_decision = decision.value
             s.add(
                 AuditEvent(
                     actor=reviewer,
-                    action=f"board-{decision.value}",
+                    action=AuditAction.board(decision.value),
                     result_id=result_id,
                     detail={"reason": reason, "comment": comment}
                     if comment
                     else {"reason": reason},
                 )
             )
+            _refresh_worklist(s, result)
 
     def save_prediction(self, row: PredictionRow) -> PredictionRow:
         with self.sessions.begin() as s:
             s.add(row)
+            s.flush()
+            result = s.get(Result, row.result_id)
+            if result is not None:
+                result.likelihood = row.probability
+                data = row.prediction or {}
+                threshold = data.get("threshold")
+                result.above_threshold = (
+                    row.probability >= threshold
+                    if row.probability is not None and isinstance(threshold, int | float)
+                    else None
+                )
+                result.scored_by = (
+                    f"{data.get('model_name')} {data.get('model_version')} ({data.get('variant')})"[
+                        :160
+                    ]
+                    if data
+                    else None
+                )
+                _refresh_worklist(s, result)
         return row
 
     def prediction_by_card(self, card_uuid: str) -> PredictionRow | None:
@@ -584,7 +833,7 @@ class Store:
                 s.add(
                     AuditEvent(
                         actor=actor,
-                        action=f"feedback-{item.outcome.value}",
+                        action=AuditAction.feedback(item.outcome.value),
                         result_id=result_id,
                         detail={"card": item.card},
                     )
@@ -638,6 +887,17 @@ class Store:
                         raise _Replayed from None
                 if rows:
                     conn.execute(_INSERT_AUDIT, rows)
+                    flagged = {
+                        r["result_id"]
+                        for r in rows
+                        if r["action"] == AuditAction.DISCORDANCE_DETECTED and r["result_id"]
+                    }
+                    if flagged:  # the worklist's flag (rare: only on a discordant call)
+                        conn.execute(
+                            update(RESULTS)
+                            .where(RESULTS.c.id.in_(flagged), RESULTS.c.discordant.is_(False))
+                            .values(discordant=True)
+                        )
         except _Replayed:
             return False
         if token is not None and uuid.uuid4().int % 256 == 0:  # amortised purge, no scheduler
@@ -651,7 +911,7 @@ class Store:
             return set(
                 s.scalars(
                     select(AuditEvent.result_id)
-                    .where(AuditEvent.action == "discordance-detected")
+                    .where(AuditEvent.action == AuditAction.DISCORDANCE_DETECTED)
                     .distinct()
                 )
             )
@@ -664,6 +924,259 @@ class Store:
                     .where(AuditEvent.result_id == result_id)
                     .order_by(AuditEvent.id.desc())
                     .limit(limit)
+                )
+            )
+
+    def audit_events(self, query: AuditQuery, limit: int = 500) -> list[AuditEvent]:
+        """Audit events matching ``query``, newest first (the admin page and its CSV)."""
+        stmt = select(AuditEvent)
+        if query.actor:
+            stmt = stmt.where(AuditEvent.actor == query.actor)
+        if query.action:
+            stmt = stmt.where(AuditEvent.action == query.action.value)
+        if query.since:
+            stmt = stmt.where(AuditEvent.at >= query.since)
+        if query.until:
+            stmt = stmt.where(AuditEvent.at < query.until)
+        if query.result_id:
+            stmt = stmt.where(AuditEvent.result_id == query.result_id)
+        with self.sessions() as s:
+            return list(s.scalars(stmt.order_by(AuditEvent.id.desc()).limit(limit)))
+
+    def audit_actors(self) -> list[str]:
+        """Every actor name in the audit (the filter's choices)."""
+        with self.sessions() as s:
+            return list(s.scalars(select(AuditEvent.actor).distinct().order_by(AuditEvent.actor)))
+
+    # --- pathology and concordance ------------------------------------------------------
+    def add_pathology(
+        self,
+        result_id: str,
+        her2: Her2Pathology,
+        *,
+        score: str,
+        source: PathologySource,
+        source_key: str,
+        entered_by: str,
+        reported_at: datetime,
+        comment: str | None = None,
+    ) -> bool:
+        """Record a pathology HER2 result (audited); False if this source key was seen."""
+        action = (
+            AuditAction.PATHOLOGY_ENTERED
+            if source is PathologySource.PATHOLOGIST
+            else AuditAction.PATHOLOGY_RECEIVED
+        )
+        try:
+            with self.sessions.begin() as s:
+                if s.get(Result, result_id) is None:
+                    raise NotFoundError(result_id)
+                s.add(
+                    PathologyResult(
+                        result_id=result_id,
+                        her2=her2.value,
+                        score=score[:32],
+                        source=source.value,
+                        source_key=source_key[:128],
+                        entered_by=entered_by[:256],
+                        reported_at=reported_at,
+                        comment=comment,
+                    )
+                )
+                s.add(
+                    AuditEvent(
+                        actor=entered_by[:256],
+                        action=action,
+                        result_id=result_id,
+                        detail={"her2": her2.value, "score": score[:32], "source": source.value},
+                    )
+                )
+                _refresh_worklist(s, result_id)
+        except IntegrityError:
+            return False
+        return True
+
+    def pathology_for(self, result_id: str) -> list[PathologyResult]:
+        """The case's pathology results, latest report first."""
+        with self.sessions() as s:
+            return list(
+                s.scalars(
+                    select(PathologyResult)
+                    .where(PathologyResult.result_id == result_id)
+                    .order_by(PathologyResult.reported_at.desc(), PathologyResult.id.desc())
+                )
+            )
+
+    def concordance_rows(self) -> list[ConcordanceRow]:
+        """Every case with pathology: its latest report against its latest prediction."""
+        with self.sessions() as s:
+            reports = list(
+                s.scalars(
+                    select(PathologyResult).order_by(
+                        PathologyResult.result_id,
+                        PathologyResult.reported_at.desc(),
+                        PathologyResult.id.desc(),
+                    )
+                )
+            )
+            latest: dict[str, PathologyResult] = {}
+            for report in reports:
+                latest.setdefault(report.result_id, report)
+            rows = []
+            for result_id, report in latest.items():
+                result = s.get(Result, result_id)
+                if result is None:
+                    continue
+                revision = s.scalar(
+                    select(ResultRevision).where(
+                        ResultRevision.result_id == result_id,
+                        ResultRevision.revision == result.revision,
+                    )
+                )
+                prediction = self._latest_prediction(s, result_id)
+                rows.append(
+                    ConcordanceRow(
+                        result_id=result_id,
+                        acquired_at=result.acquired_at,
+                        probability=prediction.probability if prediction else None,
+                        prediction=prediction.prediction if prediction else None,
+                        her2=Her2Pathology(report.her2),
+                        score=report.score,
+                        reported_at=report.reported_at,
+                        features=dict(revision.features) if revision else {},
+                        provenance=dict(revision.provenance) if revision else {},
+                    )
+                )
+        return rows
+
+    def feature_rows(self, limit: int = 20000) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(features, provenance) of every case's current revision (drift per scanner)."""
+        with self.sessions() as s:
+            rows = s.execute(
+                select(ResultRevision.features, ResultRevision.provenance)
+                .join(
+                    Result,
+                    and_(
+                        Result.id == ResultRevision.result_id,
+                        Result.revision == ResultRevision.revision,
+                    ),
+                )
+                .limit(limit)
+            )
+            return [(dict(f or {}), dict(p or {})) for f, p in rows]
+
+    def latest_predictions(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """(result id, prediction JSON) of every case's latest prediction row."""
+        p = PREDICTIONS
+        latest = select(func.max(p.c.id)).group_by(p.c.result_id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(p.c.result_id, p.c.prediction).where(p.c.id.in_(latest)))
+            return [(rid, pred) for rid, pred in rows]
+
+    # --- the worklist -------------------------------------------------------------------
+    def worklist_page(self, query: WorklistQuery) -> WorklistPage:
+        """One page of the worklist with its total and per-state counts (three indexed reads)."""
+        column = _SORT_COLUMNS[query.sort]
+        order = column.desc() if query.descending else column.asc()
+        where = _worklist_filters(query, with_state=True)
+        stmt = (
+            select(*_WORKLIST_COLUMNS)
+            .where(*where)
+            .order_by(order.nulls_last(), RESULTS.c.acquired_at.desc(), RESULTS.c.id)
+            .limit(max(1, min(query.limit, 1000)))
+            .offset(max(0, query.offset))
+        )
+        counts_stmt = (
+            select(RESULTS.c.state, func.count())
+            .where(*_worklist_filters(query, with_state=False))
+            .group_by(RESULTS.c.state)
+        )
+        with self.engine.connect() as conn:
+            rows = [
+                WorklistRow(*row[:10], CaseState(row[10]), bool(row[11]), *row[12:])
+                for row in conn.execute(stmt)
+            ]
+            total = conn.execute(select(func.count()).select_from(RESULTS).where(*where)).scalar()
+            counts = {st: 0 for st in CaseState}
+            for state_value, n in conn.execute(counts_stmt):
+                counts[CaseState(state_value)] = int(n)
+        return WorklistPage(rows=rows, total=int(total or 0), counts=counts)
+
+    def current_revision(self, result_id: str) -> int | None:
+        """The case's current revision number (a light read: the preview cache's key)."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(RESULTS.c.revision).where(RESULTS.c.id == result_id)
+            ).scalar()
+
+    def board_dates(self, limit: int = 60) -> list[tuple[date, int]]:
+        """Board dates with the number of cases assigned to each, latest first."""
+        stmt = (
+            select(RESULTS.c.board_date, func.count())
+            .where(RESULTS.c.board_date.is_not(None))
+            .group_by(RESULTS.c.board_date)
+            .order_by(RESULTS.c.board_date.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [(d, int(n)) for d, n in conn.execute(stmt)]
+
+    def mark_viewed(self, result_id: str, actor: str) -> None:
+        """Audit a case view; the first one moves a new case to "descriptors needed"."""
+        with self.sessions.begin() as s:
+            result = s.get(Result, result_id)
+            if result is None:
+                raise NotFoundError(result_id)
+            s.add(AuditEvent(actor=actor, action=AuditAction.CASE_VIEWED, result_id=result_id))
+            if result.first_viewed_at is None:
+                result.first_viewed_at = utcnow()
+                _refresh_worklist(s, result)
+
+    def confirm_roi(self, result_id: str, actor: str) -> int:
+        """The radiologist confirms the tumour ROI: its own audited act, kept as a descriptors
+        version with the same values and ``roi_confirmed`` set; returns that version."""
+
+        def append() -> int:
+            with self.sessions.begin() as s:
+                if s.get(Result, result_id) is None:
+                    raise NotFoundError(result_id)
+                latest = self._latest_descriptors(s, result_id)
+                version = (latest.version if latest else 0) + 1
+                s.add(
+                    DescriptorEntry(
+                        result_id=result_id,
+                        version=version,
+                        entered_by=latest.entered_by if latest else actor,
+                        values=dict(latest.values) if latest else {},
+                        roi_confirmed=True,
+                    )
+                )
+                s.add(
+                    AuditEvent(
+                        actor=actor,
+                        action=AuditAction.ROI_CONFIRMED,
+                        result_id=result_id,
+                        detail={"version": version},
+                    )
+                )
+                _refresh_worklist(s, result_id)
+                return version
+
+        return _retry_on_conflict(append, attempts=3)
+
+    def set_board_date(self, result_id: str, when: date | None, actor: str) -> None:
+        """Assign a case to a tumour-board date (None: unassign); audited."""
+        with self.sessions.begin() as s:
+            result = s.get(Result, result_id)
+            if result is None:
+                raise NotFoundError(result_id)
+            result.board_date = when
+            s.add(
+                AuditEvent(
+                    actor=actor,
+                    action=AuditAction.BOARD_DATE_SET,
+                    result_id=result_id,
+                    detail={"board_date": when.isoformat() if when else None},
                 )
             )
 

@@ -19,7 +19,7 @@ import binascii
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
@@ -56,6 +56,7 @@ __all__ = [
     "KurtosisConvention",
     "Laterality",
     "Map",
+    "NoiseProvenance",
     "PatientKey",
     "PercentileRule",
     "Provenance",
@@ -265,6 +266,7 @@ def check_feature_value(name: str, value: object) -> float:
 Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 NonNegative = Annotated[float, Strict(), Field(ge=0.0, allow_inf_nan=False)]
 Positive = Annotated[float, Strict(), Field(gt=0.0, allow_inf_nan=False)]
+Fraction = Annotated[float, Strict(), Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Count = Annotated[int, Strict(), Field(ge=0)]
 Flag = Annotated[bool, Strict()]
 BValue = Annotated[int, Strict(), Field(ge=0)] | NonNegative
@@ -342,6 +344,12 @@ class FitSettings(_Contract):
     method: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=32)] = "nls"
     dki_bmin: NonNegative = 0.0
     bounds: FitBounds = FitBounds()
+    #: Denoising of the DWI before the fit ("none" or "mppca", MP-PCA of Veraart 2016). It moves
+    #: the features, so it is a convention the model must share; "none" is left out of the JSON
+    #: so results and cards from before the field compare (and hash) as they did.
+    denoise: Annotated[str, Strict(), StringConstraints(pattern=r"^[a-z0-9_\-]{1,32}$")] = Field(
+        default="none", exclude_if=lambda v: v == "none"
+    )
 
 
 class Discretisation(_Contract):
@@ -449,6 +457,7 @@ class TrainingSettings(_Contract):
             "b_value_unit": "s/mm2",
             "adc_b_values": list(self.adc_b_values),
             "bounds": {"dapp": list(c.fit.bounds.dapp), "kapp": list(c.fit.bounds.kapp)},
+            **({"denoise": c.fit.denoise} if c.fit.denoise != "none" else {}),
             "kurtosis": _CARD_KURTOSIS[c.statistics.kurtosis],
             "percentile_rule": _CARD_PERCENTILE[c.statistics.percentile_rule],
             "discretisation": discretisation,
@@ -466,6 +475,7 @@ class TrainingSettings(_Contract):
             fit=FitSettings(
                 method=str(data.get("method", "nls")),
                 dki_bmin=float(data.get("dki_bmin", 0.0)),
+                denoise=str(data.get("denoise", "none")),
                 bounds=FitBounds.model_validate(
                     {k: tuple(float(x) for x in v) for k, v in bounds.items()}
                 ),
@@ -498,10 +508,15 @@ class TrainingSettings(_Contract):
 
 
 class PatientKey(_Contract):
-    """DICOM PatientID (0010,0020) and IssuerOfPatientID (0010,0021)."""
+    """DICOM PatientID (0010,0020) and IssuerOfPatientID (0010,0021); PatientName (0010,0010).
+
+    ``name`` is the PN value as a string (``Family^Given``), optional (nodes before it omit it):
+    the review app shows it to signed-in users; matching never uses it (identity is the ID).
+    """
 
     id: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=64)]
     issuer: Annotated[str, Strict(), StringConstraints(max_length=64)] = ""
+    name: Annotated[str, Strict(), StringConstraints(max_length=324)] | None = None
 
 
 class RoiProvenance(_Contract):
@@ -532,6 +547,32 @@ class QcReport(_Contract):
 
     flags: QcFlags = QcFlags()
     problems: tuple[Problem, ...] = ()
+    #: Share of the fitted ROI voxels with Dapp or Kapp on a bound (optional: older nodes omit it).
+    fraction_at_bound: Fraction | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+class NoiseProvenance(_Contract):
+    """``provenance.noise``: the noise σ the fit used, where it came from, and the coil count.
+
+    ``method``: given, background (Rayleigh, N = 1), background_chi (central χ, N > 1) or
+    repeats; ``effective_coils`` is N of the non-central-χ model (1 = Rician).
+    """
+
+    sigma: Positive
+    method: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=32)]
+    effective_coils: Positive = 1.0
+
+
+class ScannerInfo(_Contract):
+    """``provenance.scanner``: Manufacturer (0008,0070) and ManufacturerModelName (0008,1090)
+    of the series, so a site can watch feature drift per scanner (optional)."""
+
+    manufacturer: Annotated[str, Strict(), StringConstraints(max_length=64)] = ""
+    model: Annotated[str, Strict(), StringConstraints(max_length=64)] = ""
+
+    @property
+    def label(self) -> str:
+        return " ".join(p for p in (self.manufacturer, self.model) if p) or "scanner not stated"
 
 
 #: Settings a published result must state (the classes' defaults are never assumed for it).
@@ -553,6 +594,8 @@ class Provenance(_Contract):
     statistics: StatisticConventions
     roi: RoiProvenance
     qc: QcReport
+    scanner: ScannerInfo | None = Field(default=None, exclude_if=lambda v: v is None)
+    noise: NoiseProvenance | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="before")
     @classmethod
@@ -604,6 +647,8 @@ class ResultPayload(_Contract):
     accession_number: Annotated[str, Strict(), StringConstraints(max_length=64)] | None = None
     patient: PatientKey
     acquired_at: UtcDateTime
+    #: StudyDate (0008,0020), optional (nodes before it omit it): the worklist's study date.
+    study_date: date | None = None
     laterality: Laterality | None = None
     features: dict[FeatureName, FeatureValue]
     provenance: Provenance
@@ -620,8 +665,17 @@ class ResultPayload(_Contract):
         return value
 
     def to_json(self) -> dict[str, Any]:
-        """The wire (and storage) form."""
-        return self.model_dump(mode="json")
+        """The wire (and storage) form.
+
+        The optional identity fields added later (``patient.name``, ``study_date``) are left out
+        when absent, so a payload of an older node hashes as it did (re-publish: unchanged).
+        """
+        body = self.model_dump(mode="json")
+        if body.get("study_date") is None:
+            body.pop("study_date", None)
+        if body["patient"].get("name") is None:
+            body["patient"].pop("name", None)
+        return body
 
 
 def read_features(data: object) -> dict[str, float | None]:

@@ -6,6 +6,8 @@ import contextlib
 import ctypes
 import json
 import os
+import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -111,6 +113,40 @@ class System:
                     [sys.executable, "-m", "her2low", name], env=self.env, stdout=log, stderr=log
                 )
             )
+
+    def review_session(self, role: str = "oncologist") -> requests.Session:
+        """A browser-like session signed in to the review app as a new user with ``role``."""
+        username, password = f"e2e-{role}", secrets.token_urlsafe(18)
+        added = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "her2low",
+                "user",
+                "add",
+                username,
+                "--role",
+                role,
+                "--password-stdin",
+            ],
+            env=self.env,
+            input=password + "\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert added.returncode == 0, added.stderr
+        browser = requests.Session()
+        form = browser.get(f"{self.base}/review/sign-in", timeout=10).text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', form)
+        assert csrf, form
+        signed_in = browser.post(
+            f"{self.base}/review/sign-in",
+            data={"username": username, "password": password, "csrf_token": csrf.group(1)},
+            timeout=10,
+        )
+        assert signed_in.status_code == 200 and "Signed in as" in signed_in.text
+        return browser
 
     def token(self, audience: str, **overrides: object) -> str:
         now = int(time.time())

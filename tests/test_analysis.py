@@ -72,7 +72,10 @@ def test_provenance_has_exactly_the_results_api_shape(phantom: Phantom) -> None:
         "statistics",
         "roi",
         "qc",
+        "noise",
     }
+    assert set(p["noise"]) == {"sigma", "method", "effective_coils"}
+    assert p["noise"]["method"] == "background" and p["noise"]["effective_coils"] == 1.0
     assert p["b_values"] == [0.0, 50.0, 800.0, 1000.0, 1500.0, 2000.0]
     assert p["fit"] == {
         "method": "nls",
@@ -88,7 +91,8 @@ def test_provenance_has_exactly_the_results_api_shape(phantom: Phantom) -> None:
     assert p["statistics"] == {"kurtosis": "excess", "percentile_rule": "linear", "entropy_base": 2}
     assert a.provenance.conventions == DEFAULT_CONVENTIONS  # what the reference model assumes
     assert set(p["roi"]) == {"source", "confirmed", "voxels", "volume_ml", "seg_series_uid"}
-    assert set(p["qc"]) == {"flags", "problems"}
+    assert set(p["qc"]) == {"flags", "problems", "fraction_at_bound"}
+    assert 0.0 <= p["qc"]["fraction_at_bound"] <= 1.0
     assert set(p["qc"]["flags"]) == {"at_bound", "dk_bmax", "low_signal", "background"}
     json.dumps({"features": a.features, "provenance": p}, allow_nan=False)
     assert PIPELINE_VERSION == "dki-1" == a.pipeline_version
@@ -102,9 +106,13 @@ def test_auto_roi_pipeline(phantom: Phantom) -> None:
     assert a.laterality is Laterality.LEFT
     assert any("automatic" in s for s in a.provenance.qc.problems)
     assert set(a.maps) == {"adc", "dapp", "kapp"}
-    assert set(a.previews) == {
+    assert {
         f"{m}_{kind}.png" for m in ("adc", "dapp", "kapp") for kind in ("slice", "histogram")
-    }
+    } <= set(a.previews)
+    # and the slices through the ROI (high-b DWI and each map) for the case page's navigation
+    crossed = [int(k) for k in np.flatnonzero(a.roi.mask.sum(axis=(1, 2)))]
+    for m in ("dwi", "adc", "dapp", "kapp"):
+        assert f"{m}_slice_{crossed[0]:03d}.png" in a.previews or len(crossed) > 5
     assert all(png.startswith(PNG) for png in a.previews.values())
     # Map slices: the largest ROI cross-section, flagged as an unconfirmed automatic ROI.
     largest = int(np.argmax(a.roi.mask.sum(axis=(1, 2))))

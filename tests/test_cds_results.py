@@ -168,7 +168,7 @@ def test_worklist_and_case_page(service: Service) -> None:
         "Tumour ROI",
         "at_bound: 3",
         "Reference model, not clinically validated",
-        "data:image/png;base64,",
+        "/previews/dwi_b800.png",  # images are served from their own URL (review/case.py)
         "Model card",
         'name="lesion_type"',
         "Contribution",

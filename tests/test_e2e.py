@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pytest
 import requests
@@ -97,8 +99,13 @@ def test_storescu_to_card(system: System, tmp_path: Path) -> None:
     # the result came from the tumour of the generated study, on the side the generator chose
     assert result["laterality"] == manifest["laterality"]
     # the case page a tumour board opens from the card shows the maps the node published
-    page = requests.get(card["links"][0]["url"], timeout=10)
-    assert page.status_code == 200 and "data:image/png;base64," in page.text
+    browser = system.review_session()
+    page = browser.get(card["links"][0]["url"], timeout=10)
+    assert page.status_code == 200
+    images = re.findall(r'<img[^>]* src="([^"]+)"', page.text)
+    assert images, "the case page shows no maps"
+    first = browser.get(urljoin(page.url, images[0]), timeout=10)
+    assert first.status_code == 200 and first.content.startswith(b"\x89PNG")
 
     # the same call without a token is refused, with a JSON body
     refused = requests.post(url, json=body, timeout=10)

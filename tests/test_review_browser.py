@@ -98,9 +98,13 @@ def test_sign_in_open_case_enter_descriptors_csrf(service: Service, browser: Any
     assert "likelihood of HER2-low" in page.inner_text("main")
     assert page.locator("img[alt=dwi_b800]").count() == 1
 
-    # descriptors: choose the controlled values with the keyboard-usable selects, save
+    # descriptors: the lesion type first (radio group); the local script then shows only the
+    # descriptors of a mass; choose the controlled values with the labelled selects, save
+    before = page.inner_text("#likelihood .big")
+    page.check("#d-lesion-mass")
+    assert page.locator("select[name=nme_distribution]").is_hidden()
+    assert page.locator("select[name=mass_shape]").is_visible()
     for name, value in {
-        "lesion_type": "mass",
         "mass_shape": "irregular",
         "mass_margin": "spiculated",
         "mass_internal_enhancement": "heterogeneous",
@@ -108,11 +112,18 @@ def test_sign_in_open_case_enter_descriptors_csrf(service: Service, browser: Any
         "peritumoral_edema": "yes",
     }.items():
         page.select_option(f"select[name={name}]", value)
-    page.check("input[name=roi_confirmed]")
-    page.click("#descriptors button[type=submit]")
+    page.click("form.descriptors button[type=submit]")
     assert "Descriptors saved" in page.inner_text("#descriptors")
     assert "entered by dr-rad" in page.inner_text("#descriptors")
     assert "combined" in page.inner_text("main")
+    change = page.inner_text("#likelihood [role=status]")  # the likelihood change, old → new
+    assert change.startswith(f"Estimate recomputed: {before} →"), (change, before)
+    assert page.inner_text("#likelihood .big") in change
+
+    # confirming the ROI is its own act (its own form and button)
+    page.check("#roi-confirmed")
+    page.click("#roi button[type=submit]")
+    assert "The ROI was confirmed" in page.inner_text("#roi")
 
     # a POST without the CSRF token, from this signed-in browser, is refused
     forged = context.request.post(
@@ -121,6 +132,13 @@ def test_sign_in_open_case_enter_descriptors_csrf(service: Service, browser: Any
     )
     assert forged.status == 400
     assert service.app.extensions["her2low_cds"].store.case(rid).result.observation_override is None
+
+    # override with a coded reason and a comment (radiologists may record board decisions)
+    page.check("#decision-amend")
+    page.select_option("#decision-reason", "descriptors-corrected")
+    page.fill("#decision-comment", "margin re-read at the board")
+    page.click("#decision button[type=submit]")
+    assert "Observation status amended" in page.inner_text("#decision")
 
     # sign out: the case page asks for a sign-in again
     page.click("header button[type=submit]")
@@ -131,7 +149,7 @@ def test_sign_in_open_case_enter_descriptors_csrf(service: Service, browser: Any
     # a pathologist reads the case but gets no decision form
     sign_in(page, "dr-path", REVIEW_PASSWORD)
     assert page.url.endswith(f"/review/cases/{rid}")
-    assert page.locator("select[name=decision]").count() == 0
+    assert page.locator("input[name=decision]").count() == 0
     assert "recorded by an oncologist or a radiologist" in page.inner_text("#decision")
 
     assert seen.outside(service.url) == [], seen.outside(service.url)

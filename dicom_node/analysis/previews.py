@@ -29,6 +29,8 @@ __all__ = [
     "histogram_png",
     "map_slice_png",
     "map_slice_title",
+    "orientation_labels",
+    "roi_slices",
 ]
 
 _DPI = 100
@@ -39,6 +41,46 @@ def best_slice(roi: NDArray[np.bool_]) -> int:
     """Slice holding the most ROI voxels — the ROI's largest cross-section (middle if empty)."""
     counts = np.asarray(roi, dtype=bool).reshape(roi.shape[0], -1).sum(axis=1)
     return int(np.argmax(counts)) if counts.any() else roi.shape[0] // 2
+
+
+#: LPS patient axes (DICOM PS3.3 C.7.6.2.1.1): the letter at the positive end of x, y, z.
+_POSITIVE = ("L", "P", "H")
+_NEGATIVE = ("R", "A", "F")
+
+
+def _towards(direction: tuple[float, float, float], sign: float) -> str:
+    """The patient direction a unit vector points to most (its dominant LPS axis)."""
+    v = np.asarray(direction, dtype=float) * sign
+    axis = int(np.argmax(np.abs(v)))
+    return _POSITIVE[axis] if v[axis] > 0 else _NEGATIVE[axis]
+
+
+def orientation_labels(
+    row_dir: tuple[float, float, float], col_dir: tuple[float, float, float]
+) -> dict[str, str]:
+    """Orientation markers of an image shown as stored (rows down, columns right).
+
+    ``row_dir`` / ``col_dir`` are the two ImageOrientationPatient vectors: the direction of
+    increasing column index (→ the right edge) and of increasing row index (→ the bottom edge).
+    Returns the letter (L/R, A/P, H/F) for each edge: ``left``, ``right``, ``top``, ``bottom``.
+    """
+    return {
+        "left": _towards(row_dir, -1.0),
+        "right": _towards(row_dir, 1.0),
+        "top": _towards(col_dir, -1.0),
+        "bottom": _towards(col_dir, 1.0),
+    }
+
+
+def roi_slices(roi: NDArray[np.bool_], limit: int = 5) -> list[int]:
+    """The slices the ROI crosses, at most ``limit`` evenly spaced ones (always its largest)."""
+    counts = np.asarray(roi, dtype=bool).reshape(roi.shape[0], -1).sum(axis=1)
+    crossed = [int(k) for k in np.flatnonzero(counts)]
+    if len(crossed) <= limit:
+        return crossed
+    picks = {crossed[round(float(i))] for i in np.linspace(0, len(crossed) - 1, limit)}
+    picks.add(best_slice(roi))
+    return sorted(picks)
 
 
 def map_slice_title(
@@ -86,6 +128,8 @@ def map_slice_png(
     cmap: str = "viridis",
     alpha: float = 0.7,
     size_inches: tuple[float, float] = (5.0, 4.4),
+    orientation: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None,
+    grey: bool = False,
 ) -> bytes:
     """One slice of a parameter map (times ``scale``, e.g. 1e3 for 10⁻³ mm²/s) over its anatomy.
 
@@ -93,8 +137,10 @@ def map_slice_png(
     the map is drawn with opacity ``alpha`` only where ``fitted`` is True (everywhere finite if
     ``fitted`` is None); the ROI is outlined on top. The slice defaults to the ROI's largest
     cross-section. ``title`` is the map name; :func:`map_slice_title` adds slice and ROI status.
-    Shown as stored (rows down, columns right), like a DICOM viewer. PNG text chunks: ``Title``,
-    ``Slice`` (0-based index) and ``ROI`` (confirmed / unconfirmed / unknown).
+    Shown as stored (rows down, columns right), like a DICOM viewer; ``orientation`` (the
+    ImageOrientationPatient row and column vectors) adds L/R, A/P, H/F markers at the edges.
+    ``grey`` draws ``values`` itself in grey (the high-b DWI image) with no overlay. PNG text
+    chunks: ``Title``, ``Slice`` (0-based index) and ``ROI`` (confirmed / unconfirmed / unknown).
     """
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 3:
@@ -116,6 +162,8 @@ def map_slice_png(
         vmin = lo if vmin is None else vmin
         vmax = (hi if hi > lo else lo + 1.0) if vmax is None else vmax
     norm = Normalize(vmin=vmin, vmax=vmax)
+    if grey:
+        cmap, underlay = "gray", None
 
     fig = Figure(figsize=size_inches, dpi=_DPI)
     ax = fig.add_subplot()
@@ -139,6 +187,16 @@ def map_slice_png(
         full_title, fontsize=10, color="black" if roi_confirmed is not False else "#b00000"
     )
     ax.set_axis_off()
+    if orientation is not None:
+        marks = orientation_labels(*orientation)
+        for edge, x, y, ha, va in (
+            ("left", 0.01, 0.5, "left", "center"),
+            ("right", 0.99, 0.5, "right", "center"),
+            ("top", 0.5, 0.99, "center", "top"),
+            ("bottom", 0.5, 0.01, "center", "bottom"),
+        ):
+            ax.text(x, y, marks[edge], ha=ha, va=va, color="#ffd400", fontsize=12,
+                    fontweight="bold", transform=ax.transAxes)  # fmt: skip
     # A solid colour bar (not the semi-transparent overlay's colours) reads values reliably.
     cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.046, pad=0.03)
     cb.ax.tick_params(labelsize=8)
@@ -203,15 +261,52 @@ def analysis_previews(
     histogram_voxels: Mapping[str, NDArray[np.bool_]],
     bin_widths: Mapping[str, float],
     bin_min: float,
+    high_b: NDArray[Any] | None = None,
+    orientation: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None,
+    max_slices: int = 5,
 ) -> dict[str, bytes]:
-    """The review app's previews of one analysis: a slice and a ROI histogram per map.
+    """The review app's previews of one analysis: slices through the ROI and ROI histograms.
 
     Diffusivities are shown in 10⁻³ mm²/s, Kapp unitless (docs: units). ``shown[name]`` is where
     the map was fitted (elsewhere it holds zeros); ``histogram_voxels[name]`` the voxels that
-    entered the features, binned with the features' bin widths.
+    entered the features, binned with the features' bin widths. Per map ``<map>_slice.png`` is
+    the ROI's largest cross-section; ``<map>_slice_<k>.png`` (k: 0-based, 3 digits) and, with
+    ``high_b``, ``dwi_slice_<k>.png`` follow the ROI through up to ``max_slices`` slices at a
+    readable size with orientation markers, for the case page's slice navigation.
     """
     out: dict[str, bytes] = {}
+    big = (6.4, 5.6)
+    slices = roi_slices(roi, max_slices)
+    if high_b is not None:
+        for k in slices:
+            out[f"dwi_slice_{k:03d}.png"] = map_slice_png(
+                high_b,
+                roi,
+                slice_index=k,
+                title="High-b DWI",
+                roi_confirmed=roi_confirmed,
+                unit_label="signal (a.u.)",
+                size_inches=big,
+                orientation=orientation,
+                grey=True,
+            )
     for name, (label, scale, unit, (lo, hi)) in _MAP_DISPLAY.items():
+        for k in slices:
+            out[f"{name}_slice_{k:03d}.png"] = map_slice_png(
+                maps[name],
+                roi,
+                underlay=underlay,
+                fitted=shown[name],
+                slice_index=k,
+                title=label,
+                roi_confirmed=roi_confirmed,
+                scale=scale,
+                unit_label=f"{label} ({unit})",
+                vmin=lo,
+                vmax=hi,
+                size_inches=big,
+                orientation=orientation,
+            )
         out[f"{name}_slice.png"] = map_slice_png(
             maps[name],
             roi,
