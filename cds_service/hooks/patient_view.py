@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cds_service.audit import AuditAction
 from cds_service.biopsy import BiopsyHer2, BiopsyReading, latest_reading
 from cds_service.card_cache import CardTemplate, PreparedCard, Slot, dumps
 from cds_service.cards import (
@@ -23,6 +24,7 @@ from cds_service.cards import (
     build_prediction_card,
     descriptors_needed_card,
 )
+from cds_service.case_state import is_discordant
 from cds_service.errors import ApiError
 from cds_service.fhir_transparency import (
     DescriptorSource,
@@ -30,6 +32,7 @@ from cds_service.fhir_transparency import (
     variant_model_card,
 )
 from cds_service.identity import AmbiguousIdentityError, patient_keys
+from cds_service.pathology import record_from_prefetch
 from cds_service.predictions import RuntimeUnavailableError
 from cds_service.prefetch import (
     PrefetchKey,
@@ -131,7 +134,11 @@ def handle(st: ServiceState, request: HookRequest, commit: Commit) -> bytes | di
     biopsy = BiopsyReading(BiopsyHer2.UNKNOWN)
     if prepared.needs_biopsy:
         biopsy = latest_reading(resolver.get(PrefetchKey.HER2))
-    discordant = prepared.discordant is not None and biopsy.status is BiopsyHer2.ZERO
+    # prepared.discordant exists only for an estimate at/above the threshold (see _prepare)
+    discordant = is_discordant(
+        above_threshold=prepared.discordant is not None,
+        biopsy_her2_zero=biopsy.status is BiopsyHer2.ZERO,
+    )
     template = prepared.discordant if discordant and prepared.discordant else prepared.plain
     body = template.render(
         {Slot.PATIENT_ID: request.context.patient_id, Slot.BIOPSY_LINE: biopsy_line(biopsy)}
@@ -141,10 +148,12 @@ def handle(st: ServiceState, request: HookRequest, commit: Commit) -> bytes | di
         if study_ids:
             body = dumps(link_imaging_studies(json.loads(body), study_ids)).encode()
     detail = {"card": prepared.card_uuid, "hookInstance": request.hook_instance}
-    events: list[AuditTuple] = [(actor, "card-shown", row.result_id, detail)]
+    events: list[AuditTuple] = [(actor, AuditAction.CARD_SHOWN, row.result_id, detail)]
     if discordant:
-        events.append((actor, "discordance-detected", row.result_id, detail))
+        events.append((actor, AuditAction.DISCORDANCE_DETECTED, row.result_id, detail))
     commit(events)
+    if biopsy.date:  # a HER2 result dated after the MRI is kept for the concordance view
+        record_from_prefetch(st.store, row.result_id, row.acquired_at, biopsy, actor)
     if prepared.needs_biopsy and st.settings.cds_fhir_writeback:
         _write_back(st, request, body, row.result_id, prepared.card_uuid)
     return body

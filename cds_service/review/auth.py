@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from flask import (
     Blueprint,
@@ -42,7 +42,6 @@ from flask import (
 from flask.blueprints import BlueprintSetupState
 from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFProtect
-from sqlalchemy import select
 from werkzeug.sansio.utils import host_is_trusted
 from werkzeug.wrappers import Response as WerkzeugResponse
 
@@ -55,7 +54,7 @@ from cds_service.accounts import (
     SignedIn,
     SignInRefused,
 )
-from cds_service.orm import AuditEvent
+from cds_service.audit import AuditAction
 from cds_service.state import EXTENSION_KEY, ServiceState, state
 from her2low.core.database import session_factory
 from her2low.core.settings import Settings
@@ -328,7 +327,7 @@ def sign_in() -> WerkzeugResponse | tuple[str, int]:
     except SignInRefused as exc:
         state().store.audit(
             "anonymous",
-            "sign-in-refused",
+            AuditAction.SIGN_IN_REFUSED,
             None,
             {"username": username.lower()[:64], "locked": exc.locked},
         )
@@ -344,7 +343,7 @@ def sign_in() -> WerkzeugResponse | tuple[str, int]:
     if previous:
         accounts.revoke(previous)  # one browser, one live session
     token = accounts.open_session(user, _client())
-    state().store.audit(user.username, "signed-in", None, {"role": user.role.value})
+    state().store.audit(user.username, AuditAction.SIGNED_IN, None, {"role": user.role.value})
     session.pop("csrf_token", None)  # a fresh CSRF secret for the signed-in session
     response = redirect(target, code=303)
     response.set_cookie(
@@ -367,7 +366,7 @@ def sign_out() -> WerkzeugResponse:
     if token:
         security().accounts.revoke(token)
     if user is not None:
-        state().store.audit(user.username, "signed-out", None)
+        state().store.audit(user.username, AuditAction.SIGNED_OUT, None)
     session.clear()
     response = redirect(url_for("review.auth.sign_in"), code=303)
     response.delete_cookie(SESSION_COOKIE, path=COOKIE_PATH)
@@ -385,9 +384,24 @@ def users() -> str:
 
 @bp.get("/admin/audit")
 @permission_required(Permission.READ_AUDIT)
-def audit() -> str:
-    """The latest audit events: who viewed, entered, decided, signed in."""
-    with security().accounts.sessions() as s:
-        events = list(s.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(500)))
-    state().store.audit(signed_in_user().username, "audit-viewed", None)
-    return render_template("review_audit.html", events=events, reference=True)
+def audit() -> tuple[str, int]:
+    """Audit events, newest first, filtered by actor, action, date range and case; CSV export."""
+    from cds_service.review.audit_export import PAGE_LIMIT, describe, parse_query
+
+    query, errors = parse_query(request.args)
+    store = state().store
+    events = [] if errors else store.audit_events(query, limit=PAGE_LIMIT)
+    store.audit(signed_in_user().username, AuditAction.AUDIT_VIEWED, None, describe(query) or None)
+    html = render_template(
+        "review_audit.html",
+        events=events,
+        limit=PAGE_LIMIT,
+        errors=errors,
+        filters=request.args,
+        actors=store.audit_actors(),
+        actions=list(AuditAction),
+        csv_url=url_for("review.audit_csv")
+        + (f"?{urlencode(request.args)}" if request.args else ""),
+        reference=True,
+    )
+    return html, 400 if errors else 200
