@@ -27,6 +27,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from cds_service.orm import ReviewSession, SignInThrottle, UserAccount, utcnow
+from her2low.core.enums import LabelledEnum
 from her2low.core.settings import Settings
 
 MIN_PASSWORD_LENGTH = 12
@@ -35,25 +36,14 @@ _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{1,63}$")
 _TOUCH_EVERY = timedelta(seconds=30)
 
 
-class Role(StrEnum):
+class Role(LabelledEnum):
     """What a signed-in user may do (see :data:`PERMISSIONS` for who does what)."""
 
-    RADIOLOGIST = "radiologist"
-    ONCOLOGIST = "oncologist"
-    PATHOLOGIST = "pathologist"
-    COORDINATOR = "board-coordinator"
-    ADMIN = "admin"
-
-    @property
-    def display(self) -> str:
-        return {
-            Role.RADIOLOGIST: "Radiologist",
-            Role.ONCOLOGIST: "Oncologist",
-            Role.PATHOLOGIST: "Pathologist",
-            Role.COORDINATOR: "Board coordinator",
-            Role.ADMIN: "Administrator",
-        }[self]
-
+    RADIOLOGIST = "radiologist", "Radiologist"
+    ONCOLOGIST = "oncologist", "Oncologist"
+    PATHOLOGIST = "pathologist", "Pathologist"
+    COORDINATOR = "board-coordinator", "Board coordinator"
+    ADMIN = "admin", "Administrator"
 
 class Permission(StrEnum):
     """Acts of the review app that not every role may perform."""

@@ -25,6 +25,8 @@ from cds_service.fhir_transparency import (
     action_descriptions,
     build_transparency,
 )
+from cds_service.qc_gate import QcFailure
+from her2low.core.enums import LabelledEnum
 from models.contract import QcReport, RoiProvenance
 from models.prediction import Prediction
 
@@ -41,29 +43,21 @@ class Indicator(StrEnum):
     CRITICAL = "critical"
 
 
-class OverrideReasonCode(StrEnum):
+class OverrideReasonCode(LabelledEnum):
     """Coded reasons offered to dismiss the card (card.overrideReasons)."""
 
-    HER2_ESTABLISHED = "her2-established"
-    IMAGE_QUALITY = "image-quality"
-    DISAGREE = "disagree"
-    NOT_RELEVANT = "not-relevant"
-
-    @property
-    def display(self) -> str:
-        return {
-            OverrideReasonCode.HER2_ESTABLISHED: "HER2 status already established by IHC/ISH",
-            OverrideReasonCode.IMAGE_QUALITY: "Image quality or tumour ROI not adequate",
-            OverrideReasonCode.DISAGREE: "Clinical judgement differs from the estimate",
-            OverrideReasonCode.NOT_RELEVANT: "Not relevant to current care",
-        }[self]
+    HER2_ESTABLISHED = "her2-established", "HER2 status already established by IHC/ISH"
+    IMAGE_QUALITY = "image-quality", "Image quality or tumour ROI not adequate"
+    DISAGREE = "disagree", "Clinical judgement differs from the estimate"
+    NOT_RELEVANT = "not-relevant", "Not relevant to current care"
 
 
 class PredictionBasis(BaseModel):
     """What a stored prediction row keeps for its card (``PredictionRow.basis``).
 
     ``not_scored`` is the reason the case has no estimate although its inputs are complete
-    (its fit or discretisation settings differ from the model's): no card is shown for it.
+    (its fit or discretisation settings differ from the model's: no card is shown for it; or it
+    failed the QC gate: ``qc_failures`` says why and what to do, on a card of its own).
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -72,6 +66,7 @@ class PredictionBasis(BaseModel):
     qc: QcReport | None = None
     descriptors_entered: bool = False
     not_scored: str | None = None
+    qc_failures: tuple[QcFailure, ...] = ()
 
     @classmethod
     def stored(cls, data: object) -> PredictionBasis:
@@ -280,6 +275,38 @@ def descriptors_needed_card(ctx: CardContext) -> dict[str, Any]:
         "overrideReasons": _override_reasons(),
         "links": [
             {"label": "Enter MRI descriptors", "url": ctx.descriptors_url, "type": "absolute"}
+        ],
+    }
+    pruned: dict[str, Any] = prune(card)
+    return pruned
+
+
+def qc_failed_card(ctx: CardContext, failures: tuple[QcFailure, ...]) -> dict[str, Any]:
+    """The result failed the QC gate: no likelihood; say why and what to do."""
+    detail = [
+        "A breast MRI of this patient was analysed, but **no HER2-low estimate is given**: the "
+        "diffusion series did not pass the image-quality check, and an estimate from it would "
+        "be built on noise.",
+        "",
+        *(f"- **{f.reason}**: {f.action}" for f in failures),
+        "",
+        f"- **Data date:** MRI acquired {ctx.acquired_at:%Y-%m-%d} ({side_text(ctx.laterality)})",
+        f"- [Case in review app]({ctx.case_url})",
+    ]
+    first = failures[0].reason if failures else "image quality"
+    card: dict[str, Any] = {
+        "uuid": ctx.card_uuid,
+        "summary": f"No MRI HER2-low estimate: QC failed ({first})"[:SUMMARY_LIMIT],
+        "detail": "\n".join(detail),
+        "indicator": Indicator.INFO.value,
+        "source": _source(ctx, None),
+        "overrideReasons": _override_reasons(),
+        "links": [
+            {
+                "label": "Open case in the HER2-low review app",
+                "url": ctx.case_url,
+                "type": "absolute",
+            }
         ],
     }
     pruned: dict[str, Any] = prune(card)

@@ -9,40 +9,25 @@ so the worklist filters and counts 10,000 cases with an index instead of re-deri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
+from her2low.core.enums import LabelledEnum
 from models import schema as feature_schema
 
 
-class CaseState(StrEnum):
+class CaseState(LabelledEnum):
     """Worklist states, in the order a case moves through them."""
 
-    NEW = "new"
-    DESCRIPTORS_NEEDED = "descriptors-needed"
-    READY_FOR_BOARD = "ready-for-board"
-    DISCUSSED = "discussed"
-    CLOSED = "closed"
+    NEW = "new", "New", "received; nobody has opened it or entered anything yet"
+    DESCRIPTORS_NEEDED = "descriptors-needed", "Descriptors needed", "opened, but descriptors incomplete or ROI unconfirmed"
+    READY_FOR_BOARD = "ready-for-board", "Ready for board", "descriptors complete and ROI confirmed; no decision yet"
+    DISCUSSED = "discussed", "Discussed", "the board confirmed or amended the estimate"
+    CLOSED = "closed", "Closed", "withdrawn by the board, or discussed with a pathology HER2 result"
 
-    @property
-    def display(self) -> str:
-        return {
-            CaseState.NEW: "New",
-            CaseState.DESCRIPTORS_NEEDED: "Descriptors needed",
-            CaseState.READY_FOR_BOARD: "Ready for board",
-            CaseState.DISCUSSED: "Discussed",
-            CaseState.CLOSED: "Closed",
-        }[self]
 
     @property
     def rule(self) -> str:
         """The rule in words (shown on the worklist so a reader knows what a state means)."""
-        return {
-            CaseState.NEW: "received; nobody has opened it or entered anything yet",
-            CaseState.DESCRIPTORS_NEEDED: "opened, but descriptors incomplete or ROI unconfirmed",
-            CaseState.READY_FOR_BOARD: "descriptors complete and ROI confirmed; no decision yet",
-            CaseState.DISCUSSED: "the board confirmed or amended the estimate",
-            CaseState.CLOSED: "withdrawn by the board, or discussed with a pathology HER2 result",
-        }[self]
+        return self.description
 
     @classmethod
     def derive(cls, facts: CaseFacts) -> CaseState:
@@ -56,7 +41,6 @@ class CaseState(StrEnum):
         if facts.viewed or facts.descriptors_entered or facts.roi_confirmed:
             return cls.DESCRIPTORS_NEEDED
         return cls.NEW
-
 
 @dataclass(frozen=True)
 class CaseFacts:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from fhir.resources.R4B.observation import Observation
 
+from her2low.core.enums import LabelledEnum
 from models import schema as feature_schema
 from models.contract import Laterality
 from models.prediction import ModelVariant, Prediction
@@ -46,19 +46,11 @@ BODY_SITE: dict[Laterality, dict[str, str]] = {
 }
 
 
-class Interpretation(StrEnum):
+class Interpretation(LabelledEnum):
     """Local interpretation of the likelihood against the model's operating threshold."""
 
-    AT_OR_ABOVE = "at-or-above-threshold"
-    BELOW = "below-threshold"
-
-    @property
-    def display(self) -> str:
-        return {
-            Interpretation.AT_OR_ABOVE: "HER2-low likelihood at or above the operating threshold",
-            Interpretation.BELOW: "HER2-low likelihood below the operating threshold",
-        }[self]
-
+    AT_OR_ABOVE = "at-or-above-threshold", "HER2-low likelihood at or above the operating threshold"
+    BELOW = "below-threshold", "HER2-low likelihood below the operating threshold"
 
 def fhir_instant(value: datetime) -> str:
     """FHIR instant/dateTime in UTC with seconds and ``Z`` (four-digit year also before 1000:

@@ -53,6 +53,7 @@ from cds_service.orm import (
     utcnow,
 )
 from cds_service.schema import FeedbackItem
+from her2low.core.enums import LabelledEnum
 from models.contract import Provenance, ResultPayload, read_features
 
 log = logging.getLogger(__name__)
@@ -105,24 +106,15 @@ class ReviewFlag(StrEnum):
     IDENTITY_AMBIGUOUS = "identity-ambiguous"
 
 
-class Her2Pathology(StrEnum):
+class Her2Pathology(LabelledEnum):
     """The pathology HER2 group (ASCO/CAP 2023 with the HER2-low category).
 
     LOW: IHC 1+, or IHC 2+ with ISH not amplified; POSITIVE: IHC 3+, or 2+ with ISH amplified.
     """
 
-    ZERO = "zero"
-    LOW = "low"
-    POSITIVE = "positive"
-
-    @property
-    def display(self) -> str:
-        return {
-            Her2Pathology.ZERO: "HER2 0",
-            Her2Pathology.LOW: "HER2-low (1+, or 2+ ISH not amplified)",
-            Her2Pathology.POSITIVE: "HER2-positive (3+, or 2+ ISH amplified)",
-        }[self]
-
+    ZERO = "zero", "HER2 0"
+    LOW = "low", "HER2-low (1+, or 2+ ISH not amplified)"
+    POSITIVE = "positive", "HER2-positive (3+, or 2+ ISH amplified)"
 
 class PathologySource(StrEnum):
     """Where a pathology HER2 result came from."""

@@ -12,8 +12,6 @@ import :data:`bp` from here and are imported at the bottom of this module so the
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 from flask import Blueprint, abort, redirect, url_for
 from werkzeug.wrappers import Response as WerkzeugResponse
 
@@ -22,6 +20,7 @@ from cds_service.review import auth
 from cds_service.review.auth import login_required
 from cds_service.state import state
 from cds_service.store import BoardDecision, CaseSnapshot
+from her2low.core.enums import LabelledEnum
 from models.prediction import Prediction
 
 bp = Blueprint(
@@ -29,26 +28,15 @@ bp = Blueprint(
 )
 
 
-class BoardReason(StrEnum):
+class BoardReason(LabelledEnum):
     """Coded reasons of a tumour-board decision."""
 
-    RETEST_ADVISED = "retest-advised"
-    PATHOLOGY_AVAILABLE = "pathology-available"
-    ROI_INCORRECT = "roi-incorrect"
-    DESCRIPTORS_CORRECTED = "descriptors-corrected"
-    WRONG_LESION = "wrong-lesion"
-    OTHER = "other"
-
-    @property
-    def display(self) -> str:
-        return {
-            BoardReason.RETEST_ADVISED: "Estimate plausible: HER2 re-testing advised",
-            BoardReason.PATHOLOGY_AVAILABLE: "Definitive pathology HER2 result available",
-            BoardReason.ROI_INCORRECT: "Tumour ROI incorrect",
-            BoardReason.DESCRIPTORS_CORRECTED: "Descriptors corrected",
-            BoardReason.WRONG_LESION: "Wrong lesion or wrong patient",
-            BoardReason.OTHER: "Other (see comment)",
-        }[self]
+    RETEST_ADVISED = "retest-advised", "Estimate plausible: HER2 re-testing advised"
+    PATHOLOGY_AVAILABLE = "pathology-available", "Definitive pathology HER2 result available"
+    ROI_INCORRECT = "roi-incorrect", "Tumour ROI incorrect"
+    DESCRIPTORS_CORRECTED = "descriptors-corrected", "Descriptors corrected"
+    WRONG_LESION = "wrong-lesion", "Wrong lesion or wrong patient"
+    OTHER = "other", "Other (see comment)"
 
 
 DECISIONS = (
