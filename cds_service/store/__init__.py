@@ -6,27 +6,17 @@ idempotence under concurrent workers. Nothing here knows about HTTP or FHIR.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
-import hashlib
-import json
 import logging
-import math
-import os
-import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from enum import StrEnum
-from typing import Any, TypeVar
+from collections.abc import Iterable, Sequence
+from datetime import UTC, date, datetime
+from typing import Any
 
 from sqlalchemy import (
     Engine,
     Insert,
     Select,
-    Table,
     and_,
     bindparam,
     delete,
@@ -40,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cds_service.audit import AuditAction
-from cds_service.case_state import CaseFacts, CaseState, descriptors_complete, is_discordant
+from cds_service.case_state import CaseState
 from cds_service.orm import (
     AuditEvent,
     DescriptorEntry,
@@ -49,241 +39,69 @@ from cds_service.orm import (
     PredictionRow,
     Result,
     ResultRevision,
-    UsedJti,
     utcnow,
 )
 from cds_service.schema import FeedbackItem
-from her2low.core.enums import LabelledEnum
+from cds_service.store.tables import AUDIT, JTI, PREDICTIONS, RESULTS
+from cds_service.store.values import (
+    AuditQuery,
+    AuditTuple,
+    BoardDecision,
+    CaseSnapshot,
+    ConcordanceRow,
+    Her2Pathology,
+    HookRow,
+    IngestStatus,
+    NotFoundError,
+    ObservationStatus,
+    PathologySource,
+    PredictionParts,
+    ReviewFlag,
+    UnknownCardError,
+    UsedToken,
+    canonical_hash,
+    json_safe,
+)
+from cds_service.store.worklist import (
+    _SORT_COLUMNS,
+    _WORKLIST_COLUMNS,
+    WorklistPage,
+    WorklistQuery,
+    WorklistRow,
+    WorklistSort,
+    _refresh_worklist,
+    _worklist_filters,
+)
+from cds_service.store.write_gate import WriteGate, retry_on_conflict
 from models.contract import Provenance, ResultPayload, read_features
 
+__all__ = [
+    "AuditQuery",
+    "AuditTuple",
+    "BoardDecision",
+    "CaseSnapshot",
+    "ConcordanceRow",
+    "Her2Pathology",
+    "HookRow",
+    "IngestStatus",
+    "NotFoundError",
+    "ObservationStatus",
+    "PathologySource",
+    "PredictionParts",
+    "ReviewFlag",
+    "Store",
+    "UnknownCardError",
+    "UsedToken",
+    "WorklistPage",
+    "WorklistQuery",
+    "WorklistRow",
+    "WorklistSort",
+    "WriteGate",
+    "canonical_hash",
+    "json_safe",
+]
+
 log = logging.getLogger(__name__)
-
-RESULTS: Table = Result.__table__  # type: ignore[assignment]
-PREDICTIONS: Table = PredictionRow.__table__  # type: ignore[assignment]
-AUDIT: Table = AuditEvent.__table__  # type: ignore[assignment]
-JTI: Table = UsedJti.__table__  # type: ignore[assignment]
-
-_T = TypeVar("_T")
-
-
-class IngestStatus(StrEnum):
-    """Results API answers (docs/results-api.md)."""
-
-    CREATED = "created"
-    UNCHANGED = "unchanged"
-    UPDATED = "updated"
-
-
-class ObservationStatus(StrEnum):
-    """FHIR R4 ObservationStatus values this service moves through."""
-
-    PRELIMINARY = "preliminary"
-    FINAL = "final"
-    AMENDED = "amended"
-    ENTERED_IN_ERROR = "entered-in-error"
-
-
-class BoardDecision(StrEnum):
-    """A tumour-board decision on a case's estimate (FHIR status it leads to, see below)."""
-
-    CONFIRM = "confirm"
-    AMEND = "amend"
-    ENTERED_IN_ERROR = "entered-in-error"
-
-    @property
-    def observation_status(self) -> ObservationStatus | None:
-        """None: the automatic status (preliminary/final) stands."""
-        return {
-            BoardDecision.CONFIRM: None,
-            BoardDecision.AMEND: ObservationStatus.AMENDED,
-            BoardDecision.ENTERED_IN_ERROR: ObservationStatus.ENTERED_IN_ERROR,
-        }[self]
-
-
-class ReviewFlag(StrEnum):
-    """Why a case is held for review instead of being shown."""
-
-    IDENTITY_AMBIGUOUS = "identity-ambiguous"
-
-
-class Her2Pathology(LabelledEnum):
-    """The pathology HER2 group (ASCO/CAP 2023 with the HER2-low category).
-
-    LOW: IHC 1+, or IHC 2+ with ISH not amplified; POSITIVE: IHC 3+, or 2+ with ISH amplified.
-    """
-
-    ZERO = "zero", "HER2 0"
-    LOW = "low", "HER2-low (1+, or 2+ ISH not amplified)"
-    POSITIVE = "positive", "HER2-positive (3+, or 2+ ISH amplified)"
-
-class PathologySource(StrEnum):
-    """Where a pathology HER2 result came from."""
-
-    PATHOLOGIST = "pathologist"  # entered on the review app
-    EHR = "ehr"  # a FHIR Observation seen in the CDS Hooks prefetch
-
-
-@dataclass(frozen=True)
-class AuditQuery:
-    """Filters of the audit page and its CSV export (None: any)."""
-
-    actor: str | None = None
-    action: AuditAction | None = None
-    since: datetime | None = None
-    until: datetime | None = None  # exclusive
-    result_id: str | None = None
-
-
-@dataclass(frozen=True)
-class ConcordanceRow:
-    """One case with a later pathology result: the latest prediction against it."""
-
-    result_id: str
-    acquired_at: datetime
-    probability: float | None
-    prediction: dict[str, Any] | None
-    her2: Her2Pathology
-    score: str
-    reported_at: datetime
-    features: dict[str, Any]
-    provenance: dict[str, Any]
-
-
-class NotFoundError(LookupError):
-    """No such case."""
-
-
-class UnknownCardError(NotFoundError):
-    """Feedback names a card this service never issued (``index``: its place in the batch)."""
-
-    def __init__(self, index: int, card: str) -> None:
-        super().__init__(f"feedback {index}: unknown card")
-        self.index = index
-        self.card = card
-
-
-def canonical_hash(data: Any) -> str:
-    """SHA-256 of canonical JSON (sorted keys, no spaces): equal content, equal hash."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def json_safe(value: Any) -> Any:
-    """Replace NaN/inf by None so JSON columns stay valid JSON (PostgreSQL refuses NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
-@dataclass(frozen=True)
-class HookRow:
-    """What a hook call needs of one result: identity keys and its latest prediction's key.
-
-    Light columns only: the prediction's JSON (prediction, Observation, basis) is read by
-    ``prediction_parts`` only when a worker has not yet prepared the card of that prediction.
-    """
-
-    result_id: str
-    patient_issuer: str
-    patient_id: str
-    review_flag: str | None
-    acquired_at: datetime
-    laterality: str | None
-    prediction_id: int | None
-    observation_status: str | None
-    card_uuid: str | None
-    computed_at: datetime | None
-
-
-@dataclass(frozen=True)
-class PredictionParts:
-    """The JSON columns of one prediction row (immutable once inserted)."""
-
-    prediction: dict[str, Any] | None
-    observation: dict[str, Any] | None
-    basis: dict[str, Any] | None
-
-
-AuditTuple = tuple[str, str, str | None, dict[str, Any] | None]
-
-
-@dataclass(frozen=True)
-class UsedToken:
-    """A verified token's replay key, kept until ``expires`` (exp + leeway)."""
-
-    iss: str
-    jti: str
-    expires: datetime
-
-    @classmethod
-    def of(cls, iss: str, jti: str, exp: int, leeway: int) -> UsedToken:
-        return cls(iss, jti, datetime.fromtimestamp(exp, UTC) + timedelta(seconds=leeway))
-
-
-class WriteGate:
-    """Serializes this host's writers to one SQLite file: a thread lock plus ``flock``.
-
-    SQLite lets one writer in at a time and makes the others poll with growing sleeps (1, 2, 5,
-    10 … ms, its default busy handler), which under a few concurrent hook calls turned into
-    tails of 100+ ms. Queuing on a lock instead wakes the next writer as soon as the lock is
-    released. The thread lock covers gunicorn threads, ``flock`` (kernel-queued, released if the
-    process dies) covers the workers; the file descriptor is reopened after a fork because
-    ``flock`` belongs to the open file description. Other databases: no gate.
-    """
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._fd: int | None = None
-        self._pid = 0
-
-    @classmethod
-    def for_engine(cls, engine: Engine) -> WriteGate:
-        database = engine.url.database
-        if engine.dialect.name != "sqlite" or not database or database == ":memory:":
-            return cls(None)
-        return cls(f"{database}.write-lock")
-
-    def _descriptor(self) -> int:
-        if self._fd is None or self._pid != os.getpid():
-            assert self.path is not None
-            if self._fd is not None:
-                os.close(self._fd)  # the parent's description; the parent keeps its own
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            self._pid = os.getpid()
-        return self._fd
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        if self.path is None:
-            yield
-            return
-        with self._lock:
-            fd = self._descriptor()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-
-
-def _retry_on_conflict(write: Callable[[], _T], *, attempts: int) -> _T:
-    """Run a write transaction again when a concurrent writer took its unique key first.
-
-    Two service instances (or threads) may insert the same natural key at once; the loser's
-    transaction fails with an IntegrityError and, re-run, sees the winner's row.
-    """
-    for attempt in range(attempts):
-        try:
-            return write()
-        except IntegrityError:
-            if attempt == attempts - 1:
-                raise
-    raise ValueError("attempts must be at least 1")
 
 
 class _Replayed(Exception):
@@ -332,186 +150,6 @@ _INSERT_JTI: Insert = insert(JTI)
 _INSERT_AUDIT: Insert = insert(AUDIT)
 
 
-@dataclass(frozen=True)
-class CaseSnapshot:
-    """Everything known about one case, read in one transaction.
-
-    ``provenance`` and ``features`` are the current revision's payload read back through the
-    results contract (``models.contract``); ``provenance`` is None for a row stored before it.
-    """
-
-    result: Result
-    revision: ResultRevision
-    descriptors: DescriptorEntry | None
-    prediction: PredictionRow | None
-    provenance: Provenance | None
-    features: dict[str, float | None]
-
-
-# --- the worklist (cds_service.review.worklist) ------------------------------------------------
-
-
-class WorklistSort(StrEnum):
-    """Columns the worklist sorts by (whitelisted: a query string never names a column)."""
-
-    STUDY_DATE = "study-date"
-    LIKELIHOOD = "likelihood"
-    PATIENT = "patient"
-    STATE = "state"
-    BOARD_DATE = "board-date"
-    ACCESSION = "accession"
-
-
-_SORT_COLUMNS: dict[WorklistSort, Any] = {
-    WorklistSort.STUDY_DATE: RESULTS.c.study_date,
-    WorklistSort.LIKELIHOOD: RESULTS.c.likelihood,
-    WorklistSort.PATIENT: RESULTS.c.patient_name,
-    WorklistSort.STATE: RESULTS.c.state,
-    WorklistSort.BOARD_DATE: RESULTS.c.board_date,
-    WorklistSort.ACCESSION: RESULTS.c.accession_number,
-}
-
-
-@dataclass(frozen=True)
-class WorklistQuery:
-    """Filters, sort and page of the worklist (None: any). Likelihoods are 0–1, ``below`` open."""
-
-    states: tuple[CaseState, ...] = ()
-    since: date | None = None
-    until: date | None = None  # inclusive
-    likelihood_at_least: float | None = None
-    likelihood_below: float | None = None
-    lesion_type: str | None = None  # "mass" | "nme" | "unknown"
-    discordant_only: bool = False
-    board_date: date | None = None
-    sort: WorklistSort = WorklistSort.STUDY_DATE
-    descending: bool = True
-    limit: int = 100
-    offset: int = 0
-
-
-@dataclass(frozen=True)
-class WorklistRow:
-    """One worklist line: light columns of ``results`` only (no JSON is read)."""
-
-    result_id: str
-    patient_name: str | None
-    patient_id: str
-    patient_issuer: str
-    accession_number: str | None
-    study_date: date | None
-    laterality: str | None
-    lesion_type: str | None
-    likelihood: float | None
-    above_threshold: bool | None
-    state: CaseState
-    discordant: bool
-    board_date: date | None
-    review_flag: str | None
-    scored_by: str | None
-
-
-@dataclass(frozen=True)
-class WorklistPage:
-    """A page of rows, the number of matches and the count per state (other filters applied)."""
-
-    rows: list[WorklistRow]
-    total: int
-    counts: dict[CaseState, int]
-
-
-_WORKLIST_COLUMNS = (
-    RESULTS.c.id,
-    RESULTS.c.patient_name,
-    RESULTS.c.patient_id,
-    RESULTS.c.patient_issuer,
-    RESULTS.c.accession_number,
-    RESULTS.c.study_date,
-    RESULTS.c.laterality,
-    RESULTS.c.lesion_type,
-    RESULTS.c.likelihood,
-    RESULTS.c.above_threshold,
-    RESULTS.c.state,
-    RESULTS.c.discordant,
-    RESULTS.c.board_date,
-    RESULTS.c.review_flag,
-    RESULTS.c.scored_by,
-)
-
-
-def _worklist_filters(query: WorklistQuery, *, with_state: bool) -> list[Any]:
-    r = RESULTS.c
-    where: list[Any] = []
-    if with_state and query.states:
-        where.append(r.state.in_([st.value for st in query.states]))
-    if query.since is not None:
-        where.append(r.study_date >= query.since)
-    if query.until is not None:
-        where.append(r.study_date <= query.until)
-    if query.likelihood_at_least is not None:
-        where.append(r.likelihood >= query.likelihood_at_least)
-    if query.likelihood_below is not None:
-        where.append(r.likelihood < query.likelihood_below)
-    if query.lesion_type == "unknown":
-        where.append(r.lesion_type.is_(None))
-    elif query.lesion_type:
-        where.append(r.lesion_type == query.lesion_type)
-    if query.discordant_only:
-        where.append(r.discordant.is_(True))
-    if query.board_date is not None:
-        where.append(r.board_date == query.board_date)
-    return where
-
-
-def _refresh_worklist(s: Session, result: Result | str) -> None:
-    """Re-derive the worklist columns of one case inside the caller's transaction."""
-    if isinstance(result, str):
-        found = s.get(Result, result)
-        if found is None:
-            return
-        result = found
-    s.flush()
-    entry = s.scalar(
-        select(DescriptorEntry)
-        .where(DescriptorEntry.result_id == result.id)
-        .order_by(DescriptorEntry.version.desc())
-        .limit(1)
-    )
-    values = dict(entry.values) if entry is not None else {}
-    her2 = s.scalar(
-        select(PathologyResult.her2)
-        .where(PathologyResult.result_id == result.id)
-        .order_by(PathologyResult.reported_at.desc(), PathologyResult.id.desc())
-        .limit(1)
-    )
-    hook_seen = (
-        s.scalar(
-            select(AuditEvent.id)
-            .where(
-                AuditEvent.result_id == result.id,
-                AuditEvent.action == AuditAction.DISCORDANCE_DETECTED,
-            )
-            .limit(1)
-        )
-        is not None
-    )
-    facts = CaseFacts(
-        viewed=result.first_viewed_at is not None,
-        descriptors_entered=bool(values),
-        descriptors_complete=descriptors_complete(values),
-        roi_confirmed=bool(entry is not None and entry.roi_confirmed),
-        decided=result.board_decision is not None,
-        withdrawn=result.observation_override == ObservationStatus.ENTERED_IN_ERROR.value,
-        pathology_known=her2 is not None,
-    )
-    result.lesion_type = values.get("lesion_type") or None
-    result.state = CaseState.derive(facts).value
-    result.discordant = hook_seen or is_discordant(
-        above_threshold=bool(result.above_threshold),
-        biopsy_her2_zero=her2 == Her2Pathology.ZERO.value,
-    )
-
-
 class Store:
     """Database operations on a session factory."""
 
@@ -527,7 +165,7 @@ class Store:
         """Store a published result; idempotent per (series, pipeline_version)."""
         body = payload.to_json()
         digest = canonical_hash(body)
-        return _retry_on_conflict(lambda: self._ingest(payload, body, digest), attempts=2)
+        return retry_on_conflict(lambda: self._ingest(payload, body, digest), attempts=2)
 
     def _ingest(
         self, payload: ResultPayload, body: dict[str, Any], digest: str
@@ -722,7 +360,7 @@ class Store:
                 _refresh_worklist(s, result_id)
                 return version
 
-        return _retry_on_conflict(append, attempts=3)
+        return retry_on_conflict(append, attempts=3)
 
     def board_decision(
         self, result_id: str, decision: BoardDecision, reason: str, comment: str, reviewer: str
@@ -783,7 +421,7 @@ class Store:
         All or nothing: a card no prediction issued raises UnknownCardError and nothing of the
         batch is stored, so made-up card ids never sit beside real feedback.
         """
-        return _retry_on_conflict(lambda: self._record_feedback(items, actor), attempts=2)
+        return retry_on_conflict(lambda: self._record_feedback(items, actor), attempts=2)
 
     def _record_feedback(self, items: Sequence[FeedbackItem], actor: str) -> tuple[int, int]:
         new = repeats = 0
@@ -1154,7 +792,7 @@ class Store:
                 _refresh_worklist(s, result_id)
                 return version
 
-        return _retry_on_conflict(append, attempts=3)
+        return retry_on_conflict(append, attempts=3)
 
     def set_board_date(self, result_id: str, when: date | None, actor: str) -> None:
         """Assign a case to a tumour-board date (None: unassign); audited."""
