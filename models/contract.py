@@ -549,6 +549,13 @@ class QcReport(_Contract):
     problems: tuple[Problem, ...] = ()
     #: Share of the fitted ROI voxels with Dapp or Kapp on a bound (optional: older nodes omit it).
     fraction_at_bound: Fraction | None = Field(default=None, exclude_if=lambda v: v is None)
+    #: Highest b-value of the series (s/mm²) and the ROI's mean signal there over the noise σ:
+    #: the DKI curvature is read from this image, so an SNR near the noise floor biases Kapp.
+    high_b: NonNegative | None = Field(default=None, exclude_if=lambda v: v is None)
+    snr_high_b: NonNegative | None = Field(default=None, exclude_if=lambda v: v is None)
+    #: Median over the fitted ROI voxels of the RMS fit residual over the fitted S0 (a fraction):
+    #: large when the signal does not follow the DKI model (motion, misregistration, artefact).
+    fit_residual: NonNegative | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class NoiseProvenance(_Contract):
@@ -569,6 +576,8 @@ class ScannerInfo(_Contract):
 
     manufacturer: Annotated[str, Strict(), StringConstraints(max_length=64)] = ""
     model: Annotated[str, Strict(), StringConstraints(max_length=64)] = ""
+    #: MagneticFieldStrength (0018,0087) in tesla (optional; checked against the model card).
+    field_strength_t: Positive | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @property
     def label(self) -> str:

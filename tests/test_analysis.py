@@ -91,7 +91,14 @@ def test_provenance_has_exactly_the_results_api_shape(phantom: Phantom) -> None:
     assert p["statistics"] == {"kurtosis": "excess", "percentile_rule": "linear", "entropy_base": 2}
     assert a.provenance.conventions == DEFAULT_CONVENTIONS  # what the reference model assumes
     assert set(p["roi"]) == {"source", "confirmed", "voxels", "volume_ml", "seg_series_uid"}
-    assert set(p["qc"]) == {"flags", "problems", "fraction_at_bound"}
+    assert set(p["qc"]) == {
+        "flags",
+        "problems",
+        "fraction_at_bound",
+        "high_b",
+        "snr_high_b",
+        "fit_residual",
+    }
     assert 0.0 <= p["qc"]["fraction_at_bound"] <= 1.0
     assert set(p["qc"]["flags"]) == {"at_bound", "dk_bmax", "low_signal", "background"}
     json.dumps({"features": a.features, "provenance": p}, allow_nan=False)

@@ -371,3 +371,47 @@ def test_bessel_approximation_matches_scipy() -> None:
     np.testing.assert_allclose(i1, special.i1e(z), rtol=1e-6, atol=1e-7)
     assert i0f.dtype == np.float32
     np.testing.assert_allclose(i0f, special.i0e(z), rtol=2e-6)
+
+
+def test_sigma_is_a_fit_argument_and_overrides_the_model() -> None:
+    rng = np.random.default_rng(5)
+    y = rician(
+        dki_signal(np.full(50, 1000.0), np.full(50, 1.2e-3), np.full(50, 0.9), BVALS), 30.0, rng
+    )
+    model = DkiModel(BVALS, method="nls_rician")
+    with pytest.raises(ValueError, match="sigma"):
+        model.fit(y)  # no background to estimate from
+    assert model.fit(y, sigma=30.0).settings.sigma == 30.0
+    assert DkiModel(BVALS, sigma=10.0).fit(y, sigma=30.0).settings.sigma == 30.0
+    with pytest.raises(ValueError, match="sigma"):
+        model.fit(y, sigma=-1.0)
+
+
+def test_fraction_at_bound_counts_fitted_voxels_only() -> None:
+    s0 = np.array([1000.0, 1000.0, 1000.0, 0.0])
+    y = dki_signal(
+        s0, np.array([1.2e-3, 1.2e-3, 1.2e-3, 1e-3]), np.array([0.9, 0.9, 0.0, 0.5]), BVALS
+    )
+    f = dki.fit(y, BVALS, sigma=10.0)  # voxel 3 is background, voxel 2 sits at K = 0
+    assert f.has_flag(dki.FitFlag.BACKGROUND)[3]
+    assert f.fraction_at_bound() == pytest.approx(1 / 3)
+    assert f.fraction_at_bound(np.array([True, True, False, True])) == 0.0
+
+
+def test_cramer_rao_bound_matches_monte_carlo_at_high_snr() -> None:
+    """At high SNR the NLS fit is efficient: its spread equals the CRB; Rician → Gaussian."""
+    n, sigma = 4000, 1000.0 / 150
+    rng = np.random.default_rng(9)
+    y = rician(
+        dki_signal(np.full(n, 1000.0), np.full(n, 1.2e-3), np.full(n, 0.88), BVALS), sigma, rng
+    )
+    f = dki.fit(y, BVALS, method="nls_rician", sigma=sigma)
+    _, crb_d, crb_k = dki.cramer_rao_bound(1000.0, 1.2e-3, 0.88, BVALS, sigma)
+    assert float(np.std(f.kapp)) == pytest.approx(float(crb_k), rel=0.08)
+    assert float(np.std(f.dapp)) == pytest.approx(float(crb_d), rel=0.08)
+    _, _, gk = dki.cramer_rao_bound(1000.0, 1.2e-3, 0.88, BVALS, sigma, rician=False)
+    assert float(gk) == pytest.approx(float(crb_k), rel=1e-3)
+    # In the noise floor the Rician information falls: its bound is wider than the Gaussian one.
+    _, _, low_k = dki.cramer_rao_bound(1000.0, 2.2e-3, 0.4, BVALS, 1000.0 / 8)
+    _, _, low_g = dki.cramer_rao_bound(1000.0, 2.2e-3, 0.4, BVALS, 1000.0 / 8, rician=False)
+    assert float(low_k) > 1.05 * float(low_g)

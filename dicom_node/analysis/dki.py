@@ -59,6 +59,7 @@ __all__ = [
     "DkiModel",
     "DkiSettings",
     "FitFlag",
+    "cramer_rao_bound",
     "fit",
 ]
 
@@ -181,6 +182,17 @@ class DkiFit:
         """Bit field of :class:`FitFlag` per voxel."""
         return self._flags
 
+    def fraction_at_bound(self, mask: NDArray[np.bool_] | None = None) -> float:
+        """Share of the fitted voxels (inside ``mask`` if given) carrying AT_BOUND.
+
+        Background voxels are not fitted and do not count; 0 when no voxel was fitted.
+        """
+        fitted = ~self.has_flag(FitFlag.BACKGROUND)
+        if mask is not None:
+            fitted = fitted & np.asarray(mask, dtype=bool)
+        n = int(fitted.sum())
+        return float((self.has_flag(FitFlag.AT_BOUND) & fitted).sum()) / n if n else 0.0
+
     def has_flag(self, flag: FitFlag) -> NDArray[np.bool_]:
         """Boolean map of voxels carrying ``flag``."""
         return (self._flags & np.uint8(flag)) != 0
@@ -222,7 +234,8 @@ class DkiModel:
     bounds
         :class:`Bounds` for Dapp (mm²/s) and Kapp.
     sigma
-        Noise σ in signal units; estimated from the background at fit time when ``None``.
+        Noise σ in signal units (kept for older callers: prefer ``fit(data, sigma=...)``);
+        estimated from the background at fit time when neither is given.
     chunk_size, n_threads, max_iter, tol
         Voxels solved per block, worker threads (default 1: on the shared 2-core host a second
         thread measured no gain), LM iteration cap and relative convergence tolerance.
@@ -307,8 +320,14 @@ class DkiModel:
             sigma=self.sigma if sigma is None else sigma,
         )
 
-    def fit(self, data: ArrayLike, *, mask: ArrayLike | None = None) -> DkiFit:
+    def fit(
+        self, data: ArrayLike, *, mask: ArrayLike | None = None, sigma: float | None = None
+    ) -> DkiFit:
         """Fit every masked voxel of ``data`` (b axis last) in vectorised 2-D blocks.
+
+        ``sigma`` is the noise σ of *this* data (signal units); it overrides the model's
+        (deprecated) ``sigma`` and, when both are None, is estimated from the air background.
+        It belongs to the data, not the acquisition, hence a fit argument (DIPY's style).
 
         Iterations run in two passes: every block gets ``first_pass_iter`` Levenberg–Marquardt
         steps; the few voxels not yet converged are then pooled across blocks and finished
@@ -326,7 +345,10 @@ class DkiModel:
             m = np.asarray(mask, dtype=bool)
             if m.shape != vshape:
                 raise ValueError(f"mask shape {m.shape} does not match data shape {vshape}")
-        sigma = self.sigma
+        if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        if sigma is None:
+            sigma = self.sigma
         if sigma is None:
             sigma = estimate_sigma(arr, bvals=self.bvals) if arr.ndim >= 2 else None
         if self.method is DkiMethod.NLS_RICIAN and sigma is None:
@@ -488,5 +510,74 @@ def fit(
     sigma: float | None = None,
 ) -> DkiFit:
     """Fit DKI to ``signal`` (b axis last): a thin wrapper around :class:`DkiModel`."""
-    model = DkiModel(bvals, method=method, dki_bmin=dki_bmin, bounds=bounds, sigma=sigma)
-    return model.fit(signal, mask=mask)
+    model = DkiModel(bvals, method=method, dki_bmin=dki_bmin, bounds=bounds)
+    return model.fit(signal, mask=mask, sigma=sigma)
+
+
+def _rician_information_table() -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """J(a) = σ²·Fisher information of a Rician sample about its amplitude A = a·σ.
+
+    J(a) = E[(m·I₁(m·a)/I₀(m·a) − a)²] with m the unit-σ Rician magnitude; 0 at a = 0 (the
+    magnitude of pure noise says nothing to first order about A), → 1 (Gaussian) at high a.
+    Tabulated once by quadrature on a dense grid of m.
+    """
+    from scipy import special
+
+    a = np.concatenate([np.linspace(0.0, 10.0, 201), np.linspace(10.25, 40.0, 120)])
+    m = np.linspace(0.0, 60.0, 6001)[:, None]
+    dm = float(m[1, 0] - m[0, 0])
+    z = m * a[None, :]
+    ratio = special.i1e(z) / special.i0e(z)
+    # Rice pdf with exponent scaled for stability: m·exp(−(m−a)²/2)·I0e(m·a)
+    pdf = m * np.exp(-0.5 * (m - a[None, :]) ** 2) * special.i0e(z)
+    j = np.sum(pdf * (m * ratio - a[None, :]) ** 2, axis=0) * dm
+    return a, np.minimum(j, 1.0)
+
+
+_RICE_TABLE: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None
+
+
+def cramer_rao_bound(
+    s0: ArrayLike,
+    dapp: ArrayLike,
+    kapp: ArrayLike,
+    bvals: ArrayLike,
+    sigma: float,
+    *,
+    rician: bool = True,
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Cramér–Rao lower bounds (standard deviations) of S0, Dapp (mm²/s) and Kapp per voxel.
+
+    Why: an RMSE only means something against the limit any unbiased estimator can reach with
+    these b-values and this noise. The Fisher matrix is Σ_b I(A_b)·∇S_b ∇S_bᵀ over every
+    acquisition (repeats count), with I = 1/σ² (Gaussian) or the Rician information of the
+    magnitude A_b (``rician=True``), which falls towards 0 as A_b sinks into the noise floor.
+    """
+    global _RICE_TABLE
+    s0a, d, k = (np.asarray(v, dtype=np.float64) for v in (s0, dapp, kapp))
+    b = np.asarray(bvals, dtype=np.float64).ravel()
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    d_, k_, s0_ = d[..., None], k[..., None], s0a[..., None]
+    sig = s0_ * np.exp(-b * d_ + (b * d_) ** 2 * k_ / 6.0)
+    grad = np.stack(
+        [
+            sig / np.where(s0_ > 0, s0_, 1.0),
+            sig * (-b + b * b * d_ * k_ / 3.0),
+            sig * (b * d_) ** 2 / 6.0,
+        ],
+        axis=-1,
+    )  # (..., n_b, 3)
+    if rician:
+        if _RICE_TABLE is None:
+            _RICE_TABLE = _rician_information_table()
+        ta, tj = _RICE_TABLE
+        info = np.interp(sig / sigma, ta, tj, right=1.0) / sigma**2
+    else:
+        info = np.full(sig.shape, 1.0 / sigma**2)
+    fisher = np.einsum("...b,...bi,...bj->...ij", info, grad, grad)
+    with np.errstate(invalid="ignore"):
+        cov = np.linalg.pinv(fisher)
+    var = np.clip(np.diagonal(cov, axis1=-2, axis2=-1), 0.0, None)
+    sd = np.sqrt(var)
+    return sd[..., 0], sd[..., 1], sd[..., 2]

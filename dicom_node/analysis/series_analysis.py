@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from dicom_node.analysis.adc import AdcFit, fit_adc
+from dicom_node.analysis.denoise import mppca_region
 from dicom_node.analysis.dki import (
     Bounds,
     DkiFit,
@@ -26,8 +27,9 @@ from dicom_node.analysis.dki import (
     FitFlag,
 )
 from dicom_node.analysis.features import FEATURE_NAMES, MapFeatures, map_features
-from dicom_node.analysis.noise import background_mask, estimate_sigma
+from dicom_node.analysis.noise import NoiseEstimate, NoiseMethod, background_mask, estimate_noise
 from dicom_node.analysis.previews import analysis_previews
+from dicom_node.analysis.qc import fit_residual, snr_at_highest_b
 from dicom_node.analysis.roi import Roi, auto_roi, roi_from_seg, seg_matches
 from dicom_node.series.volume import DwiVolume
 from models.contract import (
@@ -39,6 +41,7 @@ from models.contract import (
     FitSettings,
     Laterality,
     Map,
+    NoiseProvenance,
     Provenance,
     QcFlags,
     QcReport,
@@ -61,6 +64,9 @@ _DEFAULT_BOUNDS = Bounds(dapp=_FIT.bounds.dapp, kapp=_FIT.bounds.kapp)
 
 class AnalysisError(ValueError):
     """The series cannot be analysed (too few b-values, no usable ROI, …); message says why."""
+
+
+_DENOISERS = frozenset({"none", "mppca"})
 
 
 class FitRegion(StrEnum):
@@ -89,9 +95,14 @@ class AnalysisSettings:
     roi_margin_voxels: int = 3
     sigma: float | None = None
     previews: bool = True
+    #: Denoising of the fit region before the DKI fit: "none" or "mppca" (recorded in
+    #: ``provenance.fit.denoise``; a model must have been trained with the same choice).
+    denoise: str = _FIT.denoise
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", DkiMethod(self.method))
+        if self.denoise not in _DENOISERS:
+            raise ValueError(f"denoise must be one of {sorted(_DENOISERS)}, got {self.denoise!r}")
         object.__setattr__(self, "fit_region", FitRegion(self.fit_region))
         for name in ("bin_width_adc", "bin_width_dapp", "bin_width_kapp"):
             if not getattr(self, name) > 0:
@@ -109,6 +120,7 @@ class AnalysisSettings:
         return FitSettings(
             method=self.method.value,
             dki_bmin=float(self.dki_bmin),
+            denoise=self.denoise,
             bounds=FitBounds(
                 dapp=(float(self.bounds.dapp[0]), float(self.bounds.dapp[1])),
                 kapp=(float(self.bounds.kapp[0]), float(self.bounds.kapp[1])),
@@ -141,6 +153,7 @@ class Analysis:
     sigma: float | None
     pipeline_version: str = PIPELINE_VERSION
     problems: list[str] = field(default_factory=list)
+    noise: NoiseEstimate | None = None
 
 
 def _pick_seg(
@@ -182,15 +195,23 @@ def analyse(
     problems: list[str] = []
     data = dwi.data
     try:
-        model = DkiModel(
-            dwi.bvals, method=s.method, dki_bmin=s.dki_bmin, bounds=s.bounds, sigma=s.sigma
-        )
+        model = DkiModel(dwi.bvals, method=s.method, dki_bmin=s.dki_bmin, bounds=s.bounds)
         adc_fit = fit_adc(data, dwi.bvals, adc_bvals=s.adc_b_values)
     except ValueError as exc:
         raise AnalysisError(str(exc)) from exc
-    sigma = s.sigma if s.sigma is not None else estimate_sigma(data, bvals=dwi.bvals)
-    if sigma is None:
-        problems.append("noise sigma could not be estimated (no air background)")
+    noise = (
+        NoiseEstimate(s.sigma, NoiseMethod.GIVEN)
+        if s.sigma is not None
+        else estimate_noise(data, bvals=dwi.bvals)
+    )
+    sigma = None if noise is None else noise.sigma
+    if noise is None:
+        problems.append("noise sigma could not be estimated (no air background, no repeats)")
+    elif not noise.rician:
+        problems.append(
+            f"background noise is non-central chi with N ≈ {noise.effective_coils:g} coils: the "
+            "noise floor model of nls_rician assumes N = 1"
+        )
     bg = background_mask(data, sigma, bvals=dwi.bvals, snr_threshold=model.background_snr)
 
     seg = _pick_seg(segs, dwi, problems)
@@ -211,11 +232,14 @@ def analyse(
         region = ndimage.binary_dilation(roi.mask, iterations=s.roi_margin_voxels) | roi.mask
         if s.roi_margin_voxels == 0:
             region = roi.mask.copy()
-    if sigma is not None and s.sigma is None:  # estimated once above: do not estimate again
-        model = DkiModel(
-            dwi.bvals, method=s.method, dki_bmin=s.dki_bmin, bounds=s.bounds, sigma=sigma
-        )
-    dki_fit = model.fit(data, mask=region)
+    fit_data: NDArray[np.floating] = data
+    if s.denoise == "mppca":
+        denoised = mppca_region(data, region)
+        if denoised is None:
+            raise AnalysisError("MP-PCA needs at least 5 slices: the series is too thin")
+        fit_data = denoised
+    # σ of the original magnitudes: denoising keeps the noise floor the Rician fit models.
+    dki_fit = model.fit(fit_data, mask=region, sigma=sigma)
     maps = {"adc": adc_fit.adc, "dapp": dki_fit.dapp, "kapp": dki_fit.kapp}
     try:
         mf = map_features(
@@ -245,6 +269,9 @@ def analyse(
         problems.append(f"{flags['dk_bmax']} of {roi.voxels} ROI voxels have Dapp·Kapp·b_max ≥ 3")
     if roi.voxels < 20:
         problems.append(f"ROI has only {roi.voxels} voxels: histogram features are unstable")
+    # QC metrics for the service's gate: SNR of the acquired high-b image, residual of the fit.
+    high_b, snr_high_b = snr_at_highest_b(data, dwi.bvals, roi.mask, sigma)
+    residual = fit_residual(fit_data, dwi.bvals, dki_fit, roi.mask, dki_bmin=s.dki_bmin)
 
     provenance = Provenance(
         b_values=tuple(float(v) for v in dwi.bvals),
@@ -253,7 +280,21 @@ def analyse(
         discretisation=s.discretisation,
         statistics=StatisticConventions(),  # map_features' defaults: IBSI excess, numpy linear
         roi=roi.provenance(),
-        qc=QcReport(flags=QcFlags(**flags), problems=tuple(problems)),
+        qc=QcReport(
+            flags=QcFlags(**flags),
+            problems=tuple(problems),
+            fraction_at_bound=round(dki_fit.fraction_at_bound(roi.mask), 6),
+            high_b=high_b,
+            snr_high_b=None if snr_high_b is None else round(max(snr_high_b, 0.0), 3),
+            fit_residual=None if residual is None else round(residual, 6),
+        ),
+        noise=None
+        if noise is None
+        else NoiseProvenance(
+            sigma=float(noise.sigma),
+            method=noise.method.value,
+            effective_coils=float(noise.effective_coils),
+        ),
     )
     previews: dict[str, bytes] = {}
     if s.previews:
@@ -263,6 +304,8 @@ def analyse(
             roi.mask,
             roi_confirmed=roi.confirmed,
             underlay=data[..., int(np.argmin(dwi.bvals))],
+            high_b=data[..., int(np.argmax(dwi.bvals))],
+            orientation=(dwi.geometry.row_dir, dwi.geometry.col_dir),
             shown={"adc": adc_fit.valid & ~bg, "dapp": dki_fitted, "kapp": dki_fitted},
             histogram_voxels={"adc": adc_fit.valid, "dapp": dki_fitted, "kapp": dki_fitted},
             bin_widths=s.bin_widths,
@@ -281,4 +324,5 @@ def analyse(
         settings=s,
         sigma=sigma,
         problems=problems,
+        noise=noise,
     )

@@ -89,6 +89,8 @@ class Phantom:
     lesion: LesionType
     laterality: Laterality
     tumour_centre_mm: tuple[float, float, float]
+    #: Necrotic core of the tumour (``make_phantom(necrotic_core=True)``), else None.
+    core: NDArray[np.bool_] | None = None
 
     @property
     def tumour_mask(self) -> NDArray[np.bool_]:
@@ -118,12 +120,28 @@ def _patient_grid(geometry: Geometry) -> tuple[NDArray[np.float64], ...]:
     return tuple(a[r, 0] * k + a[r, 1] * i + a[r, 2] * j + a[r, 3] for r in range(3))
 
 
-def make_phantom(geometry: Geometry, *, seed: int, lesion: LesionType | str) -> Phantom:
+#: Necrotic core relative to the tumour's own means: higher Dapp, lower Kapp (free water).
+CORE_DAPP_FACTOR = 1.5
+CORE_KAPP_FACTOR = 0.65
+
+
+def make_phantom(
+    geometry: Geometry, *, seed: int, lesion: LesionType | str, necrotic_core: bool = False
+) -> Phantom:
     """Build the phantom for ``seed``; the anatomy and laterality depend on the seed only.
+
+    ``necrotic_core`` gives the tumour known internal structure (for the feature benchmark: a
+    denoiser must not smooth it away): with depth t = distance to the tumour edge / its maximum,
+    Dapp rises and Kapp falls smoothly from the rim (t ≤ 0.3, unchanged) to the necrotic core
+    (t ≥ 0.7: Dapp × 1.5, Kapp × 0.65). A ramp, not a step, so the histogram stays continuous
+    and its median well defined. ``Phantom.core`` is the inner half (t ≥ 0.5). No random
+    numbers are drawn, so every other map and the noise stay as without it.
 
     The tumour is placed in the fibroglandular tissue of the chosen breast: a mass is a compact
     blob 12–20 mm across with an irregular (noise-perturbed) margin; NME is a segmental cone
-    pointing at the nipple, filled with clumped foci.
+    pointing at the nipple, filled with clumped foci whose contrast fades from their centres to
+    their margins (see ``_blend_nme``: NME is cancer interspersed with normal gland, not a
+    uniformly bright blob).
     """
     lesion = LesionType(lesion)
     shape = geometry.shape
@@ -164,7 +182,7 @@ def make_phantom(geometry: Geometry, *, seed: int, lesion: LesionType | str) -> 
         labels[zone & (score >= threshold)] = TissueLabel.FGT
 
     fgt_side = (labels == TissueLabel.FGT) & (radius[laterality] <= 1.0)
-    tumour, centre = _make_tumour(
+    tumour, centre, involvement = _make_tumour(
         rng_stream(seed, 3, list(LesionType).index(lesion)),
         lesion,
         (x, y, z),
@@ -178,6 +196,18 @@ def make_phantom(geometry: Geometry, *, seed: int, lesion: LesionType | str) -> 
     s0, dapp, kapp, t2w = _tissue_maps(
         rng_stream(seed, 4, list(LesionType).index(lesion)), labels, spacing
     )
+    if involvement is not None:
+        _blend_nme(labels, involvement, s0, dapp, kapp)
+    core = None
+    if necrotic_core:
+        depth = ndimage.distance_transform_edt(labels == TissueLabel.TUMOUR, sampling=spacing)
+        t = depth / max(float(depth.max()), 1e-9)
+        core = t >= 0.5
+        ramp = np.clip((t - 0.3) / 0.4, 0.0, 1.0)
+        inner = ramp > 0
+        dapp[inner] = np.minimum(dapp[inner] * (1.0 + (CORE_DAPP_FACTOR - 1.0) * ramp[inner]), 3e-3)
+        kfac = 1.0 + (CORE_KAPP_FACTOR - 1.0) * ramp[inner]
+        kapp[inner] = np.minimum(kapp[inner] * kfac, DK_MAX / dapp[inner])
     return Phantom(
         geometry=geometry,
         labels=labels,
@@ -188,6 +218,7 @@ def make_phantom(geometry: Geometry, *, seed: int, lesion: LesionType | str) -> 
         lesion=lesion,
         laterality=laterality,
         tumour_centre_mm=centre,
+        core=core,
     )
 
 
@@ -200,8 +231,11 @@ def _make_tumour(
     breast_radius: NDArray[np.float64],
     *,
     nipple: tuple[float, float, float],
-) -> tuple[NDArray[np.bool_], tuple[float, float, float]]:
-    """Tumour mask and centre (mm). The centre is an FGT voxel well inside the breast."""
+) -> tuple[NDArray[np.bool_], tuple[float, float, float], NDArray[np.float64] | None]:
+    """Tumour mask, centre (mm) and, for NME, each voxel's involvement in [0.15, 1].
+
+    The centre is an FGT voxel well inside the breast.
+    """
     x, y, z = xyz
     k_mid = fgt_side.shape[0] // 2
     slab = np.zeros_like(fgt_side)
@@ -235,6 +269,7 @@ def _make_tumour(
         if n > 1:  # keep the blob holding the centre (or else the largest one)
             keep = int(lab.flat[flat]) or 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
             mask = lab == keep
+        involvement = None
     else:
         # Segmental: a cone with its apex at the nipple, axis through the chosen centre.
         axis = c - np.asarray(nipple)
@@ -260,7 +295,37 @@ def _make_tumour(
             mask = segment
         if not mask.any():
             mask.flat[flat] = True
-    return mask.astype(bool), (float(c[0]), float(c[1]), float(c[2]))
+        # How densely cancer fills the voxel: full at a focus' centre, 15 % at its margin.
+        involvement = 0.15 + 0.85 * np.clip((clumps - 0.35) / NME_FULL_ABOVE, 0.0, 1.0)
+    return mask.astype(bool), (float(c[0]), float(c[1]), float(c[2])), involvement
+
+
+#: Clump-field excess over the NME threshold at which a voxel is wholly cancer.
+NME_FULL_ABOVE = 0.6
+
+
+def _blend_nme(
+    labels: NDArray[np.uint8],
+    involvement: NDArray[np.float64],
+    s0: NDArray[np.float64],
+    dapp: NDArray[np.float64],
+    kapp: NDArray[np.float64],
+) -> None:
+    """Mix NME voxels with the surrounding gland by their involvement (in place).
+
+    Why: non-mass enhancement is cancer spread through normal fibroglandular tissue, so on DWI
+    its foci are bright at their centres and fade into the gland; a uniformly bright segment
+    would make the automatic ROI's task unrealistically easy. Parameters are mixed linearly
+    with the patient's FGT means; no random numbers are drawn.
+    """
+    tumour = labels == TissueLabel.TUMOUR
+    fgt = labels == TissueLabel.FGT
+    if not tumour.any() or not fgt.any():
+        return
+    w = involvement[tumour]
+    for arr in (s0, dapp, kapp):
+        arr[tumour] = w * arr[tumour] + (1.0 - w) * float(arr[fgt].mean())
+    kapp[tumour] = np.minimum(kapp[tumour], DK_MAX / np.maximum(dapp[tumour], 1e-12))
 
 
 def _tissue_maps(
