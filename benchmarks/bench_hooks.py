@@ -1,16 +1,22 @@
-"""Benchmark the patient-view hook against a bare Flask app returning a fixed card.
+"""Benchmark the patient-view hook against a bare Flask app and a minimal conformant peer.
 
-Both run under gunicorn with the same worker class, count and threads (default 2 sync workers)
+The bare app returns a fixed card and does nothing else. The conformant peer does the least any
+conformant CDS service must (CDS Hooks 2.0.1 "Trusting CDS Clients"): verify the ES384/RS384 JWT
+(trusted ``iss``, exact ``aud``, ``exp``/``iat``, signature from the issuer's JWKS), record the
+``jti`` in the same kind of database (SQLite by default, PostgreSQL with ``--db-url`` or
+``--postgres``) to refuse replays, parse the JSON body, return a fixed card. The peer and ours
+get the same tokens (each has its own jti table). All three run under gunicorn with the same worker class, count and threads (default 2 sync workers)
 on loopback, loaded by ``wrk`` with the same 20 connections for the same bounded duration, in one
 run. Our service does the full work of a real call: JWT verification (ES384 by default, each
 request a fresh pre-generated token because jti replay is refused), jti + audit write, patient
 matching, stored-prediction lookup, the card with its Observation. Prints p50/p99 latency,
 throughput, errors, the throughput ratio and the load average; with ``--rounds N`` both apps are
-measured N times and the goals (p99 <= 50 ms, throughput >= 0.5x bare, zero errors) are judged
-on the medians, because the machine is shared.
+measured N times and the goals (p99 <= 50 ms, throughput >= 0.9x the conformant peer and
+>= 0.5x bare, zero errors) are judged on the medians, because the machine is shared.
 
     .venv/bin/python benchmarks/bench_hooks.py [--duration 10] [--rounds 3] \
-        [--worker-class gthread --worker-threads 4] [--alg RS384]
+        [--worker-class gthread --worker-threads 4] [--alg RS384] \
+        [--postgres | --db-url postgresql://user@host/empty_db]
     .venv/bin/python benchmarks/bench_hooks.py --profile 1000   # in-process stages + cProfile
 
 Needs ``wrk`` (Debian: apt-get install -y wrk). Loopback only; stops by itself.
@@ -19,6 +25,7 @@ Needs ``wrk`` (Debian: apt-get install -y wrk). Loopback only; stops by itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -111,6 +118,87 @@ def bare_app() -> Any:
         return jsonify(FIXED_CARD)
 
     return app
+
+
+PEER_TABLE = "bench_peer_jti"
+
+
+def peer_app() -> Any:
+    """gunicorn factory of the conformant peer (configured by BENCH_PEER_* variables).
+
+    One JWKS file, one trusted issuer, one audience; per request: signature + claims, a
+    committed jti insert (a duplicate is a replay: 401), the JSON body, a fixed card.
+    """
+    import jwt
+    import sqlalchemy as sa
+    from flask import Flask, abort, jsonify, request
+
+    from her2low.core.database import make_engine
+
+    audience = os.environ["BENCH_PEER_AUD"]
+    keys = {
+        entry["kid"]: jwt.PyJWK(entry)
+        for entry in json.loads(Path(os.environ["BENCH_PEER_JWKS"]).read_text())["keys"]
+    }
+    engine = make_engine(os.environ["BENCH_PEER_DB_URL"])
+    table = sa.Table(
+        PEER_TABLE,
+        sa.MetaData(),
+        sa.Column("iss", sa.String(255), primary_key=True),
+        sa.Column("jti", sa.String(255), primary_key=True),
+        sa.Column("exp", sa.Float, nullable=False),
+    )
+    insert = table.insert()
+    app = Flask("peer")
+
+    @app.post("/cds-services/her2low-mri")
+    def call() -> Any:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            abort(401)
+        token = header[7:]
+        try:
+            key = keys[jwt.get_unverified_header(token)["kid"]]
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=["ES384", "RS384"],
+                audience=audience,
+                issuer=ISSUER,
+                leeway=30,
+                options={"require": ["exp", "iat", "jti", "iss", "aud"]},
+            )
+        except (jwt.PyJWTError, KeyError):
+            abort(401)
+        try:
+            with engine.begin() as conn:
+                conn.execute(insert, {"iss": ISSUER, "jti": claims["jti"], "exp": claims["exp"]})
+        except sa.exc.IntegrityError:
+            abort(401)
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or body.get("hook") != "patient-view":
+            abort(400)
+        return jsonify(FIXED_CARD)
+
+    return app
+
+
+def _peer_tables(url: str) -> None:
+    """Create the peer's jti table once, before gunicorn forks (like a migration)."""
+    import sqlalchemy as sa
+
+    from her2low.core.database import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE IF NOT EXISTS {PEER_TABLE} (iss VARCHAR(255) NOT NULL, "
+                "jti VARCHAR(255) NOT NULL, exp FLOAT NOT NULL, PRIMARY KEY (iss, jti))"
+            )
+        )
+        conn.execute(sa.text(f"DELETE FROM {PEER_TABLE}"))
+    engine.dispose()
 
 
 def _gunicorn(
@@ -252,7 +340,9 @@ def _python_load(
     }
 
 
-def _prepare(home: Path, port: int) -> tuple[dict[str, str], dict[str, Any]]:
+def _prepare(
+    home: Path, port: int, db_url: str | None = None
+) -> tuple[dict[str, str], dict[str, Any]]:
     """Migrate, publish a result and descriptors in-process, return env and the hook body."""
     from test_cds_support import (
         FULL_FEATURES,
@@ -271,7 +361,7 @@ def _prepare(home: Path, port: int) -> tuple[dict[str, str], dict[str, Any]]:
     env = dict(os.environ)
     env.update(
         HER2LOW_HOME=str(home),
-        HER2LOW_CDS_DB_URL=f"sqlite:///{home / 'cds.db'}",
+        HER2LOW_CDS_DB_URL=db_url or f"sqlite:///{home / 'cds.db'}",
         HER2LOW_CDS_PUBLIC_BASE_URL=f"http://127.0.0.1:{port}",
         HER2LOW_CDS_TRUSTED_ISSUERS=json.dumps({ISSUER: str(home / "jwks.json")}),
         HER2LOW_RESULTS_API_TOKEN="bench-results-token",
@@ -447,6 +537,9 @@ def _round(
     aud = f"http://127.0.0.1:{ports['ours']}{SERVICE_PATH}"
     kind = "es" if args.alg == "ES384" else "rs"
     _tokens(dirs["ours"], aud, args.threads, args.tokens_per_thread, kind)
+    for t in range(args.threads):  # the peer checks the same audience; its own jti table
+        name = f"tokens-{t}.txt"
+        (dirs["peer"] / name).write_text((dirs["ours"] / name).read_text())
     extra = [
         make_token(aud, kind=kind, iss=ISSUER, lifetime=280)
         for _ in range(args.sequential * 1200 + 100)
@@ -458,6 +551,7 @@ def _round(
     )
     apps = {
         "bare": ("bench_hooks:bare_app()", ROOT / "benchmarks"),
+        "peer": ("bench_hooks:peer_app()", ROOT / "benchmarks"),
         "ours": ("cds_service.wsgi:app()", ROOT),
     }
     for name in order:
@@ -467,7 +561,9 @@ def _round(
             app, port, args.workers, env, chdir, args.worker_class, args.worker_threads
         )
         url = f"http://127.0.0.1:{port}{SERVICE_PATH}"
-        tokens = extra if name == "ours" else []
+        tokens = extra if name != "bare" else []
+        if name == "peer":
+            _peer_tables(env["BENCH_PEER_DB_URL"])
         try:
             wait_port(port)
             # warm-up: each worker's first request pays lazy imports, connections, card cache
@@ -479,7 +575,7 @@ def _round(
                 results[name] = _wrk(url, dirs[name], args.duration, args.connections, args.threads)
             else:
                 pool: list[str] = []
-                if name == "ours":
+                if name != "bare":
                     for t in range(args.threads):
                         pool += (dirs[name] / f"tokens-{t}.txt").read_text().split()
                 results[name] = _python_load(port, raw_body, pool, args.duration, args.connections)
@@ -521,6 +617,15 @@ def main() -> int:
         "which goes first); goals are judged on the medians",
     )
     parser.add_argument(
+        "--db-url",
+        help="PostgreSQL URL of an empty database for ours and the peer (default: SQLite files)",
+    )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="start a throwaway PostgreSQL (initdb on a free port) and use it for both",
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -534,28 +639,41 @@ def main() -> int:
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
         return 2
     rounds: list[tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], str]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-hooks-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-hooks-"))
+        db_url = args.db_url
+        if args.postgres:
+            from scaled_servers import postgres_server
+
+            db_url = stack.enter_context(postgres_server()).create_database("bench_hooks")
         home = Path(tmp)
-        ports = {"ours": free_port(), "bare": free_port()}
-        env, body = _prepare(home, ports["ours"])
-        dirs = {n: home / n for n in ("ours", "bare")}
+        ports = {"ours": free_port(), "bare": free_port(), "peer": free_port()}
+        env, body = _prepare(home, ports["ours"], db_url)
+        env.update(
+            BENCH_PEER_AUD=f"http://127.0.0.1:{ports['ours']}{SERVICE_PATH}",
+            BENCH_PEER_JWKS=str(home / "jwks.json"),
+            BENCH_PEER_DB_URL=db_url or f"sqlite:///{home / 'peer.db'}",
+        )
+        dirs = {n: home / n for n in ("ours", "bare", "peer")}
         for folder in dirs.values():
             folder.mkdir()
             (folder / "body.json").write_text(json.dumps(body))
         raw_body = json.dumps(body).encode()
         for index in range(args.rounds):
-            order = ("bare", "ours") if index % 2 == 0 else ("ours", "bare")
+            order = ("bare", "peer", "ours") if index % 2 == 0 else ("ours", "peer", "bare")
             before = _load()
             results, sequential = _round(args, home, env, raw_body, dirs, ports, order)
             rounds.append((results, sequential, f"{before} -> {_load()}"))
     print(
         f"\nload: {args.client} ({args.threads} threads), {args.connections} connections, "
         f"{args.duration} s; {args.alg} tokens; "
+        f"{'PostgreSQL' if db_url else 'SQLite'} jti tables; "
         f"gunicorn {args.workers} {args.worker_class} workers x {args.worker_threads} threads "
         "each; loopback"
     )
     header = ("app", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors")
     ratios: list[float] = []
+    peer_ratios: list[float] = []
     for index, (results, sequential, load) in enumerate(rounds, 1):
         print(f"\nround {index} (load average 1/5/15 min: {load})")
         print(
@@ -568,8 +686,18 @@ def main() -> int:
             print(_row(f"{name}/1c", r, "   (1 connection, Python client: service time)"))
         ratios.append(results["ours"]["rps"] / results["bare"]["rps"])
         print(f"throughput ratio ours/bare ({args.connections} connections): {ratios[-1]:.2f}")
+        peer_ratios.append(results["ours"]["rps"] / results["peer"]["rps"])
+        print(
+            f"throughput ratio ours/conformant peer ({args.connections} connections): "
+            f"{peer_ratios[-1]:.2f}"
+        )
+        if sequential.get("peer") and sequential.get("ours"):
+            print(
+                "service time ours/peer (1 connection, p50): "
+                f"{sequential['ours']['p50_ms']:.2f} / {sequential['peer']['p50_ms']:.2f} ms"
+            )
     med: dict[str, dict[str, float]] = {}
-    for name in ("bare", "ours"):
+    for name in ("bare", "peer", "ours"):
         med[name] = {
             k: _median([r[0][name][k] for r in rounds])
             for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "max_ms")
@@ -579,10 +707,15 @@ def main() -> int:
                 k: _median([r[1][name][k] for r in rounds]) for k in ("rps", "p50_ms", "p99_ms")
             }
     ratio = _median(ratios)
+    peer_ratio = _median(peer_ratios)
     print(f"\nmedians over {len(rounds)} round(s):")
     for name, m in med.items():
         print(f"  {name:8} " + " ".join(f"{k} {v:.2f}" for k, v in m.items()))
     print(f"  ratio ours/bare {ratio:.2f} (per round: {', '.join(f'{x:.2f}' for x in ratios)})")
+    print(
+        f"  ratio ours/peer {peer_ratio:.2f} "
+        f"(per round: {', '.join(f'{x:.2f}' for x in peer_ratios)})"
+    )
     errors = sum(
         r["errors"]
         for results, sequential, _ in rounds
@@ -590,10 +723,13 @@ def main() -> int:
     )
     goals = {
         "p99 <= 50 ms": med["ours"]["p99_ms"] <= 50,
+        "throughput >= 0.9x conformant peer": peer_ratio >= 0.9,
         "throughput >= 0.5x bare": ratio >= 0.5,
         "zero errors": errors == 0,
         "tokens not exhausted": all(
-            r[0]["ours"]["requests"] <= args.threads * args.tokens_per_thread for r in rounds
+            r[0][n]["requests"] <= args.threads * args.tokens_per_thread
+            for r in rounds
+            for n in ("ours", "peer")
         ),
     }
     for goal, met in goals.items():
@@ -602,6 +738,7 @@ def main() -> int:
         "rounds": [{"results": r, "sequential": s, "load": load} for r, s, load in rounds],
         "medians": med,
         "ratio": ratio,
+        "ratio_peer": peer_ratio,
         "goals": goals,
     }
     print("JSON " + json.dumps(summary))

@@ -289,6 +289,13 @@ class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with TCP_NODELAY and the TLS handshake off the accept loop."""
 
     handshake_timeout: float = 30.0
+    reuse_port: bool = False
+
+    def server_bind(self) -> None:
+        """SO_REUSEPORT before bind (when asked), so several node processes share one port."""
+        if self.reuse_port:
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         listener = cast(socket.socket, self.socket)
@@ -321,6 +328,13 @@ class NodeServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+class SharedPortNodeServer(NodeServer):
+    """The node's server bound with SO_REUSEPORT (``node_reuse_port``): bind happens inside
+    the constructor, so the option is a class attribute rather than a constructor argument."""
+
+    reuse_port = True
+
+
 def start(settings: Settings, ingestor: Ingestor, **kwargs: Any) -> NodeServer:
     """Start listening without blocking; stop with ``server.shutdown()``.
 
@@ -347,7 +361,7 @@ def start(settings: Settings, ingestor: Ingestor, **kwargs: Any) -> NodeServer:
         ae.make_server(
             (settings.node_host, settings.node_port),
             evt_handlers=handlers,
-            server_class=NodeServer,
+            server_class=SharedPortNodeServer if settings.node_reuse_port else NodeServer,
             **kwargs,
         ),
     )
