@@ -214,16 +214,30 @@ def auto_roi(
     adc_max: float = 1.4e-3,
     z_threshold: float = 2.0,
     edge_erosion: int = 2,
+    method: str = "grow",
+    grow_fraction: float = 0.5,
+    grow_adc_max: float = 1.7e-3,
+    group_mm: float = 12.0,
 ) -> Roi:
     """Automatic lesion candidate, marked unconfirmed.
 
-    Within the breast (not background by the noise threshold, skin edge eroded by
+    ``method="grow"`` (default): the legacy candidate below is only the seed. The lesion's own
+    level is the median high-b signal of the seed; every breast voxel above ``grow_fraction`` of
+    it (a half-maximum rule, never below the legacy noise floor median + 3·robust σ) with
+    0 < ADC < ``grow_adc_max`` is eligible, and the candidate is the eligible components that
+    touch the seed plus, for non-mass enhancement (clumped foci separated by normal tissue),
+    those lying within ``group_mm`` of it (hysteresis growing with segmental grouping).
+    ``method="legacy"`` is the earlier candidate, kept for comparison (benchmarks/bench_roi.py).
+
+    Legacy: within the breast (not background by the noise threshold, skin edge eroded by
     ``edge_erosion`` voxels in-plane), voxels on the b ≈ ``high_b`` image brighter than both
     Otsu's threshold of the breast and median + ``z_threshold``·(robust σ), and with
     0 < ADC < ``adc_max`` mm²/s (restricted diffusion), are kept; after an in-plane opening the
     largest 26-connected component is the candidate. An empty mask is
     returned when nothing qualifies.
     """
+    if method not in ("grow", "legacy"):
+        raise ValueError(f"unknown automatic ROI method {method!r} (grow or legacy)")
     arr = np.asarray(data)
     b = np.asarray(bvals, dtype=np.float64).ravel()
     levels, labels = group_bvals(b)
@@ -231,6 +245,7 @@ def auto_roi(
         sigma = estimate_sigma(arr, bvals=b)
     breast = ~background_mask(arr, sigma, bvals=b)
     breast = ndimage.binary_fill_holes(breast)
+    tissue = breast.copy()  # uneroded: fat-suppressed fat leaves holes erosion would widen
     if edge_erosion > 0:
         st = np.zeros((3, 3, 3), dtype=bool)
         st[1] = ndimage.generate_binary_structure(2, 1)
@@ -256,6 +271,18 @@ def auto_roi(
         st2[1] = ndimage.generate_binary_structure(2, 1)
         opened = ndimage.binary_opening(cand, structure=st2)
         mask = largest_component(opened if opened.any() else cand)
+        if method == "grow" and mask.any():
+            mask = _grow(
+                mask,
+                hb,
+                adc,
+                tissue,
+                geometry,
+                floor=med + 3.0 * mad,
+                fraction=grow_fraction,
+                adc_max=grow_adc_max,
+                group_mm=group_mm,
+            )
     return _make_roi(
         mask,
         geometry,
@@ -265,3 +292,41 @@ def auto_roi(
         segment_number=None,
         seg_series_uid=None,
     )
+
+
+def _grow(
+    seed: NDArray[np.bool_],
+    hb: NDArray[np.float64],
+    adc: NDArray[np.floating[Any]],
+    breast: NDArray[np.bool_],
+    geometry: Geometry,
+    *,
+    floor: float,
+    fraction: float,
+    adc_max: float,
+    group_mm: float,
+) -> NDArray[np.bool_]:
+    """Hysteresis growing from ``seed`` with grouping of nearby foci (see :func:`auto_roi`).
+
+    Why: the strict seed threshold keeps only a lesion's brightest core (under-segmenting a
+    mass) and only one focus of clumped non-mass enhancement; the half-maximum of the lesion's
+    own signal is the boundary that does not depend on how bright the lesion is.
+    """
+    level = float(np.median(hb[seed]))
+    low = max(fraction * level, floor)
+    eligible = breast & (hb > low) & (adc > 0) & (adc < adc_max)
+    eligible |= seed
+    structure = np.ones((3, 3, 3), dtype=bool)
+    lab, n = ndimage.label(eligible, structure=structure)
+    if n == 0:
+        return seed
+    core = np.unique(lab[seed])
+    grown = np.isin(lab, core[core > 0])
+    if group_mm > 0:
+        spacing = (geometry.slice_spacing, geometry.row_spacing, geometry.col_spacing)
+        dist = ndimage.distance_transform_edt(~grown, sampling=spacing)
+        near = np.unique(lab[(dist <= group_mm) & eligible])
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        keep = [int(k) for k in near if k > 0 and sizes[k] >= 3]
+        grown |= np.isin(lab, keep)
+    return np.asarray(grown)
