@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     node_ae_title: str = Field("HER2LOW", description="Called AE title the node answers to.")
     node_host: str = Field("0.0.0.0", description="Address the DICOM node listens on.")
     node_port: int = Field(11112, description="DICOM port.")
+    node_reuse_port: bool = Field(
+        False,
+        description="Set SO_REUSEPORT on the DICOM listener, so several `her2low node` processes "
+        "on one host can share node_port (the kernel spreads associations; give each its own "
+        "node_metrics_port).",
+    )
     node_allowed_calling_aets: list[str] = Field(
         default_factory=list,
         description="Calling AE titles allowed to associate (JSON list of 'AET' for any host or "
@@ -230,6 +236,34 @@ class Settings(BaseSettings):
         True,
         description="At start, re-score in the background the stored cases a different model "
         "version scored (cds_service.recompute).",
+    )
+    # QC gate (cds_service.qc_gate): a result failing one of these is stored but not scored.
+    cds_qc_min_snr_high_b: float = Field(
+        3.0,
+        description="Lowest ROI SNR at the highest b (mean signal / noise sigma): below it the "
+        "signal is near the noise floor and Kapp is biased; 0 disables the check.",
+    )
+    cds_qc_min_roi_voxels: int = Field(
+        20,
+        description="Fewest ROI voxels: fewer make the histogram features (P5, P95, skewness, "
+        "kurtosis, entropy) unstable.",
+    )
+    cds_qc_max_fraction_at_bound: float = Field(
+        0.25,
+        description="Largest share of ROI voxels with Dapp or Kapp on a fit bound: more means "
+        "the histogram is piled at the bound by noise; 1 disables the check.",
+    )
+    cds_qc_min_high_b: float = Field(
+        1000.0,
+        description="Lowest acceptable highest b-value (s/mm2): the kurtosis needs b >= ~1000.",
+    )
+    cds_qc_min_b_values: int = Field(
+        4, description="Fewest distinct b-values (b=0 included) for a trustworthy DKI fit."
+    )
+    cds_qc_max_fit_residual: float = Field(
+        0.15,
+        description="Largest median RMS fit residual over S0 in the ROI: above it the signal "
+        "does not follow the DKI model (motion, misregistration, artefact); 0 disables it.",
     )
 
     # --- review app (tumour board) -------------------------------------------------------------
