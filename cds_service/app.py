@@ -18,6 +18,7 @@ from cds_service.db import MIGRATIONS
 from cds_service.errors import register_error_handlers
 from cds_service.metrics import init_app as init_metrics
 from cds_service.predictions import PredictionService, Predictor, RuntimeProvider
+from cds_service.qc_gate import QcThresholds
 from cds_service.request_json import MAX_BODY_BYTES
 from cds_service.state import EXTENSION_KEY, ServiceState
 from cds_service.store import Store
@@ -84,7 +85,7 @@ def create_app(
         store=store,
         verifier=verifier,
         runtime=provider,
-        predictions=PredictionService(store, provider),
+        predictions=PredictionService(store, provider, QcThresholds.from_settings(settings)),
     )
     if settings.cds_recompute_on_model_change and part is not AppPart.REVIEW:
         from cds_service.recompute import RecomputeJob

@@ -67,6 +67,8 @@ class PredictionBasis(BaseModel):
     descriptors_entered: bool = False
     not_scored: str | None = None
     qc_failures: tuple[QcFailure, ...] = ()
+    #: Where a scored case leaves the model's training domain (``models.domain``).
+    ood_warnings: tuple[str, ...] = ()
 
     @classmethod
     def stored(cls, data: object) -> PredictionBasis:
@@ -75,6 +77,13 @@ class PredictionBasis(BaseModel):
             return cls.model_validate(data or {})
         except ValidationError:
             return cls()
+
+
+def ood_text(warnings: tuple[str, ...] | list[str]) -> str:
+    """One sentence for the card, the Observation note and the review page."""
+    return (
+        "Outside the model's training data — interpret with caution: " + "; ".join(warnings) + "."
+    )
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,7 @@ class CardContext:
     # AI-transparency companions (fhir_transparency): who entered the descriptors, model card
     descriptors_source: DescriptorSource | None = None
     model_card_markdown: str | None = None
+    ood_warnings: tuple[str, ...] = ()
 
 
 def _source(ctx: CardContext, prediction: Prediction | None) -> dict[str, Any]:
@@ -190,6 +200,8 @@ def build_prediction_card(
             f"MRI HER2-low likelihood {percent:.0f}% ({band} {threshold:.0f}% threshold), {side}"
         )
         indicator = Indicator.INFO
+    if ctx.ood_warnings:
+        summary += " — outside training data"
     detail = [
         "**Statistical estimate — confirm HER2 status by IHC/ISH.** Not a pathology result.",
         "",
@@ -197,6 +209,8 @@ def build_prediction_card(
         f"(operating threshold {threshold:.0f}%).",
         "",
     ]
+    if ctx.ood_warnings:
+        detail += [f"**{ood_text(ctx.ood_warnings)}**", ""]
     if discordant:
         detail.append(
             "The chart records a biopsy HER2 score of 0 while the MRI estimate is at or above the "

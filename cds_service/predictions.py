@@ -5,7 +5,9 @@ descriptor entry — and the hook only reads the stored prediction and its prepa
 
 A result whose fit or discretisation settings differ from the model's (``models.contract``) is
 not scored: the case keeps a prediction row with the reason and no likelihood, the hook shows no
-card for it, and ``her2low_results_not_scored_total`` counts it.
+card for it, and ``her2low_results_not_scored_total`` counts it. A result failing the QC gate
+(``cds_service.qc_gate``) takes the same path with reason ``qc``, but keeps its failures in the
+basis: the hook shows a card saying why there is no estimate and what to do.
 """
 
 from __future__ import annotations
@@ -20,20 +22,26 @@ from typing import Protocol
 
 from prometheus_client import Counter
 
-from cds_service.cards import PredictionBasis
+from cds_service.cards import PredictionBasis, ood_text
 from cds_service.fhir import build_observation
 from cds_service.orm import PredictionRow, utcnow
+from cds_service.qc_gate import QcThresholds, evaluate
 from cds_service.store import CaseSnapshot, ObservationStatus, Store, json_safe
 from models import schema as feature_schema
-from models.contract import AnalysisConventions, SettingsMismatchError
+from models.contract import AnalysisConventions, Provenance, SettingsMismatchError
+from models.domain import TrainingDomain, outside
 from models.prediction import Prediction
 
 log = logging.getLogger(__name__)
 
 NOT_SCORED = Counter(
     "her2low_results_not_scored",
-    "Results not scored because their fit or discretisation settings differ from the model's",
+    "Results not scored: settings differ from the model's (mismatch, unstated) or QC failed (qc)",
     ["reason"],
+)
+OUT_OF_DISTRIBUTION = Counter(
+    "her2low_results_out_of_distribution",
+    "Results scored with a warning: outside the model's training domain (models.domain)",
 )
 UNSTATED = "the result does not state its fit and discretisation settings"
 
@@ -126,9 +134,12 @@ def observation_status(case: CaseSnapshot) -> ObservationStatus:
 class PredictionService:
     """Runs the model for a case and stores the prediction with its Observation."""
 
-    def __init__(self, store: Store, runtime: RuntimeProvider) -> None:
+    def __init__(
+        self, store: Store, runtime: RuntimeProvider, qc: QcThresholds | None = None
+    ) -> None:
         self.store = store
         self.runtime = runtime
+        self.qc = qc or QcThresholds()
 
     def _not_scored(
         self, row: PredictionRow, basis: PredictionBasis, why: str, *, kind: str
@@ -141,10 +152,25 @@ class PredictionService:
         )
         NOT_SCORED.labels(reason=kind).inc()
         log.warning(
-            "result not scored: its settings differ from the model's",
+            "result not scored",
             extra={"result_id": row.result_id, "reason": kind},
         )
         return self.store.save_prediction(row)
+
+    def _outside(
+        self,
+        prediction: Prediction,
+        provenance: Provenance,
+        features: Mapping[str, float | None],
+    ) -> list[str]:
+        """Where the case leaves the chosen model's training domain (its card's record)."""
+        try:
+            cards = getattr(self.runtime.get(), "cards", None)
+        except RuntimeUnavailableError:
+            return []
+        card = cards.get(prediction.variant) if isinstance(cards, Mapping) else None
+        domain = TrainingDomain.from_card(card) if isinstance(card, Mapping) else None
+        return [] if domain is None else outside(domain, provenance, features)
 
     def recompute(self, result_id: str) -> PredictionRow | None:
         case = self.store.case(result_id)
@@ -168,6 +194,11 @@ class PredictionService:
         row.basis = basis.model_dump(mode="json", exclude_none=True)
         if provenance is None:
             return self._not_scored(row, basis, UNSTATED, kind="unstated")
+        failures = evaluate(provenance, self.qc)
+        if failures:
+            why = "QC failed: " + "; ".join(f.text for f in failures)
+            basis = basis.model_copy(update={"qc_failures": tuple(failures)})
+            return self._not_scored(row, basis, why, kind="qc")
         try:
             prediction = self.runtime.get().predict(
                 model_inputs(case), conventions=provenance.conventions
@@ -183,6 +214,11 @@ class PredictionService:
             )
             return self.store.save_prediction(row)
         features = {k: v for k, v in case.features.items() if v is not None}
+        warnings = self._outside(prediction, provenance, case.features)
+        if warnings:  # scored, but every view of it says the case is outside the training data
+            basis = basis.model_copy(update={"ood_warnings": tuple(warnings)})
+            row.basis = basis.model_dump(mode="json", exclude_none=True)
+            OUT_OF_DISTRIBUTION.inc()
         row.prediction = json_safe(prediction.to_dict())
         row.probability = prediction.probability
         row.observation = build_observation(
@@ -196,6 +232,10 @@ class PredictionService:
             features=features,
             descriptors=case.descriptors.values if case.descriptors else {},
         )
+        if warnings:
+            notes = list(row.observation.get("note") or [])
+            notes.append({"text": ood_text(warnings)})
+            row.observation = {**row.observation, "note": notes}
         log.info(
             "prediction stored",
             extra={

@@ -54,6 +54,11 @@ def build(out_root: Path, *, version: str = REFERENCE_VERSION, n_bootstrap: int 
             "command": "python -m models.build_reference",
         },
         extra_limitations=(REFERENCE_LIMITATION,),
+        domain_note=(
+            "Simulated cohort: no scanner, so field strength and vendor are not recorded and not "
+            "checked; the b-values are the protocol the simulator assumes, the feature ranges "
+            "those of the simulated lesions."
+        ),
     )
     if target.exists():
         shutil.rmtree(target)

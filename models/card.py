@@ -16,6 +16,31 @@ CARD_MD = "card.md"
 CALIBRATION_PNG = "calibration.png"
 DECISION_CURVE_PNG = "decision_curve.png"
 
+#: What the seed paper reports (Shen et al., Tomography 2025;11(3):31), shown beside every
+#: model's own cross-validated figures so the reference model's simulated numbers are never read
+#: as clinical ones. ``variant`` is the model variant whose inputs match the paper's comparison.
+SEED_PAPER: dict[str, Any] = {
+    "citation": "Shen et al., Tomography 2025;11(3):31",
+    "comparisons": [
+        {
+            "comparison": "qualitative (BI-RADS) features, HER2-low vs HER2-zero",
+            "variant": "descriptors",
+            "task": "low_vs_zero",
+            "subsets": ["all"],
+            "paper_auc": 0.763,
+            "note": "",
+        },
+        {
+            "comparison": "combined variables (qualitative + DKI), the paper's best model",
+            "variant": "combined",
+            "task": "low_vs_zero",
+            "subsets": ["all", "nme"],
+            "paper_auc": 0.802,
+            "note": "the paper's key findings tie it to non-mass enhancement lesions",
+        },
+    ],
+}
+
 _TASK_LABELS = {
     "low_vs_rest": "HER2-low vs zero+over (multinomial model, P(low))",
     "low_vs_zero": "HER2-low vs HER2-zero (binary model)",
@@ -118,6 +143,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"from {fs['discretisation']['bin_min']}.",
         "",
     ]
+    lines += _domain_lines(card)
     sel = card.get("selection") or {}
     if sel:
         lines += [
@@ -140,6 +166,7 @@ def render_markdown(card: dict[str, Any]) -> str:
             f"| {_TASK_LABELS.get(m['task'], m['task'])} | {m['subset']} | {m['n']} | "
             f"{m['n_positive']} | {_fmt(m['auc'])} | {ci} |"
         )
+    lines += _paper_lines(card)
     cal = card["calibration"]
     thr = card["threshold"]
     lines += [
@@ -151,6 +178,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
         f"![calibration]({CALIBRATION_PNG})",
         "",
+        *_recalibration_lines(card),
         "## Decision curve",
         f"![decision curve]({DECISION_CURVE_PNG})",
         "",
@@ -173,6 +201,84 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _recalibration_lines(card: dict[str, Any]) -> list[str]:
+    """A site recalibration (``models.recalibration``): the map, and calibration before/after."""
+    rec = card.get("recalibration")
+    if not rec:
+        return []
+    src = rec["recalibrated_from"]
+    cohort = rec["cohort"]
+    before, after = rec["before"], rec["after"]
+    return [
+        "### Site recalibration",
+        f"Recalibrated ({rec['method']}) from {src['name']} {src['version']} on "
+        f"{cohort['n']} site cases (`{cohort['source']}`, SHA-256 `{cohort['sha256']}`), without "
+        "retraining: the ONNX graph is unchanged; the runtime maps P(HER2-low) afterwards.",
+        "",
+        f"- Brier score on the site cases: before {_fmt(before['brier'])}, after "
+        f"{_fmt(after['brier'])}; calibration slope before {_fmt(before['slope'], 2)}, after "
+        f"{_fmt(after['slope'], 2)}",
+        f"- operating threshold: {rec['threshold_before']:.3f} before, "
+        f"{card['threshold']['value']:.3f} after (mapped with P(HER2-low))",
+        f"- {rec['note']}",
+        "",
+        "![before](calibration_before.png) ![after](calibration_after.png)",
+        "",
+    ]
+
+
+def _paper_lines(card: dict[str, Any]) -> list[str]:
+    """The seed paper's AUCs beside this model's own, labelled by where each comes from."""
+    paper = card.get("seed_paper") or SEED_PAPER
+    own = "simulated cohort (not clinical)" if card["reference"] else "this site's cohort"
+    lines = [
+        "",
+        f"### What the seed paper reports ({paper['citation']})",
+        f"The paper's figures are clinical, from its own patients; this model's are "
+        f"cross-validated on its {own}. They are not comparable evidence of clinical performance.",
+        "",
+        f"| comparison | seed paper AUC | this model ({card['variant']}) AUC, {own} |",
+        "|---|---|---|",
+    ]
+    metrics = {(m["task"], m["subset"]): m["auc"] for m in card["performance"]["metrics"]}
+    for item in paper["comparisons"]:
+        note = f" ({item['note']})" if item["note"] else ""
+        if item["variant"] == card["variant"]:
+            label = _TASK_LABELS.get(item["task"], item["task"])
+            mine = "; ".join(
+                f"{_fmt(metrics.get((item['task'], sub)))} ({sub} lesions)"
+                for sub in item["subsets"]
+            )
+            mine = f"{mine}, {label}"
+        else:
+            mine = f"see the {item['variant']} variant's card"
+        lines.append(f"| {item['comparison']}{note} | {item['paper_auc']:.3f} | {mine} |")
+    return lines
+
+
+def _domain_lines(card: dict[str, Any]) -> list[str]:
+    """The training domain: a case outside it is scored only with a visible warning."""
+    domain = card.get("training_domain")
+    if not domain:
+        return []
+    ranges = domain.get("feature_ranges") or {}
+    lines = [
+        "## Training domain",
+        "A case outside it is scored only with a warning on the card, in the Observation and on "
+        "the review page.",
+        "",
+        f"- b-values: {domain['b_values']} {domain.get('b_value_unit', 's/mm2')}",
+        "- field strength: "
+        + (", ".join(f"{t:g} T" for t in domain["field_strength_t"]) or "not recorded"),
+        "- vendors: " + (", ".join(domain["vendors"]) or "not recorded"),
+        "- feature ranges (min–max of the training cases): "
+        + ("; ".join(f"`{k}` {lo:.4g}–{hi:.4g}" for k, (lo, hi) in ranges.items()) or "none"),
+    ]
+    if domain.get("note"):
+        lines.append(f"- {domain['note']}")
+    return [*lines, ""]
 
 
 def plot_calibration(card: dict[str, Any], path: Path) -> None:

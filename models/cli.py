@@ -206,11 +206,12 @@ def cmd_compare(model_dirs: Sequence[str | Path]) -> int:
     return EXIT_OK
 
 
-MODEL_HELP = "the model's input schema and the model registry (list, add, compare)"
+MODEL_HELP = "the model's input schema and the model registry (list, add, compare, recalibrate)"
 MODEL_DESCRIPTION = (
     "Inspect the feature schema the models take, and manage a registry of trained models: "
     "list what it holds, add a trained model folder (its hashes checked first; versions are "
-    "immutable), or compare model cards side by side."
+    "immutable), compare model cards side by side, or recalibrate a model on a site's "
+    "labelled cases without retraining."
 )
 TRAIN_HELP = "train and export a model from a labelled cohort CSV"
 TRAIN_DESCRIPTION = (
@@ -237,6 +238,26 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) or ""
 
 
+def cmd_recalibrate(model_dir: str | Path, cohort: str | Path, method: str, out: str | Path) -> int:
+    """Recalibrate a model folder on a site's labelled cases; write the copy to ``out``."""
+    from models.data import CohortError
+    from models.recalibration import recalibrate, summary
+    from models.registry import RegistryError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            card = recalibrate(Path(model_dir), Path(cohort), method, Path(out))
+    except (CohortError, FeatureValidationError, ValueError) as exc:
+        _error(str(exc))
+        return EXIT_INPUT
+    except (RegistryError, OSError) as exc:
+        _error(str(exc))
+        return EXIT_MODEL
+    print(summary(card))
+    return EXIT_OK
+
+
 def _sub(parent: Any, name: str, help_: str, description: str) -> argparse.ArgumentParser:
     """A sub-parser that shows defaults like the ``her2low`` command does."""
     parser: argparse.ArgumentParser = parent.add_parser(
@@ -246,7 +267,7 @@ def _sub(parent: Any, name: str, help_: str, description: str) -> argparse.Argum
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``model {schema,list,add,compare}``."""
+    """``model {schema,list,add,compare,recalibrate}``."""
     sub = parser.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
     fmt = parser.formatter_class
 
@@ -305,6 +326,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "model_dirs", nargs="+", type=Path, metavar="MODEL", help="model folder or registry"
     )
     q.set_defaults(func=lambda a: cmd_compare(a.model_dirs))
+
+    q = child(
+        "recalibrate",
+        "recalibrate a model on a site's labelled cases (Platt or isotonic)",
+        "Fit a monotone map of P(HER2-low) on a labelled cohort CSV without retraining; write "
+        "a copy of the model folder with the map, the mapped threshold and before/after "
+        "calibration plots in its card.",
+    )
+    q.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="one model variant folder")
+    q.add_argument("cohort", type=Path, metavar="COHORT", help="labelled cohort CSV")
+    q.add_argument("--method", choices=("platt", "isotonic"), default="platt", help="map")
+    q.add_argument("--out", type=Path, required=True, help="output model folder")
+    q.set_defaults(func=lambda a: cmd_recalibrate(a.model_dir, a.cohort, a.method, a.out))
 
 
 def _run_list(args: argparse.Namespace) -> int:
@@ -403,7 +437,7 @@ COMMANDS: dict[
 
 
 def add_subcommands(subparsers: Any) -> None:
-    """Register ``model {schema,list,add,compare}``, ``train`` and ``predict``.
+    """Register ``model {schema,list,add,compare,recalibrate}``, ``train`` and ``predict``.
 
     Each parser sets ``func(args) -> int``; the caller runs ``sys.exit(args.func(args))``.
     """

@@ -39,6 +39,7 @@ from models.card import fit_settings
 from models.contract import AnalysisConventions, SettingsMismatchError
 from models.export import OUTPUT_LABEL, OUTPUT_PROBABILITIES
 from models.prediction import Contribution, ModelVariant, Prediction
+from models.recalibration import CalibrationMap, adjust
 from models.registry import ModelEntry, RegistryError, resolve_entries
 from models.schema import (
     FEATURES,
@@ -114,6 +115,9 @@ class LoadedModel:
             n: frozenset(t.value for t in FEATURES[n].applies_to) for n in self._considered
         }
         self._run_check_cases(card["onnx"].get("check_cases", []))
+        # A site recalibration (models.recalibration) remaps P(low) after the graph; the check
+        # cases above test the graph itself.
+        self.recalibration = CalibrationMap.from_card(card)
 
     # -- load-time checks ---------------------------------------------------------------------
     def _check_graph(self) -> None:
@@ -240,6 +244,8 @@ class LoadedModel:
             if not _present(row[n]) and (not lesion or lesion in self._applies[n])
         )
         card = self.entry.card
+        if self.recalibration is not None:
+            proba = adjust(proba, self.low_index, self.recalibration)
         return Prediction(
             probability=float(proba[self.low_index]),
             classes=self.display_classes,

@@ -20,8 +20,10 @@ import onnxruntime
 import skl2onnx
 import sklearn
 
+from models.card import SEED_PAPER
 from models.contract import TrainingSettings
 from models.data import Cohort
+from models.domain import TrainingDomain
 from models.estimator import Her2LowClassifier
 from models.evaluation import (
     TASKS,
@@ -113,6 +115,11 @@ class ModelInfo:
     #: The fit and discretisation settings the cohort's quantitative features were computed
     #: with; the runtime refuses results computed otherwise (``models.contract``).
     fit_settings: TrainingSettings = FIT_SETTINGS
+    #: Acquisition the training cases came from (empty = not recorded, not checked) and a note
+    #: on the domain (``models.domain``; a case outside it is scored with a warning).
+    field_strengths_t: tuple[float, ...] = ()
+    vendors: tuple[str, ...] = ()
+    domain_note: str = ""
 
 
 @dataclass
@@ -243,6 +250,19 @@ def _check_cases(model: Her2LowClassifier) -> list[dict[str, Any]]:
     return cases
 
 
+def training_domain(model: Her2LowClassifier, cohort: Cohort, info: ModelInfo) -> TrainingDomain:
+    """The protocol, scanners and numeric input ranges of the cases the model was trained on."""
+    numeric = [f for f in model.selected_features_ if FEATURES[f].kind is FeatureKind.NUMERIC]
+    columns = cohort.matrix(numeric)
+    return TrainingDomain.from_training(
+        {name: [float(v) for v in columns[:, j]] for j, name in enumerate(numeric)},
+        b_values=info.fit_settings.b_values,
+        field_strengths_t=info.field_strengths_t,
+        vendors=info.vendors,
+        note=info.domain_note,
+    )
+
+
 def build_card(trained: TrainedModel, cohort: Cohort, info: ModelInfo, onnx_sha256: str) -> dict:
     """The machine-readable card; every number in it is computed here, nothing typed in."""
     model = trained.multinomial
@@ -310,6 +330,8 @@ def build_card(trained: TrainedModel, cohort: Cohort, info: ModelInfo, onnx_sha2
         "required_inputs": required,
         "schema_version": SCHEMA_VERSION,
         "fit_settings": info.fit_settings.to_card(),
+        "training_domain": training_domain(model, cohort, info).to_card(),
+        "seed_paper": SEED_PAPER,
         "training": trained.config.to_dict(),
         "selection": model.selection_,
         "coefficients": coefficients(model),

@@ -23,6 +23,7 @@ from cds_service.cards import (
     biopsy_line,
     build_prediction_card,
     descriptors_needed_card,
+    qc_failed_card,
 )
 from cds_service.case_state import is_discordant
 from cds_service.errors import ApiError
@@ -195,11 +196,15 @@ def _prepare(st: ServiceState, row: HookRow) -> PreparedCard:
         return PreparedCard(row.card_uuid, None, None, needs_biopsy=False)
     prediction = Prediction.from_dict(parts.prediction) if parts.prediction else None
     basis = PredictionBasis.stored(parts.basis)
+    case_url = f"{st.base_url}/review/cases/{row.result_id}"
+    if basis.qc_failures:  # failed the QC gate: no estimate, a card saying why and what to do
+        ctx = _failed_context(st, row, basis, case_url)
+        card = qc_failed_card(ctx, basis.qc_failures)
+        return PreparedCard(row.card_uuid, CardTemplate(card), None, needs_biopsy=False)
     if basis.not_scored:  # settings differ from the model's: no estimate, no card
         return PreparedCard(
             row.card_uuid, None, None, needs_biopsy=False, warning="result not scored"
         )
-    case_url = f"{st.base_url}/review/cases/{row.result_id}"
     ctx = CardContext(
         result_id=row.result_id,
         card_uuid=row.card_uuid,
@@ -217,6 +222,7 @@ def _prepare(st: ServiceState, row: HookRow) -> PreparedCard:
         biopsy=BiopsyReading(BiopsyHer2.UNKNOWN),
         descriptors_source=_descriptor_source(st, row) if basis.descriptors_entered else None,
         model_card_markdown=_model_card(st, prediction) if prediction is not None else None,
+        ood_warnings=basis.ood_warnings,
     )
     if prediction is not None:
 
@@ -242,6 +248,29 @@ def _prepare(st: ServiceState, row: HookRow) -> PreparedCard:
         None,
         needs_biopsy=False,
         warning="no prediction for case with descriptors",
+    )
+
+
+def _failed_context(
+    st: ServiceState, row: HookRow, basis: PredictionBasis, case_url: str
+) -> CardContext:
+    """The card context of a result with no estimate (no Observation, no descriptors link)."""
+    assert row.card_uuid is not None and row.computed_at is not None
+    return CardContext(
+        result_id=row.result_id,
+        card_uuid=row.card_uuid,
+        acquired_at=row.acquired_at,
+        computed_at=row.computed_at,
+        laterality=row.laterality,
+        roi=basis.roi,
+        qc=basis.qc,
+        observation=None,
+        observation_status=row.observation_status or "preliminary",
+        case_url=case_url,
+        descriptors_url=f"{case_url}#descriptors",
+        model_card_url=f"{st.base_url}/review/model-card",
+        descriptors_entered=basis.descriptors_entered,
+        biopsy=BiopsyReading(BiopsyHer2.UNKNOWN),
     )
 
 

@@ -25,6 +25,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from cds_service import display
 from cds_service.accounts import Permission
+from cds_service.cards import PredictionBasis
 from cds_service.case_state import CaseState
 from cds_service.predictions import RuntimeUnavailableError
 from cds_service.review import (
@@ -304,9 +305,16 @@ def _render_case(
         reference=prediction.reference if prediction else True,
         side=display.side(case.result.laterality, "not recorded"),
         roi=provenance.roi if provenance else None,
+        node_ae=f"{state().settings.node_ae_title} (DICOM port {state().settings.node_port})",
         qc_flags=qc.flags.raised() if qc else {},
         qc_words=QC_WORDS,
         qc_problems=list(qc.problems) if qc else [],
+        qc_failures=PredictionBasis.stored(case.prediction.basis).qc_failures
+        if case.prediction
+        else (),
+        ood_warnings=PredictionBasis.stored(case.prediction.basis).ood_warnings
+        if case.prediction
+        else (),
         evidence=_evidence(case, request.args.get("slice")),
         prediction=prediction,
         variant_text=display.VARIANT_TEXT[prediction.variant] if prediction else "",
