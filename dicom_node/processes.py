@@ -37,6 +37,8 @@ def _sessions(settings: Settings) -> Any:
 
 
 def pipeline_settings(settings: Settings) -> PipelineSettings:
+    from dicom_node.analysis.dki import DkiMethod
+    from dicom_node.analysis.series_analysis import AnalysisSettings
     from dicom_node.jobs.export import ExportConfig
     from dicom_node.jobs.pipeline import PipelineSettings
 
@@ -44,6 +46,9 @@ def pipeline_settings(settings: Settings) -> PipelineSettings:
         results_url=settings.node_results_url,
         results_token=settings.results_token(),
         quiet_seconds=settings.node_quiet_seconds,
+        analysis=AnalysisSettings(
+            method=DkiMethod(settings.worker_fit_method), denoise=settings.worker_denoise
+        ),
         export=ExportConfig.from_settings(settings) if settings.node_export_destinations else None,
     )
 

@@ -174,6 +174,19 @@ class Settings(BaseSettings):
         "", description="'' for Huey on SQLite in home, or redis://host:port/db for Huey on Redis."
     )
     worker_count: int = Field(1, description="Worker threads of `her2low worker`.")
+    worker_fit_method: str = Field(
+        "nls",
+        pattern="^(wls|nls|nls_rician)$",
+        description="DKI fit of the analysis ('wls', 'nls', 'nls_rician'); recorded in each "
+        "result, and the model scores only results computed as its training features were.",
+    )
+    worker_denoise: str = Field(
+        "none",
+        pattern="^(none|mppca)$",
+        description="Denoising of the DWI before the fit ('none' or 'mppca', Marchenko-Pastur "
+        "PCA); recorded like the fit method. nls_rician + mppca is the noise-robust choice "
+        "(docs/benchmarks.md) for a site that trains its own model with it.",
+    )
     worker_lease_seconds: float = Field(
         20.0,
         gt=0,
