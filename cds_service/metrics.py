@@ -35,6 +35,7 @@ from sqlalchemy import text
 from cds_service.auth import bearer_token
 from cds_service.errors import ApiError, IssueType
 from cds_service.state import state
+from her2low.core.readiness import readiness
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -168,20 +169,10 @@ def init_app(app: Flask) -> None:
 
     @app.get("/readyz")
     def readyz() -> tuple[Response, int]:
-        checks: dict[str, str] = {}
-        for name, check in READY_CHECKS.items():
-            try:
-                check()
-                checks[name] = "ok"
-            except Exception as exc:
-                checks[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
-        failing = [name for name, value in checks.items() if value != "ok"]
-        body: dict[str, Any] = {"status": "not ready" if failing else "ready", "checks": checks}
-        if failing:
-            body["failing"] = failing
+        ready, body = readiness(READY_CHECKS)
         response = jsonify(body)
         response.headers["Cache-Control"] = "no-store"
-        return response, 503 if failing else 200
+        return response, 200 if ready else 503
 
     @app.get("/metrics")
     def metrics() -> Response:

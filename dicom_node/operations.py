@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState
 from dicom_node.metrics import NodeStateCollector
+from her2low.core.readiness import Check, readiness
 from her2low.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,6 @@ log = logging.getLogger(__name__)
 RETENTION_EVERY_SECONDS = 3600.0
 #: Finished series: their files are no longer needed for analysis.
 FINISHED = (SeriesState.DONE, SeriesState.SKIPPED)
-
-Check = Callable[[], None]
 
 
 # --- readiness checks ---------------------------------------------------------------------------
@@ -93,18 +92,6 @@ def storage_check(folder: Path) -> Check:
     return check
 
 
-def run_checks(checks: dict[str, Check]) -> tuple[bool, dict[str, str]]:
-    """Run each check; ``{"database": "ok", "queue": "failed: ConnectionError: …"}``."""
-    results: dict[str, str] = {}
-    for name, check in checks.items():
-        try:
-            check()
-            results[name] = "ok"
-        except Exception as exc:
-            results[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
-    return all(v == "ok" for v in results.values()), results
-
-
 # --- the side port ------------------------------------------------------------------------------
 
 
@@ -128,11 +115,7 @@ def side_app(checks: dict[str, Check], registries: Iterable[Any]) -> Callable[..
         if path == "/healthz":
             return _send(start_response, "200 OK", {"status": "ok"})
         if path == "/readyz":
-            ready, results = run_checks(checks)
-            failing = [name for name, value in results.items() if value != "ok"]
-            body: dict[str, Any] = {"status": "ready" if ready else "not ready", "checks": results}
-            if failing:
-                body["failing"] = failing
+            ready, body = readiness(checks)
             return _send(start_response, "200 OK" if ready else "503 Service Unavailable", body)
         if path == "/metrics":
             payload = b"".join(generate_latest(r) for r in registries)

@@ -1,0 +1,29 @@
+"""Readiness checks and the ``/readyz`` body, one copy for the service and the node's side port."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+#: A readiness check: returns when the dependency is usable, raises when it is not.
+Check = Callable[[], None]
+
+
+def readiness(checks: Mapping[str, Check]) -> tuple[bool, dict[str, Any]]:
+    """Run each check; (ready, ``{"status", "checks": {name: "ok" | "failed: …"}, "failing"}``).
+
+    A failure names the exception type and its message (cut to 300 characters): readiness
+    dependencies are databases, queues, folders and models, never patient data.
+    """
+    results: dict[str, str] = {}
+    for name, check in checks.items():
+        try:
+            check()
+            results[name] = "ok"
+        except Exception as exc:
+            results[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
+    failing = [name for name, value in results.items() if value != "ok"]
+    body: dict[str, Any] = {"status": "not ready" if failing else "ready", "checks": results}
+    if failing:
+        body["failing"] = failing
+    return not failing, body
