@@ -481,8 +481,11 @@ def test_scaled_mode_end_to_end(scaled: Scaled, tmp_path: Path) -> None:
         "WHERE series_instance_uid = ANY(:uids)",
         uids=dwi,
     )
-    assert sorted(r[0] for r in jobs) == sorted(dwi), "a diffusion series got a second job"
-    assert all(r[1] == "DONE" and r[2] for r in jobs), jobs
+    # A job still queued when its series is re-opened (an instance the restart delayed) is
+    # superseded before any worker runs it: only the jobs that ran count as analyses.
+    ran = [r for r in jobs if r[1] != "SUPERSEDED"]
+    assert sorted(r[0] for r in ran) == sorted(dwi), f"a diffusion series analysed twice: {jobs}"
+    assert all(r[1] == "DONE" and r[2] for r in ran), jobs
     results = _sql(
         system.cds_url,
         "SELECT r.series_instance_uid, count(v.id) FROM results r "
