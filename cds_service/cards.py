@@ -269,6 +269,14 @@ def build_prediction_card(
     return card
 
 
+#: Said on the cards that carry no estimate too: every output names what the model is.
+NO_ESTIMATE_NOTE = (
+    "Any estimate is a statistical estimate from a model (the shipped reference model is not "
+    "clinically validated; a site must train and validate its own) — confirm HER2 status by "
+    "IHC/ISH."
+)
+
+
 def descriptors_needed_card(ctx: CardContext) -> dict[str, Any]:
     """No estimate can be shown yet: say so and link to the descriptor entry form."""
     detail = [
@@ -278,7 +286,7 @@ def descriptors_needed_card(ctx: CardContext) -> dict[str, Any]:
         f"- **Data date:** MRI acquired {ctx.acquired_at:%Y-%m-%d} ({side_text(ctx.laterality)})",
         f"- [Enter descriptors]({ctx.descriptors_url})",
         "",
-        "Any estimate will be a statistical estimate — confirm HER2 status by IHC/ISH.",
+        NO_ESTIMATE_NOTE,
     ]
     card: dict[str, Any] = {
         "uuid": ctx.card_uuid,
@@ -306,6 +314,8 @@ def qc_failed_card(ctx: CardContext, failures: tuple[QcFailure, ...]) -> dict[st
         "",
         f"- **Data date:** MRI acquired {ctx.acquired_at:%Y-%m-%d} ({side_text(ctx.laterality)})",
         f"- [Case in review app]({ctx.case_url})",
+        "",
+        NO_ESTIMATE_NOTE,
     ]
     first = failures[0].reason if failures else "image quality"
     card: dict[str, Any] = {
