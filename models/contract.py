@@ -697,3 +697,73 @@ def read_features(data: object) -> dict[str, float | None]:
     except ValidationError:
         return {}
     return {k: v if v is not None and math.isfinite(v) else None for k, v in checked.items()}
+
+
+# --- Results back to the PACS: what the node and the service tell each other about them ---
+
+
+class ExportState(StrEnum):
+    """One batch of result objects for one destination: pending → sending → done, or dead."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    DONE = "done"
+    DEAD = "dead"
+
+
+ShortText = Annotated[str, Strict(), StringConstraints(max_length=500)]
+
+
+class ExportStatus(_Contract):
+    """Where one destination's copy of an analysis's DICOM objects stands."""
+
+    destination: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=64)]
+    state: ExportState
+    attempts: Annotated[int, Strict(), Field(ge=0)]
+    #: How many DICOM objects the batch holds (SR, SEG, maps, ...).
+    objects: Annotated[int, Strict(), Field(ge=0)]
+    #: The last failure in words (status, refusal, timeout), without patient data; "" when none.
+    last_error: ShortText = ""
+    updated_at: UtcDateTime
+    sent_at: UtcDateTime | None = None
+
+
+class ExportReport(_Contract):
+    """``PUT /api/v1/exports``: the node's export states for one analysed series."""
+
+    api_version: Annotated[Literal[1], BeforeValidator(_not_bool)]
+    series_instance_uid: Uid
+    pipeline_version: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=64)]
+    exports: tuple[ExportStatus, ...] = Field(max_length=32)
+
+
+class Assessment(_Contract):
+    """``GET /api/v1/assessments``: what the service concluded for one analysed series.
+
+    The node writes it into a revised Measurement Report for the PACS: the radiologist's
+    descriptors as entered, and the likelihood with the model that produced it.
+    """
+
+    result_id: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=64)]
+    series_instance_uid: Uid
+    pipeline_version: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=64)]
+    revision: Annotated[int, Strict(), Field(ge=1)]
+    #: Descriptor name → coded value, as validated by ``models.feature_schema``; empty if none.
+    descriptors: dict[str, Annotated[str, Strict(), StringConstraints(max_length=64)]]
+    descriptors_version: Annotated[int, Strict(), Field(ge=1)] | None = None
+    #: None when not scored (QC, settings mismatch, descriptors missing): ``not_scored`` says why.
+    probability: Annotated[float, Strict(), Field(ge=0.0, le=1.0)] | None = None
+    model_name: Annotated[str, Strict(), StringConstraints(max_length=128)] | None = None
+    model_version: Annotated[str, Strict(), StringConstraints(max_length=64)] | None = None
+    clinically_validated: bool = False
+    #: The model's own statement, e.g. "Reference model, not clinically validated".
+    statement: ShortText = ""
+    not_scored: tuple[ShortText, ...] = ()
+    computed_at: UtcDateTime
+
+
+class AssessmentPage(_Contract):
+    """Assessments computed after ``since`` (exclusive), oldest first; poll again from ``until``."""
+
+    assessments: tuple[Assessment, ...]
+    until: UtcDateTime
