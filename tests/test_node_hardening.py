@@ -15,10 +15,8 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -38,7 +36,6 @@ from pynetdicom.association import Association
 from sqlalchemy import select
 
 from dicom_node.db import Instance, Series
-from dicom_node.receiving import scp
 from dicom_node.receiving.checks import TooLarge, inflated_size_within
 from dicom_node.receiving.ingest import Ingestor
 from dicom_node.receiving.status import StoreStatus
@@ -49,6 +46,7 @@ from her2low.core.private_files import check_private
 from her2low.core.settings import load_settings
 from tests.conftest import RunningNode, free_port, start_node
 from tests.node_data import encode, mr_dataset
+from tests.node_scp import running_scp
 
 VERIFICATION = "1.2.840.10008.1.1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -316,20 +314,6 @@ def test_content_digest_sees_values_not_encoding() -> None:
 
 
 # ------------------------------------------------------------------ 4. association slots
-
-
-@contextmanager
-def running_scp(home: Path, **overrides: Any) -> Iterator[int]:
-    port = free_port()
-    settings = load_settings(node_host="127.0.0.1", node_port=port, **overrides)
-    ingestor = Ingestor(
-        FileStore(settings.storage_dir), session_factory(make_engine(settings.node_database_url))
-    )
-    server = scp.start(settings, ingestor)
-    try:
-        yield port
-    finally:
-        server.shutdown()
 
 
 def _attempt(port: int, calling: str) -> Association:

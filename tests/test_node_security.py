@@ -10,10 +10,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pynetdicom import AE
@@ -27,11 +24,9 @@ from dicom_node.receiving.access import (
     RejectResult,
     RejectSource,
 )
-from dicom_node.receiving.ingest import Ingestor
-from dicom_node.receiving.storage import FileStore
-from her2low.core.database import make_engine, session_factory
 from her2low.core.settings import ConfigurationError, load_settings
-from tests.conftest import free_port, require_tool
+from tests.conftest import require_tool
+from tests.node_scp import running_scp
 
 _ENV = {**os.environ, "TCP_NODELAY": "1"}
 VERIFICATION = "1.2.840.10008.1.1"
@@ -98,21 +93,6 @@ def test_bad_allow_list_stops_the_scp_from_starting(home: Path) -> None:
 
 
 # --------------------------------------------------------------------------- over the network
-
-
-@contextmanager
-def running_scp(home: Path, **overrides: Any) -> Iterator[int]:
-    """The SCP alone (no housekeeping) on a free loopback port; yields the port."""
-    port = free_port()
-    settings = load_settings(node_host="127.0.0.1", node_port=port, **overrides)
-    ingestor = Ingestor(
-        FileStore(settings.storage_dir), session_factory(make_engine(settings.node_database_url))
-    )
-    server = scp.start(settings, ingestor)
-    try:
-        yield port
-    finally:
-        server.shutdown()
 
 
 def _echoscu(
