@@ -12,6 +12,10 @@ Scaled mode: ``--associations 4`` splits the series over 4 storescu processes se
     .venv/bin/python benchmarks/bench_ingest.py [--images 500] [--repeats 3]
     .venv/bin/python benchmarks/bench_ingest.py --images 200 --repeats 1 \
         --associations 4 --node-processes 2
+    .venv/bin/python benchmarks/bench_ingest.py --images 200 --associations 40 --one-after-another
+
+``--one-after-another`` sends the parts one association after the other (a PACS routing series
+by series), so each receiver's association set-up cost is part of the rate.
 """
 
 from __future__ import annotations
@@ -75,8 +79,14 @@ def split(folder: Path, parts: int) -> list[Path]:
     return out
 
 
-def send(folders: list[Path], port: int, called: str) -> float:
-    """storescu, one process (one association) per folder, all at once; wall time of all."""
+def send(folders: list[Path], port: int, called: str, one_after_another: bool = False) -> float:
+    """storescu, one process (one association) per folder, all at once; wall time of all.
+
+    ``one_after_another``: each association starts when the previous one ended, as a PACS
+    routing series by series does; then the association set-up cost shows.
+    """
+    if one_after_another:
+        return sum(send([folder], port, called) for folder in folders)
     env = {**os.environ, "TCP_NODELAY": "1"}
     start = time.perf_counter()
     procs = [
@@ -124,7 +134,14 @@ def _listening(pid: int, port: int) -> bool:
     return False
 
 
-def run_target(name: str, folders: list[Path], n: int, repeats: int, processes: int = 1) -> float:
+def run_target(
+    name: str,
+    folders: list[Path],
+    n: int,
+    repeats: int,
+    processes: int = 1,
+    one_after_another: bool = False,
+) -> float:
     times = []
     for _ in range(repeats):
         work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
@@ -176,7 +193,7 @@ def run_target(name: str, folders: list[Path], n: int, repeats: int, processes: 
                 if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                     raise RuntimeError(f"{name}: not every node process listens on {port}")
                 time.sleep(0.1)
-            times.append(send(folders, port, called))
+            times.append(send(folders, port, called, one_after_another))
         finally:
             for proc in procs:
                 proc.terminate()
@@ -206,6 +223,11 @@ def main() -> None:
         default=1,
         help="also measure this many node processes sharing the port (SO_REUSEPORT)",
     )
+    parser.add_argument(
+        "--one-after-another",
+        action="store_true",
+        help="send the --associations parts one after another instead of at once",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-series-") as tmp:
         folder = Path(tmp) / "series"
@@ -213,7 +235,9 @@ def main() -> None:
         write_series(folder, args.images)
         folders = split(folder, args.associations)
         rates = {
-            name: run_target(name, folders, args.images, args.repeats)
+            name: run_target(
+                name, folders, args.images, args.repeats, one_after_another=args.one_after_another
+            )
             for name in ("storescp", "bare", "bare+fsync", "node")
         }
         if args.node_processes > 1:
@@ -223,7 +247,8 @@ def main() -> None:
             )
     print(
         f"images: {args.images} x 256x256x16 bit, median of {args.repeats} runs, "
-        f"{args.associations} concurrent storescu association(s) with TCP_NODELAY=1; "
+        f"{args.associations} {'successive' if args.one_after_another else 'concurrent'} "
+        "storescu association(s) with TCP_NODELAY=1; "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     for name, rate in rates.items():
