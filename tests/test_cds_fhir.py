@@ -8,11 +8,7 @@ missing the test runs the script; if it cannot be obtained the test fails (it do
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -28,36 +24,17 @@ from test_cds_support import (
     walk_empty,
 )
 
+from tests.fhir_schema import validator
+
 
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
     yield from running_service(tmp_path)
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@cache
 def fhir_validator() -> jsonschema.Draft6Validator:
-    folder = Path(os.environ.get("HER2LOW_FHIR_SCHEMA_DIR", ROOT / ".cache" / "fhir-schema"))
-    path = folder / "fhir.schema.json"
-    if not path.is_file():
-        run = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "fetch-fhir-schema.sh"), str(folder)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert run.returncode == 0 and path.is_file(), (
-            f"cannot obtain the FHIR schema: {run.stderr}"
-        )
-    schema = json.loads(path.read_text())
-    assert schema["id"] == "http://hl7.org/fhir/json-schema/4.0"
-    observation_only = dict(schema)
-    observation_only["oneOf"] = [{"$ref": "#/definitions/Observation"}]
-    observation_only.pop("discriminator", None)
-    return jsonschema.Draft6Validator(observation_only)
+    """The R4 schema restricted to Observation."""
+    return validator("Observation")
 
 
 def _observation(

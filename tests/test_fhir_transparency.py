@@ -13,15 +13,11 @@ import base64
 import copy
 import hashlib
 import json
-import os
-import subprocess
 import time
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 from test_cds_support import (
     MASS_DESCRIPTORS,
@@ -45,6 +41,7 @@ from cds_service.fhir_transparency import (
 from cds_service.orm import AuditEvent
 from cds_service.prefetch import imaging_study_ids
 from models.prediction import ModelVariant, Prediction
+from tests.fhir_schema import validator
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"  # result_payload()'s study
@@ -60,33 +57,6 @@ def service(tmp_path: Path) -> Iterator[Service]:
 @pytest.fixture
 def fhir_server() -> Iterator[Any]:
     yield from running_fhir_server()
-
-
-@cache
-def _schema() -> dict[str, Any]:
-    folder = Path(os.environ.get("HER2LOW_FHIR_SCHEMA_DIR", ROOT / ".cache" / "fhir-schema"))
-    path = folder / "fhir.schema.json"
-    if not path.is_file():
-        run = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "fetch-fhir-schema.sh"), str(folder)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert run.returncode == 0 and path.is_file(), f"cannot get the FHIR schema: {run.stderr}"
-    schema: dict[str, Any] = json.loads(path.read_text())
-    assert schema["id"] == "http://hl7.org/fhir/json-schema/4.0"
-    return schema
-
-
-@cache
-def validator(kind: str) -> jsonschema.Draft6Validator:
-    """The official FHIR R4 schema restricted to one resource type."""
-    one = dict(_schema())
-    one["oneOf"] = [{"$ref": f"#/definitions/{kind}"}]
-    one.pop("discriminator", None)
-    return jsonschema.Draft6Validator(one)
 
 
 def schema_errors(resource: dict[str, Any]) -> list[str]:
