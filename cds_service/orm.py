@@ -148,7 +148,11 @@ class PredictionRow(Base):
     """The prediction for one (result revision, descriptors version), with its prepared FHIR."""
 
     __tablename__ = "predictions"
-    __table_args__ = (Index("ix_predictions_result", "result_id", "id"),)
+    __table_args__ = (
+        Index("ix_predictions_result", "result_id", "id"),
+        # the node's assessment poll reads predictions in computed_at order (0005_pacs_exports)
+        Index("ix_predictions_computed", "computed_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     result_id: Mapped[str] = mapped_column(ForeignKey("results.id"))
@@ -278,3 +282,30 @@ class PathologyResult(Base):
     reported_at: Mapped[datetime] = mapped_column(UtcDateTime())
     recorded_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+# --- results in the PACS (cds_service.store.exports) ------------------------------------------------
+
+
+class PacsExport(Base):
+    """The latest export state the node reported for one (result, PACS destination).
+
+    One row per destination, replaced by each newer report (``models.contract.ExportStatus``);
+    a report older than ``updated_at`` is ignored, so out-of-order deliveries cannot regress it.
+    """
+
+    __tablename__ = "pacs_exports"
+    __table_args__ = (
+        UniqueConstraint("result_id", "destination", name="uq_pacs_export_destination"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id"))
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))  # models.contract.ExportState
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    objects: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(String(500), default="")
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())  # the node's clock
+    sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

@@ -25,7 +25,7 @@ from cds_service.errors import ApiError, IssueType
 from cds_service.request_json import parse_json as parse_json  # re-exported (benchmarks)
 from cds_service.request_json import parse_timestamp
 from models import schema as feature_schema
-from models.contract import ResultPayload
+from models.contract import ExportReport, ResultPayload
 
 _FHIR_ID = r"^[A-Za-z0-9\-\.]{1,64}$"
 _USER_REF = r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-\.]{1,64}$"
@@ -185,6 +185,14 @@ def parse_result(body: dict[str, Any]) -> ResultPayload:
     """A results-API body validated by the contract class the node built it with (422 if not)."""
     try:
         return ResultPayload.model_validate(body)
+    except ValidationError as exc:
+        raise _as_api_error(exc, 422) from None
+
+
+def parse_export_report(body: dict[str, Any]) -> ExportReport:
+    """``PUT /api/v1/exports`` validated by the contract class the node built it with (422)."""
+    try:
+        return ExportReport.model_validate(body)
     except ValidationError as exc:
         raise _as_api_error(exc, 422) from None
 

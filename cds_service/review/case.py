@@ -4,7 +4,8 @@ The page reads top to bottom the way a board discusses a case: whose case it is,
 (large, with its threshold, model variant, inputs and the reference-model warning) and the
 discordance banner; then the evidence (high-b DWI with the ROI outline and the Dapp / Kapp / ADC
 maps slice by slice, histograms, the training reference ranges, the feature table, the
-per-feature contributions, QC flags in words, pathology, the PACS link); then the acts
+per-feature contributions, QC flags in words, pathology, the PACS link and where the result
+objects sent to the PACS stand); then the acts
 (confirm ROI, descriptors, board date, decision) and the trail. Images are served from their
 own URL (``/previews/<name>.png``) out of a per-worker cache, so the page itself stays small.
 """
@@ -42,6 +43,7 @@ from cds_service.schema import validate_descriptor_values
 from cds_service.state import state
 from cds_service.store import BoardDecision, CaseSnapshot, Her2Pathology, NotFoundError
 from models import schema as feature_schema
+from models.contract import ExportState, ExportStatus
 from models.prediction import Prediction
 
 #: Map previews the node publishes per ROI slice: ``<map>_slice_<k>`` (k: 0-based slice index).
@@ -58,6 +60,14 @@ QC_WORDS = {
 }
 
 _CHANGE_KEY = "likelihood_change"
+
+#: The node's export states (``models.contract.ExportState``) in words, for "Results in the PACS".
+EXPORT_WORDS = {
+    ExportState.PENDING: "waiting to be sent",
+    ExportState.SENDING: "being sent (retrying after a failure if attempts > 1)",
+    ExportState.DONE: "in the PACS",
+    ExportState.DEAD: "NOT DELIVERED — retries exhausted (dead letter)",
+}
 
 
 # --- preview images ---------------------------------------------------------------------------
@@ -265,6 +275,12 @@ def _lesion_options() -> list[tuple[str, str]]:
     return list(zip(spec.values, spec.value_labels, strict=True))
 
 
+def _pacs_exports(result_id: str) -> tuple[list[ExportStatus], list[ExportStatus]]:
+    """Each destination's reported state, and the dead-lettered ones (shown as an alert)."""
+    exports = state().store.pacs.exports_for(result_id)
+    return exports, [e for e in exports if e.state is ExportState.DEAD]
+
+
 def _viewer_url(study_uid: str) -> str | None:
     template = state().settings.review_viewer_url_template
     return template.replace("{study_uid}", study_uid) if template else None
@@ -297,6 +313,7 @@ def _render_case(
     ]
     pathology = st.store.pathology_for(case.result.id)
     lesion = str(form.get(feature_schema.LESION_TYPE) or "")
+    exports, dead_exports = _pacs_exports(case.result.id)
     html = render_template(
         "review_case.html",
         case=case,
@@ -326,6 +343,9 @@ def _render_case(
         pathology=pathology[0] if pathology else None,
         pathology_text=Her2Pathology(pathology[0].her2).display if pathology else "",
         viewer_url=_viewer_url(case.result.study_instance_uid),
+        exports=exports,
+        dead_exports=dead_exports,
+        export_words=EXPORT_WORDS,
         lesion=lesion,
         lesion_options=_lesion_options(),
         descriptor_fields=descriptor_fields(lesion, form),

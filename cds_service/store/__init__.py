@@ -42,6 +42,7 @@ from cds_service.orm import (
     utcnow,
 )
 from cds_service.schema import FeedbackItem
+from cds_service.store.exports import AssessmentRow, PacsStore
 from cds_service.store.tables import AUDIT, JTI, PREDICTIONS, RESULTS
 from cds_service.store.values import (
     AuditQuery,
@@ -76,6 +77,7 @@ from cds_service.store.write_gate import WriteGate, retry_on_conflict
 from models.contract import Provenance, ResultPayload, read_features
 
 __all__ = [
+    "AssessmentRow",
     "AuditQuery",
     "AuditTuple",
     "BoardDecision",
@@ -86,6 +88,7 @@ __all__ = [
     "IngestStatus",
     "NotFoundError",
     "ObservationStatus",
+    "PacsStore",
     "PathologySource",
     "PredictionParts",
     "ReviewFlag",
@@ -159,6 +162,11 @@ class Store:
         assert isinstance(engine, Engine)
         self.engine: Engine = engine
         self.write_gate = WriteGate.for_engine(engine)
+
+    @functools.cached_property
+    def pacs(self) -> PacsStore:
+        """Results in the PACS: the node's export states and the assessments it polls."""
+        return PacsStore(self.sessions)
 
     # --- results -----------------------------------------------------------------------
     def ingest_result(self, payload: ResultPayload) -> tuple[str, IngestStatus]:
