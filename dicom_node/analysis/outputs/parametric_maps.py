@@ -2,7 +2,8 @@
 
 Values are stored as 32-bit float in their physical unit with a Real World Value Mapping (identity
 slope/intercept) in UCUM mm2/s or {ratio}, so any viewer reads the numbers the features were
-computed from. Windows below 1 need an explicit LINEAR_EXACT VOI LUT (notes/dicom.md).
+computed from. Windows below 1 need an explicit LINEAR_EXACT VOI LUT (notes/dicom.md). The
+Modality is the source's (MR), as PS3.3 C.8.32.1 expects of a single-modality map.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def build_parametric_map(ctx: OutputContext, name: str) -> hd.pm.ParametricMap:
         content_description=f"{label} map, {DISCLAIMER}"[:64],
         voi_lut_transformations=[voi],
     )
+    # PS3.3 C.8.32.1: "the appropriate value for the acquisition modality, e.g., MR" (highdicom
+    # writes OT, which the standard keeps for maps derived from several modalities).
+    pm.Modality = str(ctx.source.get("Modality") or "OT")
     if "Laterality" not in pm:  # Type 2C for a paired body part (BREAST); the ROI's side
         pm.Laterality = ctx.laterality or None
     pm.SeriesDescription = f"HER2low {label} map ({DISCLAIMER})"[:64]

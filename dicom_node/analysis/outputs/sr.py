@@ -7,8 +7,9 @@ under one Algorithm Identification (TID 4019: name, pipeline version, and as Alg
 Parameters the fit method, b-values, σ, discretisation and kurtosis convention). The source
 images, the SEG and the Parametric Maps are the evidence. A TEXT item states "reference model,
 not clinically validated". The node does not have the radiologist's BI-RADS descriptors or the
-HER2-low likelihood at analysis time: a likelihood is added only when given (``likelihood``),
-descriptors not at all yet.
+HER2-low likelihood at analysis time: a likelihood is added only when given (``likelihood``).
+Both arrive later from the service and go into a *revised* report of the same SR series
+(:mod:`.revision`, driven by :mod:`dicom_node.jobs.results_sync`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dicom_node.analysis.features import MAPS, STATISTICS, feature_key
 from dicom_node.analysis.outputs import codes as c
 from dicom_node.analysis.outputs.context import DISCLAIMER, OutputContext
 from dicom_node.analysis.outputs.identification import MANUFACTURER, MODEL_NAME
+from dicom_node.analysis.outputs.revision import AssessmentContent, assessment_items, lesion_group
 from dicom_node.analysis.series_analysis import Analysis
 
 __all__ = ["Likelihood", "algorithm_parameters", "build_measurement_report", "provenance_dict"]
@@ -59,6 +61,7 @@ def algorithm_parameters(ctx: OutputContext) -> list[str]:
     )
     return [
         f"fit method={p['fit']['method']}",
+        f"denoising={p['fit'].get('denoise', 'none')}",
         f"dki b_min={p['fit']['dki_bmin']:g} s/mm2",
         "b-values=" + " ".join(f"{b:g}" for b in p["b_values"]) + " s/mm2",
         "adc b-values=" + " ".join(f"{b:g}" for b in p["adc_b_values"]) + " s/mm2",
@@ -153,22 +156,16 @@ def build_measurement_report(
     root.ContentSequence.append(
         hd.sr.TextContentItem(name=c.COMMENT, value=DISCLAIMER, relationship_type="CONTAINS")
     )
-    if likelihood is not None:
-        root.ContentSequence.append(
-            hd.sr.NumContentItem(
-                name=hd.sr.CodedConcept("HER2LOWP", c.PRIVATE_SCHEME, "HER2-low likelihood"),
-                value=likelihood.value,
-                unit=hd.sr.CodedConcept("{ratio}", "UCUM", "ratio"),
-                relationship_type="CONTAINS",
+    if likelihood is not None:  # as a revision writes it (:mod:`.revision`)
+        group_items, root_items = assessment_items(
+            AssessmentContent(
+                probability=likelihood.value,
+                model_name=likelihood.model_name,
+                model_version=likelihood.model_version,
             )
         )
-        root.ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=c.COMMENT,
-                value=f"likelihood model {likelihood.model_name} {likelihood.model_version}",
-                relationship_type="CONTAINS",
-            )
-        )
+        lesion_group(root).ContentSequence.extend(group_items)
+        root.ContentSequence.extend(root_items)
     evidence = [*ctx.sources, seg, *maps]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
