@@ -5,9 +5,10 @@
   naming the failing one. The service has no queue (only the node and its workers do), so
   there is no queue check here; the node's side port checks its queue.
 * ``GET /metrics``: Prometheus text. It tells how busy the service is and which model it runs,
-  so it is not public: the caller presents the results API bearer token (the secret the
-  operators already hold; Prometheus sends it with ``authorization: credentials_file``). A
-  loopback exception would be worthless behind nginx, where every request comes from loopback.
+  so it is not public: the caller presents the metrics bearer token (``HER2LOW_METRICS_TOKEN``,
+  or home/secrets/metrics-token; Prometheus sends it with ``authorization: credentials_file``).
+  It is not the results API token: a scraper holding that could publish results. A loopback
+  exception would be worthless behind nginx, where every request comes from loopback.
 
 Under gunicorn (``cds_service.wsgi.serve``) each worker is its own process: metrics then use
 prometheus_client's multiprocess mode (:func:`enable_multiprocess`: one folder per service
@@ -177,11 +178,12 @@ def init_app(app: Flask) -> None:
     @app.get("/metrics")
     def metrics() -> Response:
         presented = bearer_token(request.headers.get("Authorization")) or ""
-        expected = state().settings.results_token()
+        # its own credential (HER2LOW_METRICS_TOKEN): a scraper cannot publish results
+        expected = state().settings.metrics_scrape_token()
         if not presented or not hmac.compare_digest(presented.encode(), expected.encode()):
             raise ApiError(
                 401,
-                "/metrics needs the results API bearer token",
+                "/metrics needs the metrics bearer token (HER2LOW_METRICS_TOKEN)",
                 code=IssueType.LOGIN,
                 headers={"WWW-Authenticate": "Bearer"},
             )

@@ -5,11 +5,15 @@ The **side port** (``node_metrics_host``:``node_metrics_port`` for ``her2low nod
 WSGI server in a daemon thread, apart from the DICOM port:
 
 * ``GET /healthz`` — the process is alive (200, always).
-* ``GET /readyz`` — the node database answers, the queue answers, the DICOM store is writable:
-  200 with every check, or 503 naming the failing one(s).
-* ``GET /metrics`` — Prometheus text (:mod:`dicom_node.metrics`). The node adds the gauges
-  read from its database; a worker serves only what its own jobs counted, so Prometheus sums
-  workers without counting the database twice.
+* ``GET /readyz`` — the node database answers, the queue answers, the DICOM store is writable,
+  and for a worker its runner's heartbeat is recent (a queue poll or a lease renewal within
+  ``worker_lease_seconds``: a worker alive with a stalled runner is not ready): 200 with every
+  check, or 503 naming the failing one(s). Probes need no credential.
+* ``GET /metrics`` — Prometheus text (:mod:`dicom_node.metrics`), for the bearer token
+  ``HER2LOW_METRICS_TOKEN`` only (home/secrets/metrics-token by default; not the results API
+  token, which could publish results). The node adds the gauges read from its database; a
+  worker serves only what its own jobs counted, so Prometheus sums workers without counting
+  the database twice.
 
 Workers are separate processes, and each serves its own counters on its own port (rather than
 prometheus_client's multiprocess mode): workers may run on other hosts, a killed worker leaves
@@ -25,6 +29,7 @@ acknowledged as a duplicate without being analysed again.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -45,7 +50,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState
 from dicom_node.metrics import NodeStateCollector
-from her2low.core.readiness import Check, readiness
+from her2low.core.readiness import Check, Pulse, pulse_check, readiness
 from her2low.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,9 +109,12 @@ class _QuietHandler(WSGIRequestHandler):
         """Probes every few seconds would flood the log; nothing here is an event."""
 
 
-def side_app(checks: dict[str, Check], registries: Iterable[Any]) -> Callable[..., Iterable[bytes]]:
-    """The WSGI app of the side port: /healthz, /readyz, /metrics, 404 for anything else."""
+def side_app(
+    checks: dict[str, Check], registries: Iterable[Any], token: str
+) -> Callable[..., Iterable[bytes]]:
+    """The WSGI app of the side port: /healthz, /readyz, /metrics (``token`` only), 404 else."""
     registries = tuple(registries)
+    expected = f"Bearer {token}".encode()
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -118,6 +126,14 @@ def side_app(checks: dict[str, Check], registries: Iterable[Any]) -> Callable[..
             ready, body = readiness(checks)
             return _send(start_response, "200 OK" if ready else "503 Service Unavailable", body)
         if path == "/metrics":
+            presented = environ.get("HTTP_AUTHORIZATION", "").encode()
+            if not token or not hmac.compare_digest(presented, expected):
+                return _send(
+                    start_response,
+                    "401 Unauthorized",
+                    {"error": "/metrics needs the metrics bearer token (HER2LOW_METRICS_TOKEN)"},
+                    [("WWW-Authenticate", "Bearer")],
+                )
             payload = b"".join(generate_latest(r) for r in registries)
             start_response(
                 "200 OK",
@@ -129,7 +145,12 @@ def side_app(checks: dict[str, Check], registries: Iterable[Any]) -> Callable[..
     return app
 
 
-def _send(start_response: Callable[..., Any], status: str, body: dict[str, Any]) -> list[bytes]:
+def _send(
+    start_response: Callable[..., Any],
+    status: str,
+    body: dict[str, Any],
+    headers: Iterable[tuple[str, str]] = (),
+) -> list[bytes]:
     data = json.dumps(body).encode()
     start_response(
         status,
@@ -137,6 +158,7 @@ def _send(start_response: Callable[..., Any], status: str, body: dict[str, Any])
             ("Content-Type", "application/json"),
             ("Content-Length", str(len(data))),
             ("Cache-Control", "no-store"),
+            *headers,
         ],
     )
     return [data]
@@ -197,7 +219,7 @@ def start_node(
     side = _serve(
         settings.node_metrics_host,
         settings.node_metrics_port,
-        side_app(checks, (REGISTRY, state)),
+        side_app(checks, (REGISTRY, state), settings.metrics_scrape_token()),
         "node",
     )
     side.stop = threading.Event()
@@ -213,17 +235,26 @@ def start_node(
     return side
 
 
-def start_worker(settings: Settings, sessions: sessionmaker[Session], huey: Any) -> SidePort:
-    """A worker's side port: its own job metrics, and its readiness."""
+def start_worker(
+    settings: Settings, sessions: sessionmaker[Session], huey: Any, pulse: Pulse | None = None
+) -> SidePort:
+    """A worker's side port: its own job metrics, and its readiness.
+
+    ``pulse`` is the runner's heartbeat (``dicom_node.jobs.runner.PULSE``, beaten by queue polls
+    and lease renewals): ready only while it beat within a lease, so a worker process that is
+    alive but whose runner stalled is taken out of rotation and restarted by its orchestrator.
+    """
     checks = {
         "database": database_check(sessions),
         "queue": queue_check(huey),
         "storage": storage_check(settings.storage_dir),
     }
+    if pulse is not None:
+        checks["runner"] = pulse_check(pulse, settings.worker_lease_seconds, "runner heartbeat")
     return _serve(
         settings.node_metrics_host,
         settings.worker_metrics_port,
-        side_app(checks, (REGISTRY,)),
+        side_app(checks, (REGISTRY,), settings.metrics_scrape_token()),
         "worker",
     )
 

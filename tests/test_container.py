@@ -24,57 +24,29 @@ import pytest
 import requests
 
 from tests.conftest import free_port, require_tool
+from tests.container_support import LIMITS, built_image, podman
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("container")]
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD = ROOT / "deploy" / "container" / "build.sh"
 IMAGE_USER = "10001"
-LIMITS = ["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
-
-
-def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """podman with the runc runtime (crun cannot set up cgroups on these machines)."""
-    return subprocess.run(
-        ["podman", "--runtime", "runc", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def build_cache() -> Path:
-    return Path(os.environ.get("HER2LOW_BUILD_CACHE", "/var/tmp/her2low-build"))
 
 
 @pytest.fixture(scope="module")
 def image() -> str:
-    """The image reference, built by build.sh unless one with the same content hash exists
-    (``HER2LOW_TEST_IMAGE`` names an already built image to test instead)."""
-    for tool in ("podman", "mmdebstrap"):
-        require_tool(tool)
-    probe = podman("info", "--format", "{{.Host.OCIRuntime.Name}}", timeout=60)
-    if probe.returncode != 0:
-        pytest.skip(f"podman cannot run here: {probe.stderr.strip()}")
-    if os.environ.get("HER2LOW_TEST_IMAGE"):
-        return os.environ["HER2LOW_TEST_IMAGE"]
-    env = {**os.environ, "HER2LOW_BUILD_CACHE": str(build_cache())}
-    built = subprocess.run(
-        ["bash", str(BUILD), "--python", sys.executable],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env=env,
-    )
-    assert built.returncode == 0, built.stderr[-5000:]
-    return built.stdout.strip().splitlines()[-1]
+    """The image reference, built by build.sh once per test run (tests/container_support.py;
+    ``HER2LOW_TEST_IMAGE`` names an already built image to test instead)."""
+    return built_image()
 
 
 @pytest.fixture
 def container_name() -> Iterator[str]:
-    """A unique container name; the container is removed (its processes killed) afterwards."""
+    """A unique container name; the container is removed (its processes killed) afterwards,
+    with its anonymous volume (the image's VOLUME /var/lib/her2low)."""
     name = f"her2low-test-{uuid.uuid4().hex[:10]}"
     try:
         yield name
     finally:
-        podman("rm", "--force", "--time", "5", name, timeout=60)
+        podman("rm", "--force", "--volumes", "--time", "5", name, timeout=60)
 
 
 def dcmtk_echoscu() -> str:

@@ -4,9 +4,10 @@ Kubernetes manifests (deploy/kubernetes/) are checked against the Kubernetes Ope
 (``kubernetes-validate``, strict: unknown fields fail) and for what a hospital's platform team
 asks first: probes, resource requests and limits, non-root pods, secrets only by reference, and
 a NetworkPolicy that keeps the DICOM node inside the imaging network. The compose file
-(deploy/compose.yaml) is parsed and checked for consistency (ports, URLs, AE titles, mounted
-files); it is not run (no container engine with a registry here). ``podman kube play`` runs
-the service Deployment where podman and the locally built image are present.
+(deploy/compose.yaml) and its offline override (deploy/compose.offline.yaml) are parsed and
+checked for consistency (ports, URLs, AE titles, mounted files); tests/test_compose.py runs
+them. ``podman kube play`` runs the service Deployment where podman and the locally built
+image are present.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from her2low.core.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
+OFFLINE = ROOT / "deploy" / "compose.offline.yaml"
 NGINX = ROOT / "deploy" / "nginx" / "her2low.conf"
 KUBE_VERSION = "1.30.0"
 SETTINGS_VARS = {f"HER2LOW_{name.upper()}" for name in Settings.model_fields}
@@ -134,6 +136,23 @@ def test_secrets_only_by_reference_and_every_reference_resolves() -> None:
                 assert volume["persistentVolumeClaim"]["claimName"] in claims
 
 
+def test_metrics_have_their_own_secret_on_every_component_serving_them() -> None:
+    """Prometheus holds HER2LOW_METRICS_TOKEN, a key of its own: never the results API token."""
+    (secret,) = of_kind("Secret")
+    for component in ("node", "worker", "service"):
+        (container,) = by_component("Deployment", component)["spec"]["template"]["spec"][
+            "containers"
+        ]
+        refs = {
+            v["name"]: v["valueFrom"]["secretKeyRef"]["key"]
+            for v in container["env"]
+            if "valueFrom" in v
+        }
+        assert refs["HER2LOW_METRICS_TOKEN"] == "metrics-token", component
+        assert refs["HER2LOW_RESULTS_API_TOKEN"] != refs["HER2LOW_METRICS_TOKEN"]
+    assert secret["stringData"]["metrics-token"] != secret["stringData"]["results-api-token"]
+
+
 def test_services_select_their_deployments_on_the_configured_ports() -> None:
     (config,) = of_kind("ConfigMap")
     ports = {"node": int(config["data"]["HER2LOW_NODE_PORT"])}
@@ -192,6 +211,7 @@ def test_network_policy_keeps_the_node_inside_the_imaging_network() -> None:
 COMPOSE_VARS = {
     "HER2LOW_DB_PASSWORD": "db-secret",
     "HER2LOW_RESULTS_API_TOKEN": "results-secret",
+    "HER2LOW_METRICS_TOKEN": "metrics-secret",
     "HER2LOW_REVIEW_SECRET_KEY": "review-secret",
     "HER2LOW_CDS_TRUSTED_ISSUERS": '{"https://ehr.example.org": "https://ehr.example.org/jwks"}',
 }
@@ -290,16 +310,25 @@ def test_compose_orthanc_routes_stable_series_to_the_node() -> None:
 def test_compose_nginx_fronts_the_service_with_the_shipped_config() -> None:
     services = compose()["services"]
     nginx = services["nginx"]
-    assert nginx["network_mode"] == "service:service"  # 127.0.0.1 is the service container
+    assert "network_mode" not in nginx  # its own container on the compose network
     mounts = {m.split(":")[1]: m.split(":")[0] for m in nginx["volumes"]}
-    conf = COMPOSE.parent / mounts["/etc/nginx/conf.d/default.conf"]
-    assert conf.resolve() == NGINX.resolve()
+    shipped = "/etc/her2low/nginx/her2low.conf"
+    assert (COMPOSE.parent / mounts[shipped]).resolve() == NGINX.resolve()
     text = NGINX.read_text()
-    upstream = re.search(r"upstream her2low_cds \{\s*server 127\.0\.0\.1:(\d+)", text)
-    assert upstream and upstream.group(1) == env_of(services["service"])["HER2LOW_CDS_PORT"]
+    upstream = re.search(r"upstream her2low_cds \{\s*(server 127\.0\.0\.1:(\d+) )", text)
+    assert upstream and upstream.group(2) == env_of(services["service"])["HER2LOW_CDS_PORT"]
+    # the command points the documented upstream at the service container, then runs nginx
+    script = nginx["command"][-1]
+    sed = re.search(r"sed 's/([^/]+)/([^/]+)/' (\S+) > (\S+)", script)
+    assert sed, script
+    assert re.sub(sed.group(1), sed.group(2), upstream.group(1)) == (
+        f"server service:{upstream.group(2)} "
+    )
+    assert sed.group(3) == shipped and sed.group(4) == "/etc/nginx/conf.d/default.conf"
+    assert script.endswith("exec nginx -g 'daemon off;'")
     for path in re.findall(r"ssl_certificate(?:_key)?\s+(\S+);", text):
         assert any(path.startswith(inside + "/") for inside in mounts), path
-    assert "443:443" in services["service"]["ports"]
+    assert "443:443" in nginx["ports"] and "ports" not in services["service"]
     assert "proxy_request_buffering on;" in text and "client_body_timeout" in text
 
 
@@ -311,6 +340,51 @@ def test_every_file_compose_mounts_exists() -> None:
                 if source == "./tls":  # the site's certificate, provided at install
                     continue
                 assert (COMPOSE.parent / source).exists(), f"{name}: {source}"
+
+
+def test_compose_host_ports_are_variables_with_the_documented_defaults() -> None:
+    """Every published port can move (a second stack, a test on free ports) and defaults to
+    the port the header comment names."""
+    text = COMPOSE.read_text()
+    for name, default in (
+        ("HER2LOW_HTTPS_PORT", "443"),
+        ("HER2LOW_HTTP_PORT", "80"),
+        ("HER2LOW_DICOM_PORT", "11112"),
+        ("HER2LOW_ORTHANC_DICOM_PORT", "4242"),
+        ("HER2LOW_ORTHANC_HTTP_PORT", "8042"),
+    ):
+        assert f"${{{name}:-{default}}}:" in text, name
+        assert f"{name} [{default}]" in text, f"{name} not documented in the header"
+    for service in compose()["services"].values():
+        for port in service.get("ports", []):
+            host = str(port).rsplit(":", 1)[0]
+            assert host.split(":")[-1] in ("443", "80", "11112", "4242", "8042"), port
+
+
+def test_offline_override_swaps_only_the_infrastructure_images() -> None:
+    """deploy/compose.offline.yaml names the local Debian-made image and entry points, and
+    adds no list (compose implementations merge lists by appending: a command, port or mount
+    given twice would break the service)."""
+    offline: dict[str, Any] = yaml.safe_load(interpolate(OFFLINE.read_text(), {}))
+    base = compose()["services"]
+    assert set(offline["services"]) == {"postgres", "redis", "nginx", "orthanc"}
+    for name, service in offline["services"].items():
+        assert service["image"] == "localhost/her2low-infra:bookworm", name
+        assert not base[name]["image"].startswith("localhost/"), name  # upstream in compose.yaml
+        for key, value in service.items():
+            assert not isinstance(value, list | dict), f"{name}.{key} would be appended"
+            if isinstance(base[name].get(key), list):
+                assert key not in ("command", "ports", "volumes"), f"{name}.{key}"
+    assert "${HER2LOW_INFRA_IMAGE:-localhost/her2low-infra:bookworm}" in OFFLINE.read_text()
+    entry = ROOT / "deploy" / "compose" / "offline" / offline["services"]["postgres"]["entrypoint"]
+    assert offline["services"]["postgres"]["entrypoint"] == "/usr/local/bin/her2low-postgres"
+    shipped = ROOT / "deploy" / "compose" / "offline" / "her2low-postgres"
+    assert shipped.exists() and entry.name == shipped.name
+    build = (ROOT / "deploy" / "compose" / "offline" / "build-infra.sh").read_text()
+    for package in ("postgresql", "redis-server", "orthanc", "nginx-light"):
+        assert package in build
+    assert "copy-in $here/her2low-postgres /usr/local/bin" in build
+    assert "orthanc.json" in offline["services"]["orthanc"]["command"]
 
 
 @pytest.mark.integration

@@ -47,6 +47,9 @@ from her2low.scu import send_files
 from tests.node_data import encode, mr_dataset, write
 
 TOKEN = {"Authorization": f"Bearer {RESULTS_TOKEN}"}
+#: The scrapers' own credential (HER2LOW_METRICS_TOKEN): /metrics takes it, the results API not.
+METRICS_TOKEN = "metrics-token-for-tests-9876543210"
+SCRAPE = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 DAY = 86400.0
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -66,7 +69,7 @@ def value(page: Samples, name: str, **labels: str) -> float:
 
 
 def scrape(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> Samples:
-    response = requests.get(url + "/metrics", headers=headers or {}, timeout=timeout)
+    response = requests.get(url + "/metrics", headers=headers or SCRAPE, timeout=timeout)
     assert response.status_code == 200, response.text
     assert response.headers["Content-Type"].startswith("text/plain")
     return samples(response.text)
@@ -77,19 +80,19 @@ def scrape(url: str, headers: dict[str, str] | None = None, timeout: float = 10)
 
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
-    svc = start_service(tmp_path)
+    svc = start_service(tmp_path, metrics_token=METRICS_TOKEN)
     yield svc
     stop_service(svc)
 
 
 def test_service_metrics_after_a_hook_call_and_a_result(service: Service) -> None:
-    before = scrape(service.url, TOKEN)
+    before = scrape(service.url)
     assert service.publish(result_payload()).status_code == 201
     answer = service.post_hook(hook_body(prefetch={"patient": patient_resource(), "her2": None}))
     assert answer.status_code == 200, answer.text
     discovery = service.url + "/cds-services"
     assert requests.get(discovery, headers=service.auth("/cds-services"), timeout=10).ok
-    after = scrape(service.url, TOKEN)
+    after = scrape(service.url)
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -101,18 +104,41 @@ def test_service_metrics_after_a_hook_call_and_a_result(service: Service) -> Non
     assert value(after, "her2low_model_loaded") == 1
 
 
-def test_service_metrics_need_the_results_token(service: Service) -> None:
+def test_service_metrics_need_the_metrics_token_not_the_results_token(service: Service) -> None:
     assert requests.get(service.url + "/metrics", timeout=10).status_code == 401
-    wrong = {"Authorization": "Bearer not-the-token"}
-    response = requests.get(service.url + "/metrics", headers=wrong, timeout=10)
-    assert response.status_code == 401
-    assert response.json()["resourceType"] == "OperationOutcome"
+    for wrong in ({"Authorization": "Bearer not-the-token"}, TOKEN):  # TOKEN publishes results
+        response = requests.get(service.url + "/metrics", headers=wrong, timeout=10)
+        assert response.status_code == 401
+        assert response.json()["resourceType"] == "OperationOutcome"
+    assert requests.get(service.url + "/metrics", headers=SCRAPE, timeout=10).status_code == 200
+
+
+def test_the_metrics_token_cannot_publish_results(service: Service) -> None:
+    refused = requests.post(
+        service.url + "/api/v1/results", json=result_payload(), headers=SCRAPE, timeout=10
+    )
+    assert refused.status_code == 401, refused.text
+    assert service.publish(result_payload()).status_code == 201  # the results token can
+
+
+def test_metrics_token_is_generated_into_the_home_and_differs(tmp_path: Path) -> None:
+    from her2low.core.settings import ConfigurationError, Settings
+
+    settings = Settings(home=tmp_path, results_api_token="", metrics_token="")
+    token = settings.metrics_scrape_token()
+    assert token and token == settings.metrics_scrape_token()  # generated once, then read
+    path = tmp_path / "secrets" / "metrics-token"
+    assert path.read_text().strip() == token and path.stat().st_mode & 0o777 == 0o600
+    assert token != settings.results_token()
+    same = Settings(home=tmp_path, results_api_token="same-token", metrics_token="same-token")
+    with pytest.raises(ConfigurationError, match="HER2LOW_METRICS_TOKEN"):
+        same.metrics_scrape_token()
 
 
 def test_service_metrics_name_the_real_model(tmp_path: Path) -> None:
-    svc = start_service(tmp_path, predictor=None)
+    svc = start_service(tmp_path, predictor=None, metrics_token=METRICS_TOKEN)
     try:
-        page = scrape(svc.url, TOKEN, timeout=120)  # the first scrape loads the model
+        page = scrape(svc.url, timeout=120)  # the first scrape loads the model
     finally:
         stop_service(svc)
     infos = [dict(labels) for name, labels in page if name == "her2low_model_info"]
@@ -155,6 +181,7 @@ def gunicorn_service(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[byt
         "HER2LOW_CDS_HOST": "127.0.0.1",
         "HER2LOW_CDS_PORT": str(port),
         "HER2LOW_RESULTS_API_TOKEN": RESULTS_TOKEN,
+        "HER2LOW_METRICS_TOKEN": METRICS_TOKEN,
         "HER2LOW_CDS_PATIENT_ID_SYSTEMS": json.dumps({PATIENT_ISSUER: PATIENT_SYSTEM}),
         "HER2LOW_REVIEW_PORT": "0",
         "HER2LOW_LOG_LEVEL": "WARNING",
@@ -231,7 +258,7 @@ def test_gunicorn_workers_metrics_are_summed_whichever_worker_answers(
     post(2)  # answered by the surviving or the respawned worker
     seen = set()
     for _ in range(6):  # each scrape may land on either worker: all must show all six
-        page = scrape(url, {**TOKEN, "Connection": "close"}, timeout=30)
+        page = scrape(url, {**SCRAPE, "Connection": "close"}, timeout=30)
         seen.add(value(page, "her2low_cds_results_received_total", status="201"))
     assert seen == {6.0}
 
@@ -258,12 +285,15 @@ def test_node_side_port_health_readiness_and_store_counter(node, tmp_path: Path)
     ready = requests.get(side + "/readyz", timeout=5)
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"database": "ok", "queue": "ok", "storage": "ok"}
-    before = scrape(side)
+    for refused in ({}, TOKEN):  # no credential, or the results API's: 401
+        assert requests.get(side + "/metrics", headers=refused, timeout=5).status_code == 401
+    scraper = {"Authorization": f"Bearer {node.settings.metrics_scrape_token()}"}
+    before = scrape(side, scraper)
     study, series = generate_uid(), generate_uid()
     files = [write(mr_dataset(study, series, value=i), tmp_path / f"{i}.dcm") for i in range(2)]
     report = send_files(files, "127.0.0.1", node.port, called_aet=node.settings.node_ae_title)
     assert report.sent == 2
-    after = scrape(side)
+    after = scrape(side, scraper)
     received = "her2low_node_instances_received_total"
     assert value(after, received, outcome="stored") - value(before, received, outcome="stored") == 2
     assert (
@@ -409,7 +439,7 @@ def test_worker_side_port_counts_a_skipped_job(home: Path) -> None:
     from dicom_node.jobs.taskqueue import make_huey
     from dicom_node.operations import start_worker
 
-    settings = load_settings(worker_metrics_port=free_port())
+    settings = load_settings(worker_metrics_port=free_port(), metrics_token=METRICS_TOKEN)
     sessions = session_factory(make_engine(settings.node_database_url))
     ingestor = Ingestor(FileStore(settings.storage_dir), sessions)  # creates the store
     side = start_worker(settings, sessions, make_huey(settings))
@@ -442,3 +472,72 @@ def test_worker_side_port_counts_a_skipped_job(home: Path) -> None:
     seconds = "her2low_node_job_seconds_count"
     assert value(after, seconds, outcome="skipped") - value(before, seconds, outcome="skipped") == 1
     assert ("her2low_node_queue_depth", frozenset()) not in after  # database gauges: node only
+
+
+def test_worker_with_a_stalled_runner_is_not_ready(home: Path) -> None:
+    """Readiness of a worker = database, queue, store and a recent runner heartbeat: its
+    consumer polling the queue (or renewing a running job's lease). The polls stop (the runner
+    stalled, the process alive): /readyz turns 503 naming the runner; /healthz stays 200."""
+    import threading
+
+    from dicom_node.jobs.runner import watch_queue
+    from dicom_node.jobs.taskqueue import make_huey
+    from dicom_node.operations import start_worker
+    from her2low.core.readiness import Pulse
+
+    settings = load_settings(
+        worker_metrics_port=free_port(), metrics_token=METRICS_TOKEN, worker_lease_seconds=1.0
+    )
+    sessions = session_factory(make_engine(settings.node_database_url))
+    Ingestor(FileStore(settings.storage_dir), sessions)  # creates the store
+    huey = make_huey(settings)
+    pulse = Pulse()
+    watch_queue(huey, pulse)
+    stalled = threading.Event()
+
+    def consumer() -> None:  # what huey's worker threads do at rest: poll every 0.1-0.5 s
+        while not stalled.is_set():
+            huey.dequeue()
+            time.sleep(0.1)
+
+    polling = threading.Thread(target=consumer, daemon=True)
+    polling.start()
+    side = start_worker(settings, sessions, huey, pulse)
+    try:
+        url = wait_for(f"http://127.0.0.1:{side.port}")
+        time.sleep(1.5)  # longer than the lease: only the polls keep it ready
+        ready = requests.get(url + "/readyz", timeout=5)
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"]["runner"] == "ok"
+        stalled.set()
+        polling.join(timeout=5)
+        time.sleep(1.5)
+        response = requests.get(url + "/readyz", timeout=5)
+        assert response.status_code == 503, response.text
+        assert response.json()["failing"] == ["runner"]
+        assert "runner heartbeat" in response.json()["checks"]["runner"]
+        assert requests.get(url + "/healthz", timeout=5).status_code == 200  # alive still
+    finally:
+        stalled.set()
+        side.close()
+
+
+def test_lease_renewals_beat_the_runner_pulse(home: Path) -> None:
+    """A worker busy with a long job polls nothing: its lease renewals are its heartbeat."""
+    from dicom_node.jobs.runner import Heartbeat, claim
+    from dicom_node.jobs.scheduler import promote_stable
+    from her2low.core.readiness import Pulse
+
+    settings = load_settings()
+    sessions = session_factory(make_engine(settings.node_database_url))
+    ingestor = Ingestor(FileStore(settings.storage_dir), sessions)
+    _store_series(ingestor, sessions, 1)
+    (job_id,) = promote_stable(sessions, 0.0, now=time.time() + 60)
+    job = claim(sessions, job_id, lease_seconds=3.0)
+    assert job is not None
+    pulse = Pulse()
+    time.sleep(0.5)
+    assert pulse.age() >= 0.5
+    with Heartbeat(sessions, job, lease_seconds=3.0, every=0.2, pulse=pulse):
+        time.sleep(0.7)
+        assert pulse.age() < 0.5

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +23,7 @@ from dicom_node.db import Job, JobState, Series, SeriesState
 from dicom_node.jobs.pipeline import Deferred, PipelineSettings, Skipped, run_pipeline
 from dicom_node.jobs.publish import PublishError
 from dicom_node.metrics import record_job
+from her2low.core.readiness import Pulse
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,22 @@ log = logging.getLogger(__name__)
 LEASE_SECONDS = 20.0
 #: Default renewal interval (``HER2LOW_WORKER_HEARTBEAT_SECONDS``).
 HEARTBEAT_SECONDS = 5.0
+
+#: This worker process' runner pulse, for its readiness (``dicom_node.operations.start_worker``):
+#: every queue poll of the consumer's threads beats it (:func:`watch_queue`), and so does every
+#: lease renewal while a job runs; a runner that does neither is stalled, not ready.
+PULSE = Pulse()
+
+
+def watch_queue(huey: Any, pulse: Pulse = PULSE) -> None:
+    """Beat ``pulse`` whenever a consumer thread polls ``huey`` for a job (every ≤ 0.5 s idle)."""
+    dequeue = huey.dequeue
+
+    def polled(*args: Any, **kwargs: Any) -> Any:
+        pulse.beat()
+        return dequeue(*args, **kwargs)
+
+    huey.dequeue = polled
 
 
 class RetryLater(RuntimeError):
@@ -94,10 +112,17 @@ class Heartbeat:
     """
 
     def __init__(
-        self, sessions: sessionmaker[Session], job: Job, *, lease_seconds: float, every: float
+        self,
+        sessions: sessionmaker[Session],
+        job: Job,
+        *,
+        lease_seconds: float,
+        every: float,
+        pulse: Pulse = PULSE,
     ) -> None:
         self.sessions = sessions
         self.job = job
+        self.pulse = pulse
         self.lease_seconds = lease_seconds
         self.every = min(every, lease_seconds / 3)
         self.lost = False
@@ -112,6 +137,7 @@ class Heartbeat:
                     self.lost = True
                     log.warning("job lease lost to another worker", extra=extra)
                     return
+                self.pulse.beat()  # the runner works on a job it still holds
             except Exception as exc:
                 log.warning("lease renewal failed", extra={**extra, "err": str(exc)[:300]})
 

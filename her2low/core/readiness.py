@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,3 +28,30 @@ def readiness(checks: Mapping[str, Check]) -> tuple[bool, dict[str, Any]]:
     if failing:
         body["failing"] = failing
     return not failing, body
+
+
+class Pulse:
+    """When a loop last showed it is working (the worker's runner: a queue poll or a lease
+    renewal). Readiness asks for a recent beat: a process can be alive with its loop stalled."""
+
+    def __init__(self) -> None:
+        self._at = time.monotonic()
+
+    def beat(self) -> None:
+        """The loop did its work just now."""
+        self._at = time.monotonic()
+
+    def age(self) -> float:
+        """Seconds since the last beat (or since the pulse was made)."""
+        return time.monotonic() - self._at
+
+
+def pulse_check(pulse: Pulse, max_age: float, what: str = "heartbeat") -> Check:
+    """Ready while ``pulse`` beat within the last ``max_age`` seconds."""
+
+    def check() -> None:
+        age = pulse.age()
+        if age > max_age:
+            raise RuntimeError(f"no {what} for {age:.0f} s (more than {max_age:g} s)")
+
+    return check
