@@ -95,3 +95,50 @@ def test_title_flags_an_unconfirmed_roi(confirmed: bool | None, flagged: bool) -
     text = _decode(png).text
     assert text["Title"] == title
     assert text["ROI"] == {False: "unconfirmed", True: "confirmed", None: "unknown"}[confirmed]
+
+
+def test_roi_outline_drawn_in_its_colour_around_the_roi() -> None:
+    """The outline is the ROI colour and surrounds the ROI, not the whole image."""
+    png = map_slice_png(np.full(SHAPE, 1.0e-3), _roi(), underlay=_checkerboard(), scale=1e3)
+    rgb = np.asarray(_decode(png).convert("RGB")).astype(int)
+    red = (rgb[..., 0] == 0xFF) & (rgb[..., 1] == 0x2D) & (rgb[..., 2] == 0x2D)
+    assert red.sum() > 40
+    ys, xs = np.nonzero(red)
+    # a 6 × 6 voxel square of a 48 × 48 slice: the outline spans about an eighth of the image
+    assert 0.05 * rgb.shape[1] < xs.max() - xs.min() < 0.3 * rgb.shape[1]
+    assert abs((ys.max() - ys.min()) - (xs.max() - xs.min())) <= 3  # square stays square
+    no_roi = map_slice_png(np.full(SHAPE, 1.0e-3), np.zeros(SHAPE, dtype=bool))
+    rgb2 = np.asarray(_decode(no_roi).convert("RGB")).astype(int)
+    assert not ((rgb2[..., 0] == 0xFF) & (rgb2[..., 1] == 0x2D) & (rgb2[..., 2] == 0x2D)).any()
+
+
+def _bar_heights(png: bytes) -> np.ndarray:
+    """Per pixel column, the number of steelblue (bar) pixels."""
+    rgb = np.asarray(_decode(png).convert("RGB")).astype(int)
+    bar = (rgb[..., 0] == 70) & (rgb[..., 1] == 130) & (rgb[..., 2] == 180)
+    return bar.sum(axis=0)
+
+
+def test_histogram_bars_follow_the_bin_counts() -> None:
+    """Two bins, 30 and 10 voxels: two bars, the first three times as tall; empty → no bars."""
+    values = np.array([1.01e-3] * 30 + [1.06e-3] * 10)
+    heights = _bar_heights(histogram_png(values, bin_width=5e-5, scale=1e3))
+    tall = heights[heights > 0]
+    levels = sorted(set(tall.tolist()))
+    assert len(levels) == 2
+    assert abs(levels[1] / levels[0] - 3.0) < 0.1
+    assert (_bar_heights(histogram_png(np.array([]), bin_width=5e-5)) == 0).all()
+
+
+def test_previews_build_no_matplotlib_figure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Latency guard: a matplotlib Figure costs ≈ 0.1 s per preview (26 per analysis)."""
+    import matplotlib.figure
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a matplotlib Figure was built")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "__init__", refuse)
+    map_slice_png(
+        np.ones(SHAPE), _roi(), underlay=_checkerboard(), orientation=((1, 0, 0), (0, 1, 0))
+    )
+    histogram_png(np.linspace(0, 1, 50), bin_width=0.1, annotations={"mean": 0.5})

@@ -15,6 +15,7 @@ confirm it before it is trusted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,9 @@ class Roi:
     voxels: int
     volume_ml: float
     seg_series_uid: str | None
+    #: Automatic candidate: the images it was grown on, and companion series left out (why).
+    inputs: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
 
     def provenance(self) -> RoiProvenance:
         """The ``roi`` object of the results API provenance."""
@@ -64,6 +68,8 @@ class Roi:
             voxels=self.voxels,
             volume_ml=round(self.volume_ml, 4),
             seg_series_uid=self.seg_series_uid,
+            inputs=self.inputs or None,
+            inputs_ignored=self.ignored or None,
         )
 
 
@@ -105,6 +111,8 @@ def _make_roi(
     segment_label: str | None,
     segment_number: int | None,
     seg_series_uid: str | None,
+    inputs: tuple[str, ...] = (),
+    ignored: tuple[str, ...] = (),
 ) -> Roi:
     n = int(mask.sum())
     return Roi(
@@ -117,6 +125,8 @@ def _make_roi(
         voxels=n,
         volume_ml=n * geometry.voxel_volume_mm3 / 1000.0,
         seg_series_uid=seg_series_uid,
+        inputs=inputs,
+        ignored=ignored,
     )
 
 
@@ -218,6 +228,14 @@ def auto_roi(
     grow_fraction: float = 0.5,
     grow_adc_max: float = 1.7e-3,
     group_mm: float = 12.0,
+    enhancement: NDArray[np.floating[Any]] | None = None,
+    t2w: NDArray[np.floating[Any]] | None = None,
+    enhance_fraction: float = 0.4,
+    dce_adc_max: float = 1.9e-3,
+    dce_hb_fraction: float = 0.3,
+    fluid_t2_factor: float = 1.8,
+    fluid_adc_min: float = 1.5e-3,
+    ignored: Sequence[str] = (),
 ) -> Roi:
     """Automatic lesion candidate, marked unconfirmed.
 
@@ -228,6 +246,16 @@ def auto_roi(
     touch the seed plus, for non-mass enhancement (clumped foci separated by normal tissue),
     those lying within ``group_mm`` of it (hysteresis growing with segmental grouping).
     ``method="legacy"`` is the earlier candidate, kept for comparison (benchmarks/bench_roi.py).
+
+    What else the study holds, on the DWI grid (``analysis.companions.on_dwi_grid``):
+    ``enhancement`` (the DCE subtraction) becomes the growing criterion — eligible voxels
+    enhance above ``enhance_fraction`` of the lesion's level (90th percentile one voxel around
+    the seed, so a rim counts), keep ADC < ``dce_adc_max`` and a high-b signal above
+    ``dce_hb_fraction`` of the seed's — because kinetics, not the DWI half maximum, outline NME;
+    it is not used (and ``ignored`` says so) when the seed itself does not enhance. ``t2w``
+    excludes fluid (T2 above ``fluid_t2_factor`` × the seed's, ADC ≥ ``fluid_adc_min``).
+    ``Roi.inputs`` names what was used, ``ignored`` what the caller left out and why; both stay
+    empty when nothing but the DWI was offered (the provenance of DWI-only studies is unchanged).
 
     Legacy: within the breast (not background by the noise threshold, skin edge eroded by
     ``edge_erosion`` voxels in-plane), voxels on the b ≈ ``high_b`` image brighter than both
@@ -262,6 +290,8 @@ def auto_roi(
             adc = fit_adc(arr, b, adc_bvals=(float(levels[0]), float(levels[level]))).adc
     ref = hb[breast]
     mask = np.zeros(arr.shape[:-1], dtype=bool)
+    used = ["dwi_high_b", "adc"]
+    offered = enhancement is not None or t2w is not None
     if ref.size:
         med = float(np.median(ref))
         mad = 1.4826 * float(np.median(np.abs(ref - med)))
@@ -272,17 +302,34 @@ def auto_roi(
         opened = ndimage.binary_opening(cand, structure=st2)
         mask = largest_component(opened if opened.any() else cand)
         if method == "grow" and mask.any():
+            allowed = tissue
+            if t2w is not None:
+                fluid = _fluid(t2w, adc, mask, factor=fluid_t2_factor, adc_min=fluid_adc_min)
+                allowed = tissue & ~fluid
+                used.append("t2w")
+            eligible = None
+            if enhancement is not None:
+                eligible = _enhancing(enhancement, mask, breast, fraction=enhance_fraction)
+                if eligible is None:
+                    ignored = (*ignored, "dce_subtraction: the DWI candidate does not enhance")
+                else:
+                    # the lesion's DWI level loosened: DCE, not the half maximum, sets the edge
+                    hb_level = float(np.median(hb[mask]))
+                    eligible &= (hb > dce_hb_fraction * hb_level) & (adc > 0) & (adc < dce_adc_max)
+                    used.append("dce_subtraction")
             mask = _grow(
                 mask,
                 hb,
                 adc,
-                tissue,
+                allowed,
                 geometry,
                 floor=med + 3.0 * mad,
                 fraction=grow_fraction,
                 adc_max=grow_adc_max,
                 group_mm=group_mm,
+                eligible=eligible,
             )
+
     return _make_roi(
         mask,
         geometry,
@@ -291,7 +338,57 @@ def auto_roi(
         segment_label="automatic candidate",
         segment_number=None,
         seg_series_uid=None,
+        # recorded when the study offered more than the DWI (absent: the DWI alone, as before)
+        inputs=tuple(used) if offered or ignored else (),
+        ignored=tuple(ignored),
     )
+
+
+_LEVEL_DILATION = 1
+_LEVEL_PERCENTILE = 90.0
+
+
+def _enhancing(
+    enhancement: NDArray[np.floating[Any]],
+    seed: NDArray[np.bool_],
+    breast: NDArray[np.bool_],
+    *,
+    fraction: float,
+) -> NDArray[np.bool_] | None:
+    """Voxels enhancing like the lesion: above ``fraction`` of the seed's median subtraction
+    signal. None when the seed itself does not enhance above the breast's median + 3·robust σ
+    (the DCE does not confirm the DWI candidate, so it gives no level to grow on)."""
+    e = np.asarray(enhancement, dtype=np.float64)
+    ref = e[breast]
+    if ref.size == 0 or not seed.any():
+        return None
+    med = float(np.median(ref))
+    mad = 1.4826 * float(np.median(np.abs(ref - med)))
+    if float(np.median(e[seed])) <= med + 3.0 * max(mad, 1e-12):
+        return None
+    # The lesion's enhancement level: a rim-enhancing mass is brightest at its margin, which the
+    # DWI seed (its cellular core) may not reach, so the level is taken one voxel around it.
+    near = ndimage.binary_dilation(seed, iterations=_LEVEL_DILATION) & breast
+    level = float(np.percentile(e[near | seed], _LEVEL_PERCENTILE))
+    return np.asarray(e > fraction * level)
+
+
+def _fluid(
+    t2w: NDArray[np.floating[Any]],
+    adc: NDArray[np.floating[Any]],
+    seed: NDArray[np.bool_],
+    *,
+    factor: float,
+    adc_min: float,
+) -> NDArray[np.bool_]:
+    """Cysts and fluid: T2 brighter than ``factor`` × the seed's median T2 with free diffusion
+    (ADC ≥ ``adc_min``). Why: fluid is bright on b ≈ 0–800 images and can touch a lesion; the T2w
+    series tells fluid from cellular tissue."""
+    t2 = np.asarray(t2w, dtype=np.float64)
+    level = float(np.median(t2[seed])) if seed.any() else 0.0
+    if level <= 0:
+        return np.zeros(t2.shape, dtype=bool)
+    return np.asarray((t2 > factor * level) & (adc >= adc_min))
 
 
 def _grow(
@@ -305,6 +402,7 @@ def _grow(
     fraction: float,
     adc_max: float,
     group_mm: float,
+    eligible: NDArray[np.bool_] | None = None,
 ) -> NDArray[np.bool_]:
     """Hysteresis growing from ``seed`` with grouping of nearby foci (see :func:`auto_roi`).
 
@@ -312,10 +410,13 @@ def _grow(
     mass) and only one focus of clumped non-mass enhancement; the half-maximum of the lesion's
     own signal is the boundary that does not depend on how bright the lesion is.
     """
-    level = float(np.median(hb[seed]))
-    low = max(fraction * level, floor)
-    eligible = breast & (hb > low) & (adc > 0) & (adc < adc_max)
-    eligible |= seed
+    if eligible is None:
+        level = float(np.median(hb[seed]))
+        low = max(fraction * level, floor)
+        eligible = breast & (hb > low) & (adc > 0) & (adc < adc_max)
+    else:  # DCE given: enhancement (with restricted-enough diffusion) decides, within the breast
+        eligible = eligible & breast
+    eligible = eligible | (seed & breast) | seed
     structure = np.ones((3, 3, 3), dtype=bool)
     lab, n = ndimage.label(eligible, structure=structure)
     if n == 0:

@@ -228,6 +228,10 @@ def _contrast_role(datasets: Sequence[Dataset], frames: list[FrameRef], types: s
                        + (f", contrast agent {agent!r}" if agent else "")
                        + ": dynamic contrast-enhanced")
         return SeriesRole.DCE
+    if "SUBTRACTION" in types and (agent or _DCE_DESCRIPTION.search(description)):
+        # one post − pre phase: scanners store each subtraction as its own series
+        reasons.append("subtraction images (Image Type SUBTRACTION): dynamic contrast-enhanced")
+        return SeriesRole.DCE
     te = float(ds.get("EchoTime", 0) or 0)
     tr = float(ds.get("RepetitionTime", 0) or 0)
     sequence = set(_upper_list(ds.get("ScanningSequence")))

@@ -23,11 +23,13 @@ from models.contract import Laterality
 __all__ = [
     "DK_MAX",
     "S0_FGT_NOMINAL",
+    "DceMaps",
     "Laterality",
     "LesionType",
     "Phantom",
     "TissueLabel",
     "add_rician_noise",
+    "dce_maps",
     "dki_signal",
     "make_phantom",
     "rng_stream",
@@ -91,6 +93,8 @@ class Phantom:
     tumour_centre_mm: tuple[float, float, float]
     #: Necrotic core of the tumour (``make_phantom(necrotic_core=True)``), else None.
     core: NDArray[np.bool_] | None = None
+    #: NME only: how densely cancer fills each tumour voxel, in [0.15, 1] (else None).
+    involvement: NDArray[np.float64] | None = None
 
     @property
     def tumour_mask(self) -> NDArray[np.bool_]:
@@ -219,6 +223,9 @@ def make_phantom(
         laterality=laterality,
         tumour_centre_mm=centre,
         core=core,
+        involvement=None
+        if involvement is None
+        else np.where(labels == TissueLabel.TUMOUR, involvement, 0.0),
     )
 
 
@@ -391,3 +398,78 @@ def add_rician_noise(
     if sigma <= 0:
         return s.copy()
     return np.hypot(s + sigma * re, sigma * im)
+
+
+@dataclass(frozen=True)
+class DceMaps:
+    """Fat-suppressed T1-weighted DCE truth on the phantom grid: pre-contrast signal and the
+    relative enhancement of the first post-contrast phase ((post − pre) / pre)."""
+
+    pre: NDArray[np.float64]
+    enhancement: NDArray[np.float64]
+    #: Mass only: "rim" or "homogeneous"; NME: "clumped".
+    pattern: str
+
+    @property
+    def post(self) -> NDArray[np.float64]:
+        return self.pre * (1.0 + self.enhancement)
+
+    @property
+    def subtraction(self) -> NDArray[np.float64]:
+        return self.pre * self.enhancement
+
+
+#: Pre-contrast fat-suppressed T1w signal per tissue (arbitrary units).
+_T1_PRE: dict[TissueLabel, float] = {
+    TissueLabel.BACKGROUND: 0.0,
+    TissueLabel.FAT: 60.0,
+    TissueLabel.FGT: 300.0,
+    TissueLabel.MUSCLE: 260.0,
+    TissueLabel.TUMOUR: 280.0,
+}
+
+
+def dce_maps(phantom: Phantom, *, seed: int) -> DceMaps:
+    """Early post-contrast enhancement of the phantom (its own random stream: nothing else moves).
+
+    Why these values (BI-RADS MRI lexicon; Kuhl, Radiology 2007): cancers enhance strongly in
+    the early phase (relative enhancement 100–200 %), masses either homogeneously or with a rim
+    (a less perfused centre); non-mass enhancement is clumped foci in a segment, each enhancing
+    with its cancer involvement; normal gland shows mild background parenchymal enhancement
+    (5–25 %), muscle and heart moderate, fat almost none.
+    """
+    rng = rng_stream(seed, 8)
+    labels = phantom.labels
+    spacing = (
+        phantom.geometry.slice_spacing,
+        phantom.geometry.row_spacing,
+        phantom.geometry.col_spacing,
+    )
+    texture = _smooth_noise(rng, labels.shape, 3.0, spacing)
+    pre = np.zeros(labels.shape)
+    for label, value in _T1_PRE.items():
+        pre[labels == label] = value
+    pre *= 1.0 + 0.04 * texture
+    bpe = rng.uniform(0.05, 0.25)
+    enh = np.zeros(labels.shape)
+    enh[labels == TissueLabel.FAT] = 0.03
+    enh[labels == TissueLabel.MUSCLE] = 0.4
+    fgt = labels == TissueLabel.FGT
+    enh[fgt] = bpe * (1.0 + 0.3 * texture[fgt])
+    tumour = phantom.tumour_mask
+    peak = rng.uniform(1.2, 2.0)
+    if phantom.lesion is LesionType.NME and phantom.involvement is not None:
+        pattern = "clumped"
+        w = phantom.involvement[tumour]
+        enh[tumour] = bpe + w * (peak - bpe)
+        pre[tumour] = w * _T1_PRE[TissueLabel.TUMOUR] + (1.0 - w) * _T1_PRE[TissueLabel.FGT]
+    else:
+        pattern = "rim" if rng.random() < 0.5 else "homogeneous"
+        if pattern == "rim" and tumour.any():
+            depth = ndimage.distance_transform_edt(tumour, sampling=spacing)
+            rim = np.exp(-np.maximum(depth - 1.0, 0.0) / 2.5)  # 1 at the edge, falls inwards
+            enh[tumour] = peak * (0.35 + 0.65 * rim[tumour])
+        else:
+            enh[tumour] = peak * (1.0 + 0.08 * texture[tumour])
+    enh[labels == TissueLabel.BACKGROUND] = 0.0
+    return DceMaps(pre=pre, enhancement=np.clip(enh, 0.0, None), pattern=pattern)

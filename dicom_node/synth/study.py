@@ -5,6 +5,8 @@ Layout of ``OUT``::
     OUT/dwi/IM00001.dcm …   trace-weighted DWI, one file per (b, slice), vendor b convention
     OUT/t2/IM00001.dcm …    T2-weighted TSE, same Frame of Reference
     OUT/seg/seg.dcm         DICOM SEG of the tumour, referencing the b = 0 DWI images
+    OUT/dce/, OUT/dce_sub/  only with ``dce=True``: dynamic T1w (pre + first post-contrast
+                            phase) and its subtraction, on their own finer grid (``synth.dce``)
     OUT/truth.npz           s0, dapp (mm²/s), kapp, t2w, labels, tumour_mask, bvals, affine
     OUT/manifest.json       everything a test needs to check a reader (``StudyManifest``)
 
@@ -24,7 +26,7 @@ import math
 import sys
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from pydicom.dataset import Dataset
 from dicom_node.series.bvalues import B0_THRESHOLD
 from dicom_node.series.volume import Geometry
 
+from .dce import dce_series
 from .dicom_writer import MrParams, PatientInfo, SeriesInfo, StudyInfo, mr_image, quantise, save
 from .phantom import (
     S0_FGT_NOMINAL,
@@ -126,9 +129,17 @@ class StudyManifest:
     seg: SeriesEntry
     truth_file: str = "truth.npz"
     truth_summary: dict[str, float] = field(default_factory=dict)
+    #: Only with ``write_study(dce=True)`` (absent from manifest.json otherwise).
+    dce: SeriesEntry | None = None
+    dce_subtraction: SeriesEntry | None = None
+    dce_pattern: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for key in _OPTIONAL_KEYS:  # keep studies without DCE byte-identical to before
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -136,8 +147,9 @@ class StudyManifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudyManifest:
         data = dict(data)
-        for key in ("dwi", "t2", "seg"):
-            data[key] = SeriesEntry(**data[key])
+        for key in ("dwi", "t2", "seg", "dce", "dce_subtraction"):
+            if data.get(key) is not None:
+                data[key] = SeriesEntry(**data[key])
         return cls(**data)
 
     @classmethod
@@ -160,6 +172,9 @@ class StudyManifest:
             slice_spacing=float(g["slice_spacing"]),
             frame_of_reference_uid=str(g["frame_of_reference_uid"]),
         )
+
+
+_OPTIONAL_KEYS = ("dce", "dce_subtraction", "dce_pattern")
 
 
 def _uid(*parts: object) -> str:
@@ -249,8 +264,8 @@ def _remove_previous(out: Path) -> None:
         old = StudyManifest.load(out)
     except (OSError, ValueError, TypeError, KeyError):
         return
-    for entry in (old.dwi, old.t2, old.seg):
-        for rel in entry.files:
+    for entry in (old.dwi, old.t2, old.seg, old.dce, old.dce_subtraction):
+        for rel in entry.files if entry is not None else []:
             (out / rel).unlink(missing_ok=True)
     (out / old.truth_file).unlink(missing_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
@@ -269,6 +284,7 @@ def write_study(
     b_values: Sequence[float] = DEFAULT_B_VALUES,
     ge_b_offset: bool = False,
     overwrite: bool = False,
+    dce: bool = False,
 ) -> StudyManifest:
     """Write a synthetic bilateral breast DKI study to ``out`` and return its manifest.
 
@@ -279,7 +295,9 @@ def write_study(
     vendor's tag can hold it (Philips FL/FD) and rounded where it is an integer (IS).
     ``ge_b_offset`` writes GE's older (0043,1039) form with the 1e9 offset. A non-empty ``out``
     is refused unless ``overwrite``, which removes only files listed in the previous
-    ``manifest.json``.
+    ``manifest.json``. ``dce`` also writes a dynamic T1w series (pre- and first post-contrast
+    phase) and its subtraction on their own grid (:func:`dicom_node.synth.dce.dce_geometry`);
+    everything else is written exactly as without it.
     """
     out = Path(out)
     vendor = Vendor(vendor)
@@ -469,6 +487,12 @@ def write_study(
         sop_instance_uids=[seg_uid],
     )
 
+    dce_entries = (
+        _write_dce(out, phantom, seed=seed, snr=snr, key=key, patient=patient, study=study,
+                   profile=profile, study_time=study_time)
+        if dce
+        else None
+    )  # fmt: skip
     _save_truth(out / "truth.npz", phantom, bvals)
     manifest = StudyManifest(
         manifest_version=MANIFEST_VERSION,
@@ -497,9 +521,103 @@ def write_study(
         t2=t2_entry,
         seg=seg_entry,
         truth_summary=_truth_summary(phantom),
+        dce=dce_entries[0] if dce_entries else None,
+        dce_subtraction=dce_entries[1] if dce_entries else None,
+        dce_pattern=dce_entries[2] if dce_entries else None,
     )
     (out / "manifest.json").write_text(manifest.to_json() + "\n", encoding="utf-8")
     return manifest
+
+
+def _write_dce(
+    out: Path,
+    phantom: Phantom,
+    *,
+    seed: int,
+    snr: float,
+    key: tuple[Any, ...],
+    patient: PatientInfo,
+    study: StudyInfo,
+    profile: Any,
+    study_time: str,
+) -> tuple[SeriesEntry, SeriesEntry, str]:
+    """The dynamic series (2 temporal positions) and its subtraction, as a scanner stores them:
+    a fat-suppressed 3-D T1w gradient echo with its own matrix and slices."""
+    series = dce_series(phantom, seed=seed, snr=snr)
+    grid = series.geometry
+    n_slices, rows, cols = grid.shape
+    params = MrParams(
+        image_type=("ORIGINAL", "PRIMARY", "M"),
+        scanning_sequence=("GR",),
+        sequence_variant=("SP", "SK"),
+        scan_options=("FS",),
+        sequence_name="*fl3d1",
+        repetition_time_ms=4.7,
+        echo_time_ms=1.8,
+        echo_train_length=1,
+        flip_angle_deg=10.0,
+        pixel_bandwidth_hz=490.0,
+        acquisition_matrix=(cols, 0, 0, rows),
+        phase_encoding_direction="ROW",
+    )
+    stored, slope = quantise(np.stack([series.pre, series.post]))
+    sub_stored, sub_slope = quantise(series.subtraction)
+    parts = (
+        ("dce", "t1_fl3d_tra_dyn_fs", 7, params, [stored[0], stored[1]], slope),
+        (
+            "dce_sub",
+            "t1_fl3d_tra_dyn_fs_SUB",
+            8,
+            replace(params, image_type=("DERIVED", "PRIMARY", "SUBTRACTION")),
+            [sub_stored],
+            sub_slope,
+        ),
+    )
+    entries = []
+    for folder, description, number, prm, phases, scale in parts:
+        info = SeriesInfo(
+            series_instance_uid=_uid(f"series-{folder}", *key),
+            series_number=number,
+            description=description,
+            protocol_name="t1_fl3d_tra_dyn_fs",
+            time=_time_plus(study_time, 16),
+        )
+        entry = SeriesEntry(
+            role=folder,
+            modality="MR",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+            series_instance_uid=info.series_instance_uid,
+            series_number=number,
+            series_description=description,
+            rescale_slope=scale,
+        )
+        for t, volume in enumerate(phases):
+            for k in range(n_slices):
+                sop_uid = _uid(folder, t, k, *key)
+                ds = mr_image(
+                    pixels=volume[k],
+                    slope=scale,
+                    geometry=grid,
+                    slice_index=k,
+                    patient=patient,
+                    study=study,
+                    series=info,
+                    params=prm,
+                    profile=profile,
+                    sop_instance_uid=sop_uid,
+                    instance_number=t * n_slices + k + 1,
+                    acquisition_number=t + 1,
+                )
+                ds.MRAcquisitionType = "3D"
+                ds.ContrastBolusAgent = "Gadobutrol"
+                ds.TemporalPositionIdentifier = t + 2 if folder == "dce_sub" else t + 1
+                ds.NumberOfTemporalPositions = 2
+                rel = f"{folder}/IM{t * n_slices + k + 1:05d}.dcm"
+                save(ds, out / rel)
+                entry.files.append(rel)
+                entry.sop_instance_uids.append(sop_uid)
+        entries.append(entry)
+    return entries[0], entries[1], series.pattern
 
 
 def _save_truth(path: Path, phantom: Phantom, bvals: np.ndarray) -> None:
@@ -554,6 +672,7 @@ def cmd_synth(
     vendor: str = Vendor.SIEMENS.value,
     *,
     overwrite: bool = False,
+    dce: bool = False,
 ) -> int:
     """CLI body: write the study, print a one-line summary; exit 0, 2 for bad input, 1 when the
     folder cannot be written."""
@@ -566,7 +685,7 @@ def cmd_synth(
         return 2
     try:
         manifest = write_study(
-            out, seed=seed, lesion=lesion, snr=snr, vendor=vendor, overwrite=overwrite
+            out, seed=seed, lesion=lesion, snr=snr, vendor=vendor, overwrite=overwrite, dce=dce
         )
     except ValueError as exc:
         print(f"her2low synth: error: {exc}", file=sys.stderr)
@@ -576,7 +695,9 @@ def cmd_synth(
         where = exc.filename or out
         print(f"her2low synth: error: cannot write {where}: {reason}", file=sys.stderr)
         return 1
+    extra = [e for e in (manifest.dce, manifest.dce_subtraction) if e is not None]
     n = len(manifest.dwi.files) + len(manifest.t2.files) + len(manifest.seg.files)
+    n += sum(len(e.files) for e in extra)
     print(
         f"wrote {n} DICOM files to {out}: vendor={manifest.vendor} lesion={manifest.lesion} "
         f"laterality={manifest.laterality} b={manifest.b_values} "
@@ -624,12 +745,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace a study written in --out before (other files there are kept)",
     )
+    parser.add_argument(
+        "--dce",
+        action="store_true",
+        help="also write a dynamic T1w series (pre + post contrast) and its subtraction",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Handler of the parser :func:`add_arguments` filled."""
     return cmd_synth(
-        args.out, args.seed, args.lesion, args.snr, args.vendor, overwrite=args.overwrite
+        args.out,
+        args.seed,
+        args.lesion,
+        args.snr,
+        args.vendor,
+        overwrite=args.overwrite,
+        dce=getattr(args, "dce", False),
     )
 
 
