@@ -114,7 +114,14 @@ def outside(
     provenance: Provenance | None,
     features: Mapping[str, float | None],
 ) -> list[str]:
-    """Where a case leaves the training domain, one sentence each (empty: inside it)."""
+    """Where a case leaves the training domain, one sentence each (empty: inside it).
+
+    Only what both sides state is compared: a card that records no field strength or vendor
+    (the simulated reference cohort: "not recorded") judges no scanner, and a case whose
+    ``provenance.scanner`` lacks a value (older nodes, headers without it) is not called outside
+    for it — unknown is not evidence of a shift, and a warning on every case would teach
+    readers to ignore the real ones.
+    """
     out: list[str] = []
     b_values = provenance.b_values if provenance is not None else ()
     if b_values and domain.b_values and not _same_protocol(b_values, domain.b_values):

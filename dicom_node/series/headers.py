@@ -12,7 +12,17 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-__all__ = ["first_text", "floats", "number", "private_tag", "text"]
+from models.contract import ScannerInfo
+
+__all__ = [
+    "field_strength_t",
+    "first_text",
+    "floats",
+    "number",
+    "private_tag",
+    "scanner_info",
+    "text",
+]
 
 
 def text(ds: Dataset, *keywords: str) -> str:
@@ -61,3 +71,32 @@ def private_tag(ds: Dataset, group: int, creator: str, offset: int) -> int | Non
             if isinstance(value, str) and value.strip() == creator:
                 return (group << 16) | (tag.element << 8) | offset
     return None
+
+
+def field_strength_t(ds: Dataset) -> float | None:
+    """MagneticFieldStrength (0018,0087) in tesla, else None (absent, empty, 0, implausible).
+
+    The standard unit is tesla; some older systems wrote gauss (15000 for 1.5 T), so a value
+    above 100 is read as gauss. Anything outside 0.05–12 T after that is not a clinical magnet.
+    """
+    value = number(ds.get("MagneticFieldStrength"), 0.0)
+    if value > 100.0:
+        value /= 10_000.0
+    return value if 0.05 <= value <= 12.0 else None
+
+
+def scanner_info(ds: Dataset) -> ScannerInfo | None:
+    """``provenance.scanner`` from one image: make, model and field strength of the device.
+
+    Only Manufacturer (0008,0070), ManufacturerModelName (0008,1090) and MagneticFieldStrength
+    (0018,0087) are read — what a site needs to watch drift and out-of-distribution cases per
+    scanner type. Nothing that names a particular device or place (DeviceSerialNumber,
+    StationName, InstitutionName, its address or department) is read. None when the image
+    states none of the three.
+    """
+    manufacturer = text(ds, "Manufacturer").strip()[:64]
+    model = text(ds, "ManufacturerModelName").strip()[:64]
+    strength = field_strength_t(ds)
+    if not (manufacturer or model or strength is not None):
+        return None
+    return ScannerInfo(manufacturer=manufacturer, model=model, field_strength_t=strength)
