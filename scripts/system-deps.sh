@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Debian packages the tests use as real peers: DCMTK, Orthanc, dicom3tools (dciodvfy), Node/npm
-# (to fetch the official FHIR R4 JSON schema), Chromium (the review app's browser tests),
-# PostgreSQL and Redis (scaled mode against real servers).
+# Debian packages the tests use as real peers: DCMTK, Orthanc (+ DICOMweb plugin), dicom3tools
+# (dciodvfy), Node/npm (to fetch the official FHIR R4 JSON schema), Chromium (the review app's
+# browser tests), PostgreSQL and Redis (scaled mode against real servers).
 # Installs only what is missing; needs root.
 set -euo pipefail
 need=()
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
+# Orthanc's DICOMweb plugin: the STOW-RS peer of tests/test_export_stow.py
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
@@ -19,6 +21,10 @@ command -v podman >/dev/null 2>&1 || need+=(podman)
 command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || need+=(runc)
 command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
 [ -x /usr/libexec/podman/catatonit ] || command -v catatonit >/dev/null 2>&1 || need+=(catatonit)
+# the compose stack run for real (tests/test_compose.py): Debian's podman-compose, and the CNI
+# dnsname plugin so that compose service names resolve on podman's bridge network
+command -v podman-compose >/dev/null 2>&1 || need+=(podman-compose)
+[ -x /usr/lib/cni/dnsname ] || need+=(golang-github-containernetworking-plugin-dnsname)
 # nginx as the buffering TLS front (tests/test_nginx_front.py); nginx lives in /usr/sbin
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 if [ ${#need[@]} -gt 0 ]; then

@@ -9,18 +9,16 @@ every late instance), the node stores only the new instance and re-runs the anal
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sqlite3
-import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-import requests
 
-from tests.conftest import free_port, require_tool
+from tests.conftest import require_tool
+from tests.orthanc_peer import OrthancPeer, orthanc_server
 from tests.system import System, running_system
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,85 +32,25 @@ end
 """
 
 
-class Orthanc:
-    def __init__(self, http_port: int, dicom_port: int) -> None:
-        self.http = f"http://127.0.0.1:{http_port}"
-        self.dicom_port = dicom_port
-
-    def store(self, files: list[Path]) -> None:
-        """Send files to Orthanc with DCMTK storescu, as a modality would."""
-        result = subprocess.run(
-            [
-                "storescu",
-                "-aet",
-                "MODALITY",
-                "-aec",
-                "ORTHANC",
-                "-xe",
-                "-R",
-                "127.0.0.1",
-                str(self.dicom_port),
-                *map(str, files),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "TCP_NODELAY": "1"},
-        )
-        assert result.returncode == 0, result.stderr
-
-
 @pytest.fixture
-def orthanc_for(tmp_path: Path):  # type: ignore[no-untyped-def]
-    require_tool("Orthanc")
-    procs: list[subprocess.Popen[bytes]] = []
+def orthanc_for(tmp_path: Path) -> Iterator[Callable[[int], OrthancPeer]]:
+    """Start Orthanc routing stable MR/SEG series to the node on ``node_port``."""
+    with ExitStack() as stack:
 
-    def start(node_port: int) -> Orthanc:
-        folder = tmp_path / "orthanc"
-        folder.mkdir()
-        (folder / "route.lua").write_text(ROUTE_LUA)
-        http_port, dicom_port = free_port(), free_port()
-        config = {
-            "Name": "her2low-test-pacs",
-            "StorageDirectory": str(folder / "storage"),
-            "IndexDirectory": str(folder / "index"),
-            "HttpPort": http_port,
-            "DicomPort": dicom_port,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomModalities": {
-                "her2low": {"AET": "HER2LOW", "Host": "127.0.0.1", "Port": node_port}
-            },
-            "LuaScripts": [str(folder / "route.lua")],
-            "StableAge": 2,
-            "Plugins": [],
-        }
-        (folder / "config.json").write_text(json.dumps(config))
-        log = open(folder / "orthanc.log", "wb")  # noqa: SIM115
-        procs.append(
-            subprocess.Popen(
-                [shutil.which("Orthanc") or "Orthanc", str(folder / "config.json")],
-                cwd=folder,
-                stdout=log,
-                stderr=log,
-            )
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                requests.get(f"http://127.0.0.1:{http_port}/system", timeout=1)
-                return Orthanc(http_port, dicom_port)
-            except requests.RequestException:
-                time.sleep(0.2)
-        raise AssertionError(
-            "Orthanc did not start: " + (folder / "orthanc.log").read_text()[-2000:]
-        )
+        def start(node_port: int) -> OrthancPeer:
+            folder = tmp_path / "orthanc"
+            folder.mkdir()
+            (folder / "route.lua").write_text(ROUTE_LUA)
+            config = {
+                "DicomModalities": {
+                    "her2low": {"AET": "HER2LOW", "Host": "127.0.0.1", "Port": node_port}
+                },
+                "LuaScripts": [str(folder / "route.lua")],
+                "StableAge": 2,
+            }
+            return stack.enter_context(orthanc_server(folder, config=config))
 
-    yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=10)
+        yield start
 
 
 @pytest.fixture
@@ -146,9 +84,7 @@ def _wait_jobs(system: System, series_uid: str, done: int, timeout: float = 120)
 
 
 def test_orthanc_routes_series_and_late_instance_reruns_once(
-    system: System,
-    orthanc_for,
-    tmp_path: Path,  # type: ignore[no-untyped-def]
+    system: System, orthanc_for: Callable[[int], OrthancPeer], tmp_path: Path
 ) -> None:
     require_tool("storescu")
     orthanc = orthanc_for(system.node_port)

@@ -13,7 +13,9 @@ Instance UIDs, so a PACS keeps exactly one copy of each object.
 Destinations (``node_export_destinations``) are resolved by name at send time: fixing a
 destination's address in the configuration and retrying is enough. A destination with
 ``calling_aets`` only receives results of series sent to the node by those AE titles; one
-without receives everything. DICOMweb STOW-RS destinations are not implemented yet.
+without receives everything. A destination is reached by C-STORE (:mod:`.export_scu`) or, when
+it has a ``stow_url``, by DICOMweb STOW-RS (:mod:`.export_stow`); both answer the same
+:class:`SendResult`, so retries and dead letters work alike.
 """
 
 from __future__ import annotations
@@ -34,10 +36,14 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from dicom_node.db import Base
 from dicom_node.jobs.export_scu import SendOutcome, SendResult, store_files
+from dicom_node.jobs.export_stow import stow_entry, stow_files
+from dicom_node.jobs.results_state import ExportReported  # noqa: F401  (same metadata)
 from her2low.core.settings import ConfigurationError, Settings
+from models.contract import ExportState  # one enum: the node's rows are what it reports
 
 __all__ = [
     "Destination",
+    "DestinationKind",
     "Export",
     "ExportPolicy",
     "ExportState",
@@ -52,15 +58,6 @@ log = logging.getLogger(__name__)
 
 #: A send that has not reported back after this long is taken to have died with its worker.
 LEASE_SECONDS = 600.0
-
-
-class ExportState(enum.StrEnum):
-    """pending → sending → done, or back to pending (retry) until dead (dead letter)."""
-
-    PENDING = "pending"
-    SENDING = "sending"
-    DONE = "done"
-    DEAD = "dead"
 
 
 class Export(Base):
@@ -92,23 +89,47 @@ class Export(Base):
         return [Path(p) for p in json.loads(self.paths)]
 
 
+class DestinationKind(enum.StrEnum):
+    """How the results reach a destination."""
+
+    #: C-STORE over a DICOM association (``ae_title``, ``host``, ``port``, optional TLS).
+    DIMSE = "dimse"
+    #: DICOMweb STOW-RS, one HTTP(S) POST per batch (``stow_url``).
+    STOW = "stow"
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM C-STORE SCP the results go to (``node_export_destinations`` entry)."""
+    """A C-STORE SCP or a STOW-RS endpoint the results go to (``node_export_destinations``)."""
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     tls: bool = False
     #: PEM CA bundle to verify the destination's certificate (default: the system store).
     tls_ca: str | None = None
     #: Source calling AE titles this destination serves; empty = every source.
     calling_aets: tuple[str, ...] = ()
+    kind: DestinationKind = DestinationKind.DIMSE
+    #: STOW-RS only: the Store Instances URL (``https://pacs/dicom-web/studies``).
+    stow_url: str = ""
+    #: STOW-RS only: a file holding the bearer token (the token is never in the settings).
+    token_file: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Destination:
         """Validate one configured entry; a bad one is a configuration error, not a crash."""
+        if "stow_url" in data:
+            name, url, token_file = stow_entry(data)
+            return cls(
+                name=name,
+                kind=DestinationKind.STOW,
+                stow_url=url,
+                token_file=token_file,
+                tls_ca=str(data["tls_ca"]) if data.get("tls_ca") else None,
+                calling_aets=tuple(str(a).strip() for a in data.get("calling_aets") or ()),
+            )
         try:
             ae_title = str(data["ae_title"]).strip()
             host = str(data["host"])
@@ -268,10 +289,20 @@ Sender = Callable[[Destination, list[Path], ExportPolicy], SendResult]
 
 
 def send(dest: Destination, paths: list[Path], policy: ExportPolicy) -> SendResult:
-    """One C-STORE batch to ``dest`` (the default :data:`Sender`)."""
+    """One batch to ``dest``, by C-STORE or STOW-RS after its kind (the default :data:`Sender`)."""
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         return SendResult(SendOutcome.FAILED, f"object files missing: {missing[:3]}")
+    if dest.kind is DestinationKind.STOW:
+        cert = policy.tls_cert, policy.tls_key
+        return stow_files(
+            paths,
+            url=dest.stow_url,
+            token_file=Path(dest.token_file) if dest.token_file else None,
+            tls_ca=Path(dest.tls_ca) if dest.tls_ca else None,
+            client_cert=(cert[0], cert[1]) if cert[0] is not None and cert[1] is not None else None,
+            timeout=policy.timeout,
+        )
     try:
         tls = _tls_context(dest, policy)
     except (OSError, ssl.SSLError) as exc:
@@ -572,7 +603,7 @@ def export_results(
             log.warning("result objects", extra={"series_uid": series_uid, "problem": problem})
         folder = config.outputs_dir / str(dwi.study_instance_uid) / series_uid
         paths = objects.write(folder)
-        return schedule(
+        ids = schedule(
             sessions,
             destinations=targets,
             paths=paths,
@@ -586,3 +617,16 @@ def export_results(
             "result objects could not be written or queued", extra={"series_uid": series_uid}
         )
         return []
+    try:  # the SR a later assessment revises (descriptors, likelihood: results_sync)
+        from dicom_node.jobs.results_sync import record_original  # it imports this module
+
+        record_original(
+            sessions,
+            series_uid=series_uid,
+            pipeline_version=str(analysis.pipeline_version),
+            sr=objects.sr,
+            path=paths[0],
+        )
+    except Exception:  # the objects are queued all the same; only a revision is lost
+        log.exception("result SR not recorded", extra={"series_uid": series_uid})
+    return ids

@@ -1,9 +1,10 @@
 """Results as standard DICOM objects (IHE AI Results style), written with highdicom.
 
 For one analysed DWI series: a TID 1500 Measurement Report (:mod:`.sr`), the automatic ROI as a
-SEG (:mod:`.seg`, only when the node proposed the ROI), and float Parametric Maps of ADC, Dapp
-and Kapp (:mod:`.parametric_maps`), all in the source's patient, study and frame of reference,
-each in a new series, with UIDs derived from the source (:mod:`.identification`).
+SEG (:mod:`.seg`, only when the node proposed the ROI), float Parametric Maps of ADC, Dapp
+and Kapp (:mod:`.parametric_maps`) and a Key Object Selection flagging the key images for the
+tumour board (:mod:`.kos`), all in the source's patient, study and frame of reference, each in a
+new series, with UIDs derived from the source (:mod:`.identification`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dicom_node.analysis.outputs.identification import (
     IMPLEMENTATION_VERSION_NAME,
     is_own_object,
 )
+from dicom_node.analysis.outputs.kos import build_key_objects
 from dicom_node.analysis.outputs.parametric_maps import build_parametric_map
 from dicom_node.analysis.outputs.seg import ROI_SEGMENT_NUMBER, build_roi_seg
 from dicom_node.analysis.outputs.sr import Likelihood, build_measurement_report
@@ -40,16 +42,20 @@ __all__ = [
 
 @dataclass
 class ResultObjects:
-    """The objects of one analysed series: SR first, then the SEG (if written) and the maps."""
+    """The objects of one analysed series: SR first, then the SEG (if written), the maps and
+    the Key Object Selection (if it could be made)."""
 
     sr: Dataset
     maps: dict[str, Dataset]
     seg: Dataset | None = None
     problems: list[str] = field(default_factory=list)
+    kos: Dataset | None = None
 
     @property
     def datasets(self) -> list[Dataset]:
-        return [self.sr, *([self.seg] if self.seg is not None else []), *self.maps.values()]
+        optional_seg = [self.seg] if self.seg is not None else []
+        optional_kos = [self.kos] if self.kos is not None else []
+        return [self.sr, *optional_seg, *self.maps.values(), *optional_kos]
 
     def write(self, folder: Path) -> list[Path]:
         """Write every object as ``<Modality>_<SOPInstanceUID>.dcm`` (atomic rename each)."""
@@ -84,7 +90,7 @@ def build_outputs(
     segs: Sequence[pydicom.Dataset] = (),
     likelihood: Likelihood | None = None,
 ) -> ResultObjects:
-    """SR, SEG (automatic ROI only) and the three Parametric Maps of one analysed series.
+    """SR, SEG (automatic ROI only), the three Parametric Maps and the KOS of one series.
 
     ``datasets`` are the DWI series' instances (the source images are picked from them);
     ``segs`` the SEGs the analysis was given, so an incoming SEG is referenced rather than
@@ -114,7 +120,12 @@ def build_outputs(
         maps=list(maps.values()),
         likelihood=likelihood,
     )
-    return ResultObjects(sr=sr, maps=maps, seg=own_seg, problems=problems)
+    kos: Dataset | None = None
+    try:
+        kos = build_key_objects(ctx, datasets, sr=sr, maps=list(maps.values()))
+    except ValueError as exc:  # no key slice or image: the other objects still stand
+        problems.append(f"no Key Object Selection: {exc}")
+    return ResultObjects(sr=sr, maps=maps, seg=own_seg, problems=problems, kos=kos)
 
 
 def write_outputs(
