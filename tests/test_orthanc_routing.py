@@ -15,21 +15,19 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
+from dicom_node.analysis.outputs.identification import MANUFACTURER, MODEL_NAME
 from tests.conftest import require_tool
 from tests.orthanc_peer import OrthancPeer, orthanc_server
 from tests.system import System, running_system
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROUTE_LUA = """
-function OnStableSeries(seriesId, tags, metadata)
-  if tags['Modality'] == 'MR' or tags['Modality'] == 'SEG' then
-    RestApiPost('/modalities/her2low/store', DumpJson({Resources={seriesId}, Asynchronous=true}))
-  end
-end
-"""
+#: The routing script sites deploy (the test runs the shipped file, not a copy of it).
+ROUTE_LUA = Path(__file__).resolve().parents[1] / "deploy" / "orthanc" / "route-to-her2low.lua"
 
 
 @pytest.fixture
@@ -40,12 +38,11 @@ def orthanc_for(tmp_path: Path) -> Iterator[Callable[[int], OrthancPeer]]:
         def start(node_port: int) -> OrthancPeer:
             folder = tmp_path / "orthanc"
             folder.mkdir()
-            (folder / "route.lua").write_text(ROUTE_LUA)
             config = {
                 "DicomModalities": {
                     "her2low": {"AET": "HER2LOW", "Host": "127.0.0.1", "Port": node_port}
                 },
-                "LuaScripts": [str(folder / "route.lua")],
+                "LuaScripts": [str(ROUTE_LUA)],
                 "StableAge": 2,
             }
             return stack.enter_context(orthanc_server(folder, config=config))
@@ -125,3 +122,18 @@ def test_orthanc_routes_series_and_late_instance_reruns_once(
     assert series_state == "DONE"
     result = system.wait_result(manifest["study_instance_uid"])
     assert result["provenance"]["roi"]["source"] == "seg"
+
+    # an MR series the node wrote (its parametric maps are MR) is never routed back to it
+    own = pydicom.dcmread(late)
+    own.SeriesInstanceUID = own.SOPInstanceUID = generate_uid()
+    own.file_meta.MediaStorageSOPInstanceUID = own.SOPInstanceUID
+    own.Manufacturer, own.ManufacturerModelName = MANUFACTURER, MODEL_NAME
+    own.save_as(tmp_path / "own.dcm")
+    orthanc.store([tmp_path / "own.dcm"])
+    time.sleep(6)  # past StableAge and the routing it would trigger
+    with _node_db(system) as db:
+        (routed,) = db.execute(
+            "SELECT count(*) FROM instances WHERE series_instance_uid = ?",
+            (own.SeriesInstanceUID,),
+        ).fetchone()
+    assert routed == 0
