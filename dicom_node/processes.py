@@ -37,8 +37,7 @@ def _sessions(settings: Settings) -> Any:
 
 
 def pipeline_settings(settings: Settings) -> PipelineSettings:
-    from dicom_node.analysis.dki import DkiMethod
-    from dicom_node.analysis.series_analysis import AnalysisSettings
+    from dicom_node.analysis.series_analysis import analysis_settings
     from dicom_node.jobs.export import ExportConfig
     from dicom_node.jobs.pipeline import PipelineSettings
 
@@ -46,9 +45,7 @@ def pipeline_settings(settings: Settings) -> PipelineSettings:
         results_url=settings.node_results_url,
         results_token=settings.results_token(),
         quiet_seconds=settings.node_quiet_seconds,
-        analysis=AnalysisSettings(
-            method=DkiMethod(settings.worker_fit_method), denoise=settings.worker_denoise
-        ),
+        analysis=analysis_settings(settings.worker_fit_method, settings.worker_denoise),
         export=ExportConfig.from_settings(settings) if settings.node_export_destinations else None,
     )
 
@@ -94,7 +91,7 @@ def run_node(settings: Settings, stop: threading.Event | None = None) -> None:
 
 def run_worker(settings: Settings) -> None:
     """Consume analysis jobs (threads; run more processes or hosts to scale)."""
-    from dicom_node.jobs.runner import run_job
+    from dicom_node.jobs.runner import PULSE, run_job, watch_queue
 
     _private_home(settings)
     sessions = _sessions(settings)
@@ -111,7 +108,8 @@ def run_worker(settings: Settings) -> None:
         )
 
     register(huey, work)
-    operations.start_worker(settings, sessions, huey)  # this process' job metrics, readiness
+    watch_queue(huey)  # every poll beats the runner's pulse: readiness sees a stalled runner
+    operations.start_worker(settings, sessions, huey, PULSE)  # job metrics, readiness
     if config.export is not None:  # sends run beside the queue: a dead PACS blocks no analysis
         from dicom_node.jobs.export import run_forever as run_exports
 
@@ -121,6 +119,9 @@ def run_worker(settings: Settings) -> None:
             name="exports",
             daemon=True,
         ).start()
+        from dicom_node.jobs import results_sync  # export states → service, assessments → SR
+
+        results_sync.start_thread(sessions, settings, config.export)
     consumer = huey.create_consumer(
         workers=settings.worker_count,
         worker_type="thread",

@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from models.contract import DEFAULT_CONVENTIONS, TrainingSettings
 from models.data import Cohort, read_cohort_csv, write_cohort_csv
 from models.prediction import ModelVariant
 from models.registry import REFERENCE_NAME, reference_root
@@ -23,6 +24,16 @@ from models.training import VARIANT_FEATURES, ModelInfo, TrainingConfig, train_a
 REFERENCE_VERSION = "0.1.0"
 REFERENCE_SEED = 20250311
 REFERENCE_CREATED = "2026-11-25"
+#: The conventions the simulated features stand for: the node's default analysis (pipeline dki-2,
+#: MP-PCA then nls_rician). The simulator draws feature values; no DKI fit computed them.
+REFERENCE_FIT_SETTINGS = TrainingSettings(conventions=DEFAULT_CONVENTIONS)
+REFERENCE_FEATURES_NOTE = (
+    "The quantitative features are drawn by the simulator, not computed by a DKI fit of images: "
+    "they stand for features computed under the conventions in fit_settings (the node's default "
+    "analysis since pipeline dki-2: MP-PCA denoising, then the Rician-aware nls_rician fit), and "
+    "results computed otherwise (e.g. nls without denoising, the dki-1 default) are stored but not "
+    "scored."
+)
 REFERENCE_LIMITATION = (
     "REFERENCE MODEL TRAINED ON SIMULATED DATA. Not clinically validated; its performance "
     "figures describe the simulator, not patients. A site must train and validate a model on its "
@@ -45,15 +56,17 @@ def build(out_root: Path, *, version: str = REFERENCE_VERSION, n_bootstrap: int 
         training_data=(
             "Simulated cohort from models.simulate (no patient data): group sizes of Shen et al., "
             "Tomography 2025;11(3):31 (HER2-zero 60 / low 91 / over 81), its directions of "
-            "effect, assumed magnitudes, typical breast DKI values."
+            "effect, assumed magnitudes, typical breast DKI values. " + REFERENCE_FEATURES_NOTE
         ),
         provenance={
             "generator": "models.simulate.simulate_cohort",
             "seed": REFERENCE_SEED,
             "group_sizes": PAPER_GROUP_SIZES,
             "command": "python -m models.build_reference",
+            "feature_conventions": "simulated under fit_settings (not fitted from images)",
         },
-        extra_limitations=(REFERENCE_LIMITATION,),
+        extra_limitations=(REFERENCE_LIMITATION, REFERENCE_FEATURES_NOTE),
+        fit_settings=REFERENCE_FIT_SETTINGS,
         domain_note=(
             "Simulated cohort: no scanner, so field strength and vendor are not recorded and not "
             "checked; the b-values are the protocol the simulator assumes, the feature ranges "

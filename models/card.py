@@ -57,7 +57,8 @@ def read_card(model_dir: Path) -> dict[str, Any]:
 def fit_settings(card: dict[str, Any]) -> TrainingSettings:
     """The fit and discretisation settings a model's training features used.
 
-    Cards written before the field existed assume today's defaults (they were trained with them).
+    Cards written before the field existed mean the legacy conventions they were trained with
+    (``nls``, no denoising: ``models.contract.LEGACY_CONVENTIONS``), not today's default.
     """
     return TrainingSettings.from_card(card.get("fit_settings"))
 
@@ -138,7 +139,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
         f"DKI fit: method `{fs['method']}`, b = {fs['b_values']} s/mm², lowest b in the DKI fit "
         f"{fs['dki_bmin']}, bounds Dapp {fs['bounds']['dapp']} mm²/s, Kapp {fs['bounds']['kapp']}; "
-        f"ADC on b = {fs['adc_b_values']}; kurtosis {fs['kurtosis']}; percentiles "
+        f"denoising before the fit: {fs.get('denoise', 'none')}; ADC on b = {fs['adc_b_values']}; kurtosis {fs['kurtosis']}; percentiles "
         f"{fs['percentile_rule']}; entropy bins of fixed width {fs['discretisation']['bin_width']} "
         f"from {fs['discretisation']['bin_min']}.",
         "",

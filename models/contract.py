@@ -42,6 +42,10 @@ __all__ = [
     "BIN_MIN",
     "BIN_WIDTH",
     "DEFAULT_CONVENTIONS",
+    "DEFAULT_FIT",
+    "FALLBACK_FIT",
+    "LEGACY_CONVENTIONS",
+    "LEGACY_FIT",
     "MAP_UNITS",
     "PERCENTILES",
     "PIPELINE_VERSION",
@@ -78,7 +82,9 @@ __all__ = [
 #: Version of the results API body (``api_version``).
 API_VERSION: Literal[1] = 1
 #: Version of the numbers the node computes: bump when a default here or an algorithm changes them.
-PIPELINE_VERSION = "dki-1"
+#: dki-1: ``nls`` without denoising; dki-2: MP-PCA + ``nls_rician`` where σ is known
+#: (:data:`DEFAULT_FIT`), ``nls`` without denoising where it is not (:data:`FALLBACK_FIT`).
+PIPELINE_VERSION = "dki-2"
 
 
 class FeatureValidationError(ValueError):
@@ -339,7 +345,12 @@ class FitBounds(_Contract):
 
 
 class FitSettings(_Contract):
-    """``provenance.fit``: the DKI fit method, the lowest b in the fit and the bounds."""
+    """``provenance.fit``: the DKI fit method, the lowest b in the fit and the bounds.
+
+    The field defaults are the *legacy* meaning (pipeline dki-1: ``nls``, no denoising), which is
+    what an absent ``denoise`` key in a stored result or card must keep meaning. They are not the
+    analysis default: that is :data:`DEFAULT_FIT`, the one place it is written.
+    """
 
     method: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=32)] = "nls"
     dki_bmin: NonNegative = 0.0
@@ -350,6 +361,18 @@ class FitSettings(_Contract):
     denoise: Annotated[str, Strict(), StringConstraints(pattern=r"^[a-z0-9_\-]{1,32}$")] = Field(
         default="none", exclude_if=lambda v: v == "none"
     )
+
+
+#: What results and cards from before dki-2 mean (``nls``, no denoising); a card without
+#: ``fit_settings`` means these. Fixed forever: never tie it to the current default.
+LEGACY_FIT = FitSettings(method="nls", denoise="none")
+#: The node's analysis where the noise σ is known (issue 12): MP-PCA denoising of the fit region
+#: (Veraart 2016), then the Rician-aware NLS fit with the σ of the original magnitudes.
+DEFAULT_FIT = FitSettings(method="nls_rician", denoise="mppca")
+#: What the node falls back to when the default cannot run on a series (no σ for ``nls_rician``,
+#: too few slices for MP-PCA's patch): recorded as such in ``provenance.fit``, with the reason in
+#: ``provenance.qc.problems``. A model trained on :data:`DEFAULT_FIT` does not score it.
+FALLBACK_FIT = FitSettings(method="nls", denoise="none")
 
 
 class Discretisation(_Contract):
@@ -389,7 +412,7 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 class AnalysisConventions(_Contract):
     """Everything a result's features and a model's training features must share."""
 
-    fit: FitSettings = FitSettings()
+    fit: FitSettings = DEFAULT_FIT
     discretisation: Discretisation = Discretisation()
     statistics: StatisticConventions = StatisticConventions()
 
@@ -405,6 +428,8 @@ class AnalysisConventions(_Contract):
 
 
 DEFAULT_CONVENTIONS = AnalysisConventions()
+#: The conventions of results and cards from before dki-2 (see :data:`LEGACY_FIT`).
+LEGACY_CONVENTIONS = AnalysisConventions(fit=LEGACY_FIT)
 
 
 class SettingsMismatchError(ValueError):
@@ -466,16 +491,20 @@ class TrainingSettings(_Contract):
 
     @classmethod
     def from_card(cls, data: Mapping[str, Any] | None) -> TrainingSettings:
-        """Parse a card's ``fit_settings``; a card without one assumes today's defaults."""
+        """Parse a card's ``fit_settings``; absent keys keep their legacy (dki-1) meaning.
+
+        A card without ``fit_settings`` predates it and was trained with ``nls`` and no
+        denoising (:data:`LEGACY_CONVENTIONS`), whatever today's default is.
+        """
         if not data:
-            return cls()
+            return cls(conventions=LEGACY_CONVENTIONS)
         disc = data.get("discretisation") or {}
         bounds = data.get("bounds") or {}
         conventions = AnalysisConventions(
             fit=FitSettings(
-                method=str(data.get("method", "nls")),
-                dki_bmin=float(data.get("dki_bmin", 0.0)),
-                denoise=str(data.get("denoise", "none")),
+                method=str(data.get("method", LEGACY_FIT.method)),
+                dki_bmin=float(data.get("dki_bmin", LEGACY_FIT.dki_bmin)),
+                denoise=str(data.get("denoise", LEGACY_FIT.denoise)),
                 bounds=FitBounds.model_validate(
                     {k: tuple(float(x) for x in v) for k, v in bounds.items()}
                 ),
@@ -527,6 +556,11 @@ class RoiProvenance(_Contract):
     voxels: Count
     volume_ml: NonNegative | None = None
     seg_series_uid: Uid | None = None
+    #: Automatic candidate: the images it used (``dwi_high_b``, ``adc``, ``t2w``,
+    #: ``dce_subtraction``) and the study's other series left out, each with why; both absent
+    #: when the study offered nothing but the DWI (optional: older nodes omit them).
+    inputs: tuple[Problem, ...] | None = Field(default=None, exclude_if=lambda v: v is None)
+    inputs_ignored: tuple[Problem, ...] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class QcFlags(_Contract):

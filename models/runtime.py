@@ -11,9 +11,10 @@ Shen et al. found descriptors stronger in masses and DKI features in NME, so a c
 kind of input still gets the model built for it rather than imputed values.
 
 Conventions: every card records the fit and discretisation settings of its training features
-(``fit_settings``; cards without it assume today's defaults). ``predict(..., conventions=...)``
-refuses with :class:`models.contract.SettingsMismatchError` when a result's settings differ, so
-numbers computed under one convention are never scored by a model trained under another.
+(``fit_settings``; cards without it mean the legacy ``nls``, no denoising).
+``predict(..., conventions=...)`` refuses with :class:`models.contract.SettingsMismatchError`
+when a result's settings differ, so numbers computed under one convention are never scored by a
+model trained under another.
 
 Contributions: the multinomial model's log(P(low)/P(zero)) split into per-input terms
 (coefficient difference low - zero, times the standardised value or on the active one-hot

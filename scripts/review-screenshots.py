@@ -123,7 +123,7 @@ def _payload(
     }
     return {
         "api_version": 1,
-        "pipeline_version": "dki-1",
+        "pipeline_version": "dki-2",
         "study_instance_uid": f"1.2.826.0.1.3680043.8.498.7{k}",
         "series_instance_uid": f"1.2.826.0.1.3680043.8.498.7{k}.1",
         "accession_number": f"A2026{k:04d}",
@@ -133,10 +133,11 @@ def _payload(
         "features": features,
         "provenance": {
             "b_values": [0, 50, 800, 1000, 1500, 2000],
-            "fit": {
-                "method": "nls",
+            "fit": {  # the node's default (dki-2), which the reference model assumes
+                "method": "nls_rician",
                 "dki_bmin": 0,
                 "bounds": {"dapp": [0, 0.0035], "kapp": [0, 3]},
+                "denoise": "mppca",
             },
             "adc_b_values": [0, 800],
             "discretisation": {

@@ -77,10 +77,11 @@ def test_provenance_has_exactly_the_results_api_shape(phantom: Phantom) -> None:
     assert set(p["noise"]) == {"sigma", "method", "effective_coils"}
     assert p["noise"]["method"] == "background" and p["noise"]["effective_coils"] == 1.0
     assert p["b_values"] == [0.0, 50.0, 800.0, 1000.0, 1500.0, 2000.0]
-    assert p["fit"] == {
-        "method": "nls",
+    assert p["fit"] == {  # the default where sigma is known: MP-PCA, then the Rician fit
+        "method": "nls_rician",
         "dki_bmin": 0.0,
         "bounds": {"dapp": [0.0, 0.0035], "kapp": [0.0, 3.0]},
+        "denoise": "mppca",
     }
     assert p["adc_b_values"] == [0.0, 800.0]
     assert p["discretisation"] == {
@@ -102,7 +103,7 @@ def test_provenance_has_exactly_the_results_api_shape(phantom: Phantom) -> None:
     assert 0.0 <= p["qc"]["fraction_at_bound"] <= 1.0
     assert set(p["qc"]["flags"]) == {"at_bound", "dk_bmax", "low_signal", "background"}
     json.dumps({"features": a.features, "provenance": p}, allow_nan=False)
-    assert PIPELINE_VERSION == "dki-1" == a.pipeline_version
+    assert PIPELINE_VERSION == "dki-2" == a.pipeline_version  # dki-1 was nls, no denoising
 
 
 def test_auto_roi_pipeline(phantom: Phantom) -> None:
@@ -175,7 +176,7 @@ def test_settings_are_frozen_recorded_and_coerced(phantom: Phantom) -> None:
     assert a.provenance.adc_b_values == (50.0, 1000.0)
     assert DEFAULT_CONVENTIONS.differences(a.provenance.conventions) == [
         "fit.dki_bmin: result 100.0, model 0.0",
-        "fit.method: result 'wls', model 'nls'",
+        "fit.method: result 'wls', model 'nls_rician'",
     ]
     assert a.fit.settings.bvals == (800.0, 1000.0, 1500.0, 2000.0)
     with pytest.raises(ValueError):

@@ -51,8 +51,9 @@ def test_created_unchanged_updated(service: Service) -> None:
     ).json()["results"]
     (row,) = listing
     assert row["revision"] == 2 and row["prediction"]["probability"] > 0
-    # a new pipeline version is a new result
-    other = service.publish(dict(body, pipeline_version="dki-2"))
+    # another pipeline version (here an older node's dki-1) is a separate result, never mixed
+    assert body["pipeline_version"] == "dki-2"
+    other = service.publish(dict(body, pipeline_version="dki-1"))
     assert other.status_code == 201 and other.json()["result_id"] != rid
 
 

@@ -26,7 +26,13 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from cds_service.app import create_app
 from cds_service.db import MIGRATIONS
 from her2low.core.settings import Settings
-from models.contract import DEFAULT_CONVENTIONS, AnalysisConventions, SettingsMismatchError
+from models.contract import (
+    DEFAULT_CONVENTIONS,
+    DEFAULT_FIT,
+    PIPELINE_VERSION,
+    AnalysisConventions,
+    SettingsMismatchError,
+)
 from models.prediction import Contribution, ModelVariant, Prediction
 
 ISSUER = "https://ehr.example.test"
@@ -192,7 +198,7 @@ def result_payload(
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "api_version": 1,
-        "pipeline_version": "dki-1",
+        "pipeline_version": PIPELINE_VERSION,
         "study_instance_uid": study,
         "series_instance_uid": series or f"1.2.826.0.1.3680043.8.498.{uuid.uuid4().int % 10**12}",
         "accession_number": "A123",
@@ -202,10 +208,11 @@ def result_payload(
         "features": {"adc_mean": adc_mean, "dapp_mean": 0.0012, "kapp_mean": 0.95, "adc_p5": None},
         "provenance": {
             "b_values": [0, 50, 800, 1000, 1500, 2000],
-            "fit": {
-                "method": "nls",
+            "fit": {  # the node's default analysis, which the reference model assumes
+                "method": DEFAULT_FIT.method,
                 "dki_bmin": 0,
                 "bounds": {"dapp": [0, 0.0035], "kapp": [0, 3]},
+                "denoise": DEFAULT_FIT.denoise,
             },
             "adc_b_values": [0, 800],
             "discretisation": {

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 PM_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
+KOS_STORAGE = "1.2.840.10008.5.1.4.1.1.88.59"  # the key images (tests/test_kos.py)
 
 
 @dataclass
@@ -79,12 +80,12 @@ def _errors(path: Path) -> list[str]:
 
 def test_automatic_roi_gives_sr_seg_and_three_maps(auto_files: list[Path]) -> None:
     classes = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in auto_files]
-    assert classes == [SR_STORAGE, SEG_STORAGE, PM_STORAGE, PM_STORAGE, PM_STORAGE]
+    assert classes == [SR_STORAGE, SEG_STORAGE, PM_STORAGE, PM_STORAGE, PM_STORAGE, KOS_STORAGE]
 
 
 def test_incoming_seg_is_referenced_not_copied(case: Case, seg_files: list[Path]) -> None:
     classes = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in seg_files]
-    assert classes == [SR_STORAGE, PM_STORAGE, PM_STORAGE, PM_STORAGE]
+    assert classes == [SR_STORAGE, PM_STORAGE, PM_STORAGE, PM_STORAGE, KOS_STORAGE]
     tool = require_tool("dsrdump")
     dump = subprocess.run(
         [tool, "+Pu", str(seg_files[0])], capture_output=True, text=True, check=True
@@ -108,8 +109,9 @@ def test_dsrdump_renders_codes_and_values(case: Case, auto_files: list[Path]) ->
     assert '(241615005,SCT,"MRI of breast")' in dump
     assert '(113252,DCM,"Kurtosis diffusion model")' in dump
     assert '"reference model, not clinically validated"' in dump
-    assert '"Algorithm Version")="dki-1"' in dump
-    assert "fit method=nls" in dump and "b-values=0 50 800 1000 1500 2000 s/mm2" in dump
+    assert '"Algorithm Version")="dki-2"' in dump
+    assert "fit method=nls_rician" in dump and "denoising=mppca" in dump
+    assert "b-values=0 50 800 1000 1500 2000 s/mm2" in dump
     assert "kurtosis convention=excess" in dump and "discretisation=fixed bin size" in dump
     sigma = case.auto.sigma
     assert sigma is not None and f"sigma={sigma:.6g}" in dump
@@ -164,7 +166,7 @@ def test_highdicom_reads_back_the_computed_values(case: Case, auto_files: list[P
     mask = np.asarray(seg.get_volume(combine_segments=True).match_geometry(grid).array) > 0
     np.testing.assert_array_equal(mask, case.auto.roi.mask)
 
-    for path in auto_files[2:]:
+    for path in auto_files[2:5]:  # the maps (the KOS is last: tests/test_kos.py)
         pm = hd.imread(path)
         name = {"ADC": "adc", "DAPP": "dapp", "KAPP": "kapp"}[pm.ContentLabel]
         values = np.asarray(pm.get_volume().match_geometry(grid).array, dtype=np.float32)
@@ -183,7 +185,7 @@ def test_same_patient_study_and_frame_of_reference(case: Case, auto_files: list[
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         assert ds.PatientID == src.PatientID and ds.StudyInstanceUID == src.StudyInstanceUID
         assert ds.SeriesInstanceUID != src.SeriesInstanceUID and ds.SeriesDescription
-        if ds.Modality != "SR":
+        if ds.Modality not in ("SR", "KO"):  # documents have no frame of reference
             assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
         series.add(ds.SeriesInstanceUID)
         assert is_own_object(ds)
@@ -210,7 +212,7 @@ def test_fit_writes_the_objects_and_never_reanalyses_them(tmp_path: Path, case: 
     out = tmp_path / "out"
     assert main(["fit", str(study), "--out", str(out)]) == 0
     written = sorted((out / "dicom").rglob("*.dcm"))
-    assert len(written) == 4  # SR + 3 maps: the study's own SEG is referenced
+    assert len(written) == 5  # SR + 3 maps + KOS: the study's own SEG is referenced
     assert all(is_own_object(pydicom.dcmread(p, stop_before_pixels=True)) for p in written)
     # the objects beside the study are recognised as ours: still one analysed series
     again = tmp_path / "again"
@@ -233,7 +235,7 @@ def test_likelihood_when_known_is_a_privately_coded_measurement(case: Case, tmp_
     dump = subprocess.run(
         [require_tool("dsrdump"), "+Pl", str(sr_path)], capture_output=True, text=True, check=True
     ).stdout
-    assert '<contains NUM:(,,"HER2-low likelihood")="0.42" ({ratio},UCUM,"ratio")>' in dump
-    assert '"likelihood model her2low-lr 3"' in dump
+    assert '<contains NUM:(,,"HER2-low likelihood")="0.42" ({probability},UCUM,' in dump
+    assert '"Algorithm Name")="her2low-lr"' in dump and '"Algorithm Version")="3"' in dump
     scheme = pydicom.dcmread(sr_path).CodingSchemeIdentificationSequence[0]
     assert scheme.CodingSchemeDesignator == "99HER2LOW"

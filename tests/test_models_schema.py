@@ -29,7 +29,7 @@ def test_listing_has_every_feature_with_kind_units_ranges_and_applicability() ->
     assert by_name["dapp_entropy"]["discretisation"]["bin_width"] == 2.5e-5
     assert by_name["kapp_entropy"]["discretisation"]["bin_width"] == 0.025
     fs = listing["fit_settings"]
-    assert fs["method"] == "nls" and fs["dki_bmin"] == 0
+    assert fs["method"] == "nls_rician" and fs["denoise"] == "mppca" and fs["dki_bmin"] == 0
     assert fs["b_values"] == [0, 50, 800, 1000, 1500, 2000] and fs["adc_b_values"] == [0, 800]
     for name in (f"{m}_{s}" for m in ("adc", "dapp", "kapp") for s in schema.Statistic):
         assert name in by_name

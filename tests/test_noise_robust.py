@@ -31,6 +31,7 @@ from dicom_node.synth.phantom import S0_FGT_NOMINAL, add_rician_noise, dki_signa
 from dicom_node.synth.phantom import make_phantom as make_study_phantom
 from dicom_node.synth.study import study_geometry
 from models.contract import (
+    LEGACY_CONVENTIONS,
     AnalysisConventions,
     FitSettings,
     Provenance,
@@ -160,11 +161,11 @@ def test_fraction_at_bound_and_noise_in_provenance() -> None:
     assert a.provenance.noise.sigma == pytest.approx(ph.sigma, rel=0.10)
     assert a.provenance.noise.method == "background"
     body = a.provenance.model_dump(mode="json")
-    assert "denoise" not in body["fit"]  # the default stays the reference model's convention
+    assert body["fit"]["denoise"] == "mppca"  # the default where sigma is known (dki-2)
     assert Provenance.model_validate(body) == a.provenance
-    den = analyse(dwi, settings=AnalysisSettings(previews=False, denoise="mppca"))
-    assert den.provenance.fit.denoise == "mppca"
-    assert den.provenance.conventions.differences(a.provenance.conventions) == [
+    raw = analyse(dwi, settings=AnalysisSettings(previews=False, denoise="none"))
+    assert "denoise" not in raw.provenance.model_dump(mode="json")["fit"]  # as dki-1 sent it
+    assert a.provenance.conventions.differences(raw.provenance.conventions) == [
         "fit.denoise: result None, model 'mppca'"
     ]
     with pytest.raises(ValueError, match="denoise"):
@@ -174,8 +175,9 @@ def test_fraction_at_bound_and_noise_in_provenance() -> None:
 def test_contract_additions_are_backwards_compatible() -> None:
     assert "fraction_at_bound" not in QcReport().model_dump(mode="json")
     assert "denoise" not in FitSettings().model_dump(mode="json")
-    card = TrainingSettings().to_card()
-    assert "denoise" not in card and TrainingSettings.from_card(card) == TrainingSettings()
+    legacy = TrainingSettings(conventions=LEGACY_CONVENTIONS)
+    card = legacy.to_card()
+    assert "denoise" not in card and TrainingSettings.from_card(card) == legacy
     mp = TrainingSettings(conventions=AnalysisConventions(fit=FitSettings(denoise="mppca")))
     assert TrainingSettings.from_card(mp.to_card()) == mp
 
@@ -222,7 +224,7 @@ def test_features_at_snr_20_within_goal() -> None:
     denoised = mppca_region(noisy, region)
     assert denoised is not None
     new, at_bound, dapp = run(denoised, "nls_rician")
-    old, old_bound, _ = run(noisy, "nls")  # today's default
+    old, old_bound, _ = run(noisy, "nls")  # the dki-1 default (and today's no-sigma fallback)
     for name in FEATURE_NAMES:
         if name.endswith(("_mean", "_median")):
             assert new[name] == pytest.approx(ref[name], rel=0.05), name

@@ -30,6 +30,9 @@ from test_cds_support import (
 from models.card import fit_settings, read_card
 from models.contract import (
     DEFAULT_CONVENTIONS,
+    DEFAULT_FIT,
+    LEGACY_CONVENTIONS,
+    PIPELINE_VERSION,
     QUANTITATIVE_NAMES,
     AnalysisConventions,
     Discretisation,
@@ -105,7 +108,7 @@ def test_provenance_is_required_to_state_its_settings() -> None:
     with pytest.raises(ValidationError, match="discretisation"):
         ResultPayload.model_validate(body)
     body = result_payload()
-    del body["provenance"]["fit"]["method"]  # never read as the default "nls"
+    del body["provenance"]["fit"]["method"]  # never read as a default method
     with pytest.raises(ValidationError, match=r"fit\.method: required"):
         ResultPayload.model_validate(body)
     assert Provenance.stored({"roi": {"source": "seg"}}) is None  # a pre-contract row
@@ -118,7 +121,8 @@ def test_differences_name_each_setting() -> None:
     )
     assert DEFAULT_CONVENTIONS.differences(other) == [
         "discretisation.bin_width.adc: result 5e-05, model 2.5e-05",
-        "fit.method: result 'wls', model 'nls'",
+        "fit.denoise: result None, model 'mppca'",  # FitSettings' own defaults: legacy, none
+        "fit.method: result 'wls', model 'nls_rician'",
     ]
     assert DEFAULT_CONVENTIONS.differences(AnalysisConventions()) == []
 
@@ -126,14 +130,35 @@ def test_differences_name_each_setting() -> None:
 # --- the model card and the runtime -------------------------------------------------------------
 
 
-def test_reference_cards_record_todays_settings_and_old_cards_default_to_them() -> None:
+def test_reference_cards_record_todays_settings_and_old_cards_mean_the_legacy_fit() -> None:
     for variant in ("combined", "descriptors", "quantitative"):
         card = read_card(REFERENCE / variant)
         assert fit_settings(card) == TrainingSettings()
         assert TrainingSettings.from_card(card["fit_settings"]).to_card() == card["fit_settings"]
     legacy = read_card(REFERENCE / "combined")
-    del legacy["fit_settings"]
-    assert fit_settings(legacy).conventions == DEFAULT_CONVENTIONS
+    del legacy["fit_settings"]  # a card from before the field: trained with nls, no denoising
+    assert fit_settings(legacy).conventions == LEGACY_CONVENTIONS != DEFAULT_CONVENTIONS
+    assert LEGACY_CONVENTIONS.fit.method == "nls" and LEGACY_CONVENTIONS.fit.denoise == "none"
+    no_denoise_key = dict(read_card(REFERENCE / "combined")["fit_settings"])
+    del no_denoise_key["denoise"]  # an absent key keeps its legacy meaning, not the default's
+    assert TrainingSettings.from_card(no_denoise_key).conventions.fit.denoise == "none"
+
+
+def test_reference_card_states_the_new_default_conventions_honestly() -> None:
+    """The simulated features are relabelled to dki-2's default, and the card says what they are."""
+    assert PIPELINE_VERSION == "dki-2"
+    for variant in ("combined", "descriptors", "quantitative"):
+        card = read_card(REFERENCE / variant)
+        fs = card["fit_settings"]
+        assert (fs["method"], fs["denoise"]) == ("nls_rician", "mppca")
+        assert (fs["method"], fs["denoise"]) == (DEFAULT_FIT.method, DEFAULT_FIT.denoise)
+        text = card["training_data"]["description"]
+        assert "drawn by the simulator, not computed by a DKI fit" in text
+        assert "MP-PCA" in text and "nls_rician" in text
+        assert any("stored but not scored" in lim for lim in card["limitations"])
+        md = (REFERENCE / variant / "card.md").read_text()
+        assert "method `nls_rician`" in md and "denoising before the fit: mppca" in md
+        assert "drawn by the simulator" in md
 
 
 def test_runtime_refuses_results_computed_with_other_settings(tmp_path: Path) -> None:
@@ -145,9 +170,11 @@ def test_runtime_refuses_results_computed_with_other_settings(tmp_path: Path) ->
     runtime = ModelRuntime.load(model)
     features = {name: None for name in QUANTITATIVE_NAMES}
     features.update(FULL_FEATURES)
-    with pytest.raises(SettingsMismatchError, match=r"fit\.method: result 'nls', model 'wls'"):
+    with pytest.raises(
+        SettingsMismatchError, match=r"fit\.method: result 'nls_rician', model 'wls'"
+    ):
         runtime.predict(features, conventions=DEFAULT_CONVENTIONS)
-    wls = AnalysisConventions(fit=FitSettings(method="wls"))
+    wls = AnalysisConventions(fit=DEFAULT_FIT.model_copy(update={"method": "wls"}))
     assert 0 < runtime.predict(features, conventions=wls).probability < 1
 
 
@@ -185,7 +212,7 @@ def test_mismatched_fit_setting_is_accepted_but_not_scored(real_model_service: S
     case = requests.get(f"{svc.url}/api/v1/cases/{rid}", headers=AUTH, timeout=10).json()
     prediction = case["prediction"]
     assert prediction["probability"] is None and prediction["variant"] is None
-    assert "fit.method: result 'wls', model 'nls'" in prediction["not_scored"]
+    assert "fit.method: result 'wls', model 'nls_rician'" in prediction["not_scored"]
     assert "fit.method" in prediction["error"]
     assert case["provenance"]["fit"]["method"] == "wls"  # stored as sent, typed on the way back
     assert _not_scored("mismatch") == before + 1
@@ -210,3 +237,39 @@ def test_matching_settings_are_scored_by_the_reference_model(real_model_service:
     ).json()
     assert 0 < case["prediction"]["probability"] < 1
     assert case["prediction"]["not_scored"] is None
+
+
+def test_a_result_computed_the_dki_1_way_is_stored_but_not_scored(
+    real_model_service: Service,
+) -> None:
+    """nls without denoising (the old default, and today's no-sigma fallback) is not mixed in."""
+    svc = real_model_service
+    before = _not_scored("mismatch")
+    body = dict(result_payload(patient_id="MRN-78"), features=dict(FULL_FEATURES))
+    body["pipeline_version"] = "dki-1"
+    body["provenance"] = copy.deepcopy(body["provenance"])
+    body["provenance"]["fit"]["method"] = "nls"
+    del body["provenance"]["fit"]["denoise"]  # how a dki-1 node sent it
+    response = svc.publish(body)
+    assert response.status_code == 201, response.text
+    rid = response.json()["result_id"]
+    case = requests.get(f"{svc.url}/api/v1/cases/{rid}", headers=AUTH, timeout=10).json()
+    prediction = case["prediction"]
+    assert prediction["probability"] is None and prediction["variant"] is None
+    assert "fit.denoise: result None, model 'mppca'" in prediction["not_scored"]
+    assert "fit.method: result 'nls', model 'nls_rician'" in prediction["not_scored"]
+    assert "denoise" not in case["provenance"]["fit"]  # stored as sent
+    assert _not_scored("mismatch") == before + 1
+
+    # The same series analysed again by a dki-2 node is a separate result, and it is scored.
+    again = dict(
+        result_payload(patient_id="MRN-78", series=body["series_instance_uid"]),
+        features=dict(FULL_FEATURES),
+    )
+    response = svc.publish(again)
+    assert response.status_code == 201, response.text
+    new_rid = response.json()["result_id"]
+    assert new_rid != rid
+    case = requests.get(f"{svc.url}/api/v1/cases/{new_rid}", headers=AUTH, timeout=10).json()
+    assert case["pipeline_version"] == PIPELINE_VERSION
+    assert 0 < case["prediction"]["probability"] < 1

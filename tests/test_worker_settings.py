@@ -8,15 +8,21 @@ import pytest
 
 from dicom_node.processes import pipeline_settings
 from her2low.core.settings import ConfigurationError, load_settings
+from models.contract import DEFAULT_FIT
 
 
 def test_fit_method_and_denoising_reach_the_analysis(tmp_path: Path) -> None:
     default = pipeline_settings(load_settings(home=tmp_path)).analysis
-    assert (default.method, default.denoise) == ("nls", "none")  # what the reference model used
+    # the contract's default (what the reference model assumes), not a copy in the settings
+    assert (default.method, default.denoise) == ("nls_rician", "mppca")
+    assert (default.method, default.denoise) == (DEFAULT_FIT.method, DEFAULT_FIT.denoise)
+    assert default.fallback is True  # nls without denoising where sigma cannot be estimated
     chosen = pipeline_settings(
-        load_settings(home=tmp_path, worker_fit_method="nls_rician", worker_denoise="mppca")
+        load_settings(home=tmp_path, worker_fit_method="nls", worker_denoise="none")
     ).analysis
-    assert (chosen.method, chosen.denoise) == ("nls_rician", "mppca")
+    assert (chosen.method, chosen.denoise) == ("nls", "none")
+    only_method = pipeline_settings(load_settings(home=tmp_path, worker_fit_method="wls")).analysis
+    assert (only_method.method, only_method.denoise) == ("wls", "mppca")
 
 
 @pytest.mark.parametrize(

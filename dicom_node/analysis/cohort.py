@@ -25,7 +25,12 @@ import numpy as np
 
 from dicom_node.analysis.dki import DkiMethod
 from dicom_node.analysis.outputs import is_own_object, write_outputs
-from dicom_node.analysis.series_analysis import PIPELINE_VERSION, AnalysisSettings, analyse
+from dicom_node.analysis.series_analysis import (
+    PIPELINE_VERSION,
+    AnalysisSettings,
+    analyse,
+    analysis_settings,
+)
 from dicom_node.series.assemble import AssemblyError, assemble_dwi
 from dicom_node.series.dicomio import DicomReadError, iter_files, read_dataset
 from dicom_node.series.headers import text
@@ -84,6 +89,7 @@ def analyse_study(
             "accession_number": text(datasets[0], "AccessionNumber"),
             "pipeline_version": PIPELINE_VERSION,
             "method": settings.method.value,
+            "denoise": settings.denoise,
         }
         try:
             dwi = assemble_dwi(datasets)
@@ -117,6 +123,10 @@ def analyse_study(
         rows.append(
             {
                 **row,
+                # what ran: the requested fit, or the fallback where it could not (no sigma)
+                "method": result.settings.method.value,
+                "denoise": result.settings.denoise,
+                "fit_fallback": result.fit_fallback or "",
                 "status": "ok",
                 "laterality": result.laterality.value if result.laterality else "",
                 "roi_source": result.provenance.roi.source.value,
@@ -213,7 +223,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if (refusal := _check_out(out)) is not None:
         _error(refusal[0])
         return refusal[1]
-    settings = AnalysisSettings(method=DkiMethod(args.method))
+    settings = analysis_settings(args.method, args.denoise)
     studies, problems = index_files(args.paths)
     if not studies:
         first = f"; first: {problems[0]}" if problems else ""
@@ -300,8 +310,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         choices=[m.value for m in DkiMethod],
-        default=DkiMethod.NLS.value,
-        help="DKI fit: weighted linear, non-linear, or non-linear with a Rician noise floor",
+        default=None,
+        help="DKI fit: weighted linear, non-linear, or non-linear with a Rician noise floor "
+        f"(default {AnalysisSettings().method.value}; nls where the noise sigma is unknown)",
+    )
+    parser.add_argument(
+        "--denoise",
+        choices=["none", "mppca"],
+        default=None,
+        help=f"denoising of the DWI before the fit (default {AnalysisSettings().denoise})",
     )
     parser.add_argument(
         "--json", action="store_true", help="also print the cohort table as JSON on stdout"

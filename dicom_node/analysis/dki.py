@@ -10,10 +10,11 @@ which is only physical while the curve falls, b < 3 / (Dapp·Kapp). Three fit me
 - ``wls``: log-linear weighted least squares with weights n·S² — numerically the same estimator as
   DIPY's mean-signal DKI (``dipy.reconst.msdki``, Henriques et al., NeuroImage 2018), solved for
   all voxels at once.
-- ``nls`` (default): bounded Levenberg–Marquardt on the magnitudes, started from ``wls``
-  reweighted once with its predicted signal.
+- ``nls`` (this model's default, as it needs no σ): bounded Levenberg–Marquardt on the
+  magnitudes, started from ``wls`` reweighted once with its predicted signal.
 - ``nls_rician``: the same, but fitting the Rician expectation E[|S|] (Gudbjartsson & Patz, Magn
-  Reson Med 1995) so the noise floor at high b no longer inflates Kapp.
+  Reson Med 1995) so the noise floor at high b no longer inflates Kapp. The node's analysis
+  default (``models.contract.DEFAULT_FIT``, after MP-PCA denoising) where σ is known.
 
 All voxels of a block are solved together (no Python loop per voxel): the WLS normal equations
 are BLAS products over the b axis. Each Levenberg–Marquardt iteration, run in float32, is one
@@ -121,6 +122,8 @@ class DkiSettings:
     dki_bmin: float
     bounds: Bounds
     sigma: float | None  # noise σ used (given or estimated), signal units
+    #: Coil count N of the noise-floor model ``nls_rician`` used (1 = Rician; non-central χ above).
+    coils: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,6 +132,7 @@ class DkiSettings:
             "dki_bmin": self.dki_bmin,
             "bounds": self.bounds.to_dict(),
             "sigma": self.sigma,
+            "coils": self.coils,
         }
 
 
@@ -311,23 +315,33 @@ class DkiModel:
         #: Design matrix of the log-linear problem (columns −b, b²/6, 1; b in ms/µm²).
         self.design_matrix = np.stack([-self._b, self._b**2 / 6.0, np.ones_like(self._b)], 1)
 
-    def settings(self, sigma: float | None = None) -> DkiSettings:
+    def settings(self, sigma: float | None = None, coils: float = 1.0) -> DkiSettings:
         return DkiSettings(
             method=self.method,
             bvals=tuple(float(v) for v in self.levels),
             dki_bmin=self.dki_bmin,
             bounds=self.bounds,
             sigma=self.sigma if sigma is None else sigma,
+            coils=float(coils),
         )
 
     def fit(
-        self, data: ArrayLike, *, mask: ArrayLike | None = None, sigma: float | None = None
+        self,
+        data: ArrayLike,
+        *,
+        mask: ArrayLike | None = None,
+        sigma: float | None = None,
+        coils: float = 1.0,
     ) -> DkiFit:
         """Fit every masked voxel of ``data`` (b axis last) in vectorised 2-D blocks.
 
         ``sigma`` is the noise σ of *this* data (signal units); it overrides the model's
         (deprecated) ``sigma`` and, when both are None, is estimated from the air background.
         It belongs to the data, not the acquisition, hence a fit argument (DIPY's style).
+        ``coils`` is the effective coil count N of the noise (``provenance.noise``): ``nls_rician``
+        then fits the non-central-χ expectation with 2N degrees of freedom (Koay & Basser 2006),
+        the right noise floor for sum-of-squares combined multi-coil data; N = 1 is Rician.
+        Other methods ignore it (recorded in the settings as 1).
 
         Iterations run in two passes: every block gets ``first_pass_iter`` Levenberg–Marquardt
         steps; the few voxels not yet converged are then pooled across blocks and finished
@@ -347,6 +361,10 @@ class DkiModel:
                 raise ValueError(f"mask shape {m.shape} does not match data shape {vshape}")
         if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
             raise ValueError(f"sigma must be positive, got {sigma}")
+        if not (coils >= 1.0 and math.isfinite(coils)):
+            raise ValueError(f"coils must be finite and ≥ 1, got {coils}")
+        if self.method is not DkiMethod.NLS_RICIAN:
+            coils = 1.0
         if sigma is None:
             sigma = self.sigma
         if sigma is None:
@@ -376,7 +394,7 @@ class DkiModel:
 
         def first_pass(start: int) -> None:
             sel = flat_idx[start : start + self.chunk_size]
-            p, it, fl = self._fit_block(gather(sel), sigma, max_iter=first)
+            p, it, fl = self._fit_block(gather(sel), sigma, max_iter=first, coils=coils)
             for col, row in zip(p_cols, p, strict=True):  # 1-D scatters: 2x faster than rows
                 col[sel] = row
             i_flat[sel], f_flat[sel] = it, fl
@@ -387,7 +405,11 @@ class DkiModel:
         def second_pass(start: int) -> None:
             sel = rest[start : start + self.chunk_size]
             p, it, fl = self._fit_block(
-                gather(sel), sigma, theta0=p_flat[sel].T, max_iter=self.max_iter - first
+                gather(sel),
+                sigma,
+                theta0=p_flat[sel].T,
+                max_iter=self.max_iter - first,
+                coils=coils,
             )
             for col, row in zip(p_cols, p, strict=True):
                 col[sel] = row
@@ -401,7 +423,7 @@ class DkiModel:
             if leftovers and self.max_iter > first:
                 rest = np.concatenate(leftovers)
                 self._run(second_pass, range(0, rest.size, self.chunk_size))
-        return DkiFit(self, params, flags, self.settings(sigma), iters)
+        return DkiFit(self, params, flags, self.settings(sigma, coils), iters)
 
     def _run(self, work: Callable[[int], None], starts: Sequence[int] | range) -> None:
         n = self.n_threads or 1
@@ -420,9 +442,11 @@ class DkiModel:
         *,
         max_iter: int,
         theta0: NDArray[np.float64] | None = None,
+        coils: float = 1.0,
     ) -> tuple[NDArray[np.float64], NDArray[np.intp], NDArray[np.uint8]]:
         """Fit a ``(n_levels, M)`` block; returns params ``(3, M)`` (S0, mm²/s, 1), iterations
-        and flags. ``theta0`` (same units as the output) restarts from an earlier pass."""
+        and flags. ``theta0`` (same units as the output) restarts from an earlier pass;
+        ``coils`` is N of the noise-floor model of ``nls_rician``."""
         dt = y.dtype.type
         scale = y.max(axis=0)
         scale = np.where(scale > 0, scale, dt(1.0))
@@ -439,8 +463,8 @@ class DkiModel:
         if theta0 is not None:
             theta = np.stack([theta0[0] * inv_scale, theta0[1] * _B_SCALE, theta0[2]]).astype(dt)
         elif self.method is DkiMethod.NLS_RICIAN and sig_n is not None:
-            # Start from the squared-signal bias correction: A² ≈ E[S²] − 2σ².
-            ys = np.sqrt(np.maximum(yn * yn - 2.0 * sig_n * sig_n, (0.5 * sig_n) ** 2))
+            # Start from the squared-signal bias correction: A² ≈ E[S²] − 2N·σ².
+            ys = np.sqrt(np.maximum(yn * yn - 2.0 * coils * sig_n * sig_n, (0.5 * sig_n) ** 2))
             theta = wls_params(wd.solve(ys * ys, np.log(ys)))
         else:
             logy = np.log(yn)
@@ -467,7 +491,7 @@ class DkiModel:
                 theta[:, bad] = np.array([[1.0], [1.0], [0.5]], dtype=dt)
             rice = sig_n if self.method is DkiMethod.NLS_RICIAN else None
             out, iters = levenberg_marquardt(
-                yn, b, n, lo, hi, theta, rice, max_iter=max_iter, tol=self.tol
+                yn, b, n, lo, hi, theta, rice, max_iter=max_iter, tol=self.tol, coils=coils
             )
         out = out.astype(np.float64)
         scale = scale.astype(np.float64)
@@ -508,10 +532,11 @@ def fit(
     dki_bmin: float = 0.0,
     bounds: Bounds = DEFAULT_BOUNDS,
     sigma: float | None = None,
+    coils: float = 1.0,
 ) -> DkiFit:
     """Fit DKI to ``signal`` (b axis last): a thin wrapper around :class:`DkiModel`."""
     model = DkiModel(bvals, method=method, dki_bmin=dki_bmin, bounds=bounds)
-    return model.fit(signal, mask=mask, sigma=sigma)
+    return model.fit(signal, mask=mask, sigma=sigma, coils=coils)
 
 
 def _rician_information_table() -> tuple[NDArray[np.float64], NDArray[np.float64]]:

@@ -3,13 +3,16 @@
 The output carries the 21 features and a typed :class:`models.contract.Provenance` — the results
 API's own class (docs/results-api.md): the fit method, b subsets, bounds and discretisation change
 the numbers by as much as the HER2 groups differ (dki-and-features notes), so they travel with
-every result. Defaults come from the contract; PNG previews are drawn by ``previews``.
+every result. Defaults come from the contract (``DEFAULT_FIT``: MP-PCA, then ``nls_rician``);
+where they cannot run on a series (no noise σ, too few slices for the MP-PCA patch) the analysis
+falls back to ``FALLBACK_FIT`` (``nls``, no denoising) and says so in ``provenance.fit`` and the QC
+problems. PNG previews are drawn by ``previews``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import numpy as np
@@ -18,6 +21,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from dicom_node.analysis.adc import AdcFit, fit_adc
+from dicom_node.analysis.companions import CompanionSeries, OnDwiGrid, on_dwi_grid
 from dicom_node.analysis.denoise import mppca_region
 from dicom_node.analysis.dki import (
     Bounds,
@@ -35,6 +39,8 @@ from dicom_node.series.volume import DwiVolume
 from models.contract import (
     BIN_MIN,
     BIN_WIDTH,
+    DEFAULT_FIT,
+    FALLBACK_FIT,
     PIPELINE_VERSION,
     Discretisation,
     FitBounds,
@@ -55,9 +61,10 @@ __all__ = [
     "AnalysisSettings",
     "FitRegion",
     "analyse",
+    "analysis_settings",
 ]
 
-_FIT = FitSettings()  # the contract's defaults, in the fit's own types
+_FIT = DEFAULT_FIT  # the contract's analysis default, in the fit's own types
 _DEFAULT_METHOD = DkiMethod(_FIT.method)
 _DEFAULT_BOUNDS = Bounds(dapp=_FIT.bounds.dapp, kapp=_FIT.bounds.kapp)
 
@@ -98,6 +105,9 @@ class AnalysisSettings:
     #: Denoising of the fit region before the DKI fit: "none" or "mppca" (recorded in
     #: ``provenance.fit.denoise``; a model must have been trained with the same choice).
     denoise: str = _FIT.denoise
+    #: When ``nls_rician`` has no σ or MP-PCA no room for its patch, fit with ``FALLBACK_FIT``
+    #: instead (recorded, with the reason); False raises :class:`AnalysisError` instead.
+    fallback: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", DkiMethod(self.method))
@@ -136,6 +146,20 @@ class AnalysisSettings:
         )
 
 
+def analysis_settings(method: str | None = None, denoise: str | None = None) -> AnalysisSettings:
+    """Settings from an operator's choice (settings, CLI); None or "" keeps the default's value.
+
+    The one reading of "not chosen" for the worker and ``her2low fit``, so neither spells out a
+    copy of the default (which lives in ``models.contract.DEFAULT_FIT``).
+    """
+    settings = AnalysisSettings()
+    if method:
+        settings = replace(settings, method=DkiMethod(method))
+    if denoise:
+        settings = replace(settings, denoise=denoise)
+    return settings
+
+
 @dataclass
 class Analysis:
     """Everything the node publishes and shows for one DWI series."""
@@ -154,6 +178,9 @@ class Analysis:
     pipeline_version: str = PIPELINE_VERSION
     problems: list[str] = field(default_factory=list)
     noise: NoiseEstimate | None = None
+    #: Why the requested fit was replaced by ``FALLBACK_FIT`` (``settings`` is what ran); None
+    #: when it ran as requested.
+    fit_fallback: str | None = None
 
 
 def _pick_seg(
@@ -183,15 +210,22 @@ def analyse(
     *,
     segs: Sequence[pydicom.Dataset] = (),
     settings: AnalysisSettings | None = None,
+    companions: Sequence[CompanionSeries] = (),
+    companions_ignored: Sequence[str] = (),
 ) -> Analysis:
     """Run the quantitative pipeline on one trace-weighted DWI series.
+
+    ``companions`` (the study's T2w and DCE subtraction, ``analysis.companions``) inform the
+    automatic candidate only, when they share the DWI's frame of reference and are registered;
+    ``companions_ignored`` names study series the caller could not read (recorded with the ROI).
 
     ROI from the first usable SEG (same frame of reference), else an automatic unconfirmed
     candidate; DKI fit over the ROI plus a margin (or every non-background voxel); ADC on the
     declared b subset; IBSI first-order features of ADC, Dapp and Kapp inside the ROI; QC flag
     counts; PNG previews. Raises :class:`AnalysisError` when the series cannot give features.
     """
-    s = settings or AnalysisSettings()
+    requested = settings or AnalysisSettings()
+    s = requested
     problems: list[str] = []
     data = dwi.data
     try:
@@ -205,13 +239,18 @@ def analyse(
         else estimate_noise(data, bvals=dwi.bvals)
     )
     sigma = None if noise is None else noise.sigma
+    reasons: list[str] = []
     if noise is None:
         problems.append("noise sigma could not be estimated (no air background, no repeats)")
-    elif not noise.rician:
-        problems.append(
-            f"background noise is non-central chi with N ≈ {noise.effective_coils:g} coils: the "
-            "noise floor model of nls_rician assumes N = 1"
-        )
+        if s.method is DkiMethod.NLS_RICIAN:
+            reasons.append("nls_rician needs the noise sigma, which could not be estimated")
+    # Multi-coil (non-central χ) noise: nls_rician fits the χ noise floor with this N.
+    coils = 1.0 if noise is None else max(1.0, float(noise.effective_coils))
+    if s.denoise == "mppca" and min(data.shape[:3]) < _MPPCA_MIN_AXIS:
+        reasons.append(f"MP-PCA needs at least {_MPPCA_MIN_AXIS} voxels on every axis")
+    if reasons:  # the requested fit cannot run on this series: the recorded fallback instead
+        s = _fall_back(requested, reasons)
+        model = DkiModel(dwi.bvals, method=s.method, dki_bmin=s.dki_bmin, bounds=s.bounds)
     bg = background_mask(data, sigma, bvals=dwi.bvals, snr_threshold=model.background_snr)
 
     seg = _pick_seg(segs, dwi, problems)
@@ -221,7 +260,12 @@ def analyse(
         except ValueError as exc:
             raise AnalysisError(f"SEG unusable: {exc}") from exc
     else:
-        roi = auto_roi(data, dwi.bvals, dwi.geometry, adc=adc_fit.adc, sigma=sigma)
+        grid = on_dwi_grid(companions, dwi, ~bg) if companions else OnDwiGrid()
+        roi = auto_roi(
+            data, dwi.bvals, dwi.geometry, adc=adc_fit.adc, sigma=sigma,
+            enhancement=grid.enhancement, t2w=grid.t2w,
+            ignored=(*companions_ignored, *grid.ignored),
+        )  # fmt: skip
         problems.append("ROI is an automatic candidate awaiting confirmation")
     if roi.voxels == 0:
         raise AnalysisError("no tumour ROI: no SEG was given and no automatic candidate found")
@@ -234,12 +278,19 @@ def analyse(
             region = roi.mask.copy()
     fit_data: NDArray[np.floating] = data
     if s.denoise == "mppca":
-        denoised = mppca_region(data, region)
-        if denoised is None:
+        denoised = mppca_region(data, region, patch_radius=_MPPCA_RADIUS)
+        if denoised is None:  # cannot happen after the size check above; kept as a guard
             raise AnalysisError("MP-PCA needs at least 5 slices: the series is too thin")
         fit_data = denoised
+    fit_fallback = None
+    if s is not requested:
+        fit_fallback = (
+            f"fitted with {s.method.value} without denoising instead of "
+            f"{requested.method.value} + {requested.denoise}: " + "; ".join(reasons)
+        )
+        problems.append(fit_fallback)
     # σ of the original magnitudes: denoising keeps the noise floor the Rician fit models.
-    dki_fit = model.fit(fit_data, mask=region, sigma=sigma)
+    dki_fit = model.fit(fit_data, mask=region, sigma=sigma, coils=coils)
     maps = {"adc": adc_fit.adc, "dapp": dki_fit.dapp, "kapp": dki_fit.kapp}
     try:
         mf = map_features(
@@ -325,4 +376,16 @@ def analyse(
         sigma=sigma,
         problems=problems,
         noise=noise,
+        fit_fallback=fit_fallback,
     )
+
+
+_MPPCA_RADIUS = 2  # 5×5×5 patches (Veraart 2016; DIPY's default)
+_MPPCA_MIN_AXIS = 2 * _MPPCA_RADIUS + 1
+
+
+def _fall_back(requested: AnalysisSettings, reasons: list[str]) -> AnalysisSettings:
+    """``FALLBACK_FIT`` in place of a requested fit that cannot run here (or refuse, if asked)."""
+    if not requested.fallback:
+        raise AnalysisError("; ".join(reasons))
+    return replace(requested, method=DkiMethod(FALLBACK_FIT.method), denoise=FALLBACK_FIT.denoise)

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.analysis.companions import CompanionSeries, companion_from_datasets
 from dicom_node.analysis.outputs.identification import is_own_object
 from dicom_node.analysis.series_analysis import (
     Analysis,
@@ -28,7 +29,7 @@ from dicom_node.jobs.export import ExportConfig, export_results
 from dicom_node.jobs.publish import publish
 from dicom_node.jobs.scheduler import reopen_series
 from dicom_node.series.assemble import AssemblyError, assemble_dwi, check_headers
-from dicom_node.series.headers import first_text, text
+from dicom_node.series.headers import first_text, scanner_info, text
 from dicom_node.series.roles import SeriesRole, classify_series
 from models.contract import API_VERSION, PatientKey, ResultPayload
 
@@ -119,7 +120,8 @@ def build_payload(first: Dataset, analysis: Analysis, series_uid: str) -> Result
         study_date=_study_date(first),
         laterality=analysis.laterality,
         features=dict(analysis.features),
-        provenance=analysis.provenance,
+        # make, model and field strength of the scanner (no serial number, station or site)
+        provenance=analysis.provenance.model_copy(update={"scanner": scanner_info(first)}),
         # map slices and histograms for the review page (PNG, base64)
         previews={
             name.removesuffix(".png"): base64.b64encode(png).decode("ascii")
@@ -130,6 +132,44 @@ def build_payload(first: Dataset, analysis: Analysis, series_uid: str) -> Result
 
 def _study_series(session: Session, study_uid: str) -> list[Series]:
     return list(session.scalars(select(Series).where(Series.study_instance_uid == study_uid)))
+
+
+#: Roles whose series the automatic ROI may use ("" = not classified yet: read and classify).
+_COMPANION_ROLES = {SeriesRole.T2W.value, SeriesRole.DCE.value, ""}
+
+
+def _companions(
+    sessions: sessionmaker[Session], siblings: list[Series], series_uid: str
+) -> tuple[list[CompanionSeries], list[str]]:
+    """T2w and DCE series of the study as companions of the automatic ROI, and the ones that
+    could not be read (each with why); stored subtraction series first."""
+    found: list[tuple[int, CompanionSeries]] = []
+    left_out: list[str] = []
+    with sessions() as session:
+        for sib in siblings:
+            if (
+                sib.series_instance_uid == series_uid
+                or sib.modality != "MR"
+                or sib.role not in _COMPANION_ROLES
+            ):
+                continue
+            if sib.state is SeriesState.RECEIVING:
+                left_out.append(f"{sib.series_instance_uid}: still arriving")
+                continue
+            datasets = _read(_current_paths(session, sib.series_instance_uid))
+            if not datasets or is_own_object(datasets[0]):
+                continue
+            role = classify_series(datasets).role.value
+            if role not in _COMPANION_ROLES - {""}:
+                continue
+            try:
+                comp = companion_from_datasets(role, datasets)
+            except (ValueError, AttributeError) as exc:
+                left_out.append(f"{role} {sib.series_instance_uid}: {exc}")
+                continue
+            stored_sub = "SUBTRACTION" in {str(v).upper() for v in datasets[0].get("ImageType", [])}
+            found.append((0 if stored_sub else 1, comp))
+    return [c for _, c in sorted(found, key=lambda item: item[0])], left_out
 
 
 def run_pipeline(
@@ -186,8 +226,16 @@ def run_pipeline(
                     for ds in _read(_current_paths(session, sib.series_instance_uid))
                     if not is_own_object(ds)
                 )
+    # No SEG: the automatic candidate uses the study's T2w and DCE series (read only then).
+    companions, left_out = ([], []) if segs else _companions(sessions, siblings, series_uid)
     try:
-        analysis = analyse(dwi, segs=segs, settings=settings.analysis)
+        analysis = analyse(
+            dwi,
+            segs=segs,
+            settings=settings.analysis,
+            companions=companions,
+            companions_ignored=left_out,
+        )
     except AnalysisError as exc:  # the data cannot support the fit (e.g. too few b-values)
         raise Skipped(f"cannot be analysed: {exc}", role=role) from exc
     payload = build_payload(datasets[0], analysis, series_uid)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,9 @@ class Settings(BaseSettings):
     node_storage_dir: Path | None = Field(None, description="DICOM file store; default home/dicom.")
     node_metrics_host: str = Field(
         "127.0.0.1",
-        description="Address of the node's and workers' HTTP side port (/healthz, /readyz, "
-        "/metrics; no authentication: keep it on loopback or the monitoring network).",
+        description="Address of the node's and workers' HTTP side port (/healthz, /readyz "
+        "without a credential, /metrics with HER2LOW_METRICS_TOKEN): keep it on loopback or the "
+        "monitoring network.",
     )
     node_metrics_port: int = Field(
         11180, description="HTTP side port of `her2low node` (docs/operations.md); 0 = off."
@@ -154,7 +156,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="JSON list of DICOM destinations for the result objects (SR, SEG, maps): "
         '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104, "tls": false, '
-        '"calling_aets": ["MODALITY"]}]; an empty or missing calling_aets means every source.',
+        '"calling_aets": ["MODALITY"]}]; an empty or missing calling_aets means every source. '
+        'A DICOMweb STOW-RS entry has "stow_url" (https://pacs/dicom-web/studies) instead of '
+        'ae_title/host/port, optional "tls_ca" and "token_file" (bearer token; docs/deploy.md).',
     )
     node_export_max_attempts: int = Field(
         6, description="Sends of one export before it is dead-lettered (`her2low export list`)."
@@ -168,6 +172,12 @@ class Settings(BaseSettings):
     node_export_timeout: float = Field(
         30.0, description="Seconds the export SCU waits for association and DIMSE responses."
     )
+    node_assessment_poll_seconds: float = Field(
+        30.0,
+        ge=0.0,
+        description="How often the worker asks the service for new assessments (descriptors, "
+        "likelihood) to write into a revised SR for the PACS; 0 turns the poll off.",
+    )
 
     # --- queue ---------------------------------------------------------------------------------
     queue_url: str = Field(
@@ -175,17 +185,20 @@ class Settings(BaseSettings):
     )
     worker_count: int = Field(1, description="Worker threads of `her2low worker`.")
     worker_fit_method: str = Field(
-        "nls",
-        pattern="^(wls|nls|nls_rician)$",
-        description="DKI fit of the analysis ('wls', 'nls', 'nls_rician'); recorded in each "
-        "result, and the model scores only results computed as its training features were.",
+        "",
+        pattern="^(|wls|nls|nls_rician)$",
+        description="DKI fit of the analysis ('wls', 'nls', 'nls_rician'; '' = the pipeline "
+        "default, nls_rician, falling back to nls where the noise sigma cannot be estimated); "
+        "recorded in each result, and the model scores only results computed as its training "
+        "features were.",
     )
     worker_denoise: str = Field(
-        "none",
-        pattern="^(none|mppca)$",
+        "",
+        pattern="^(|none|mppca)$",
         description="Denoising of the DWI before the fit ('none' or 'mppca', Marchenko-Pastur "
-        "PCA); recorded like the fit method. nls_rician + mppca is the noise-robust choice "
-        "(docs/benchmarks.md) for a site that trains its own model with it.",
+        "PCA; '' = the pipeline default, mppca); recorded like the fit method. The default "
+        "mppca + nls_rician is the noise-robust choice (docs/benchmarks.md) the shipped "
+        "reference model assumes.",
     )
     worker_lease_seconds: float = Field(
         20.0,
@@ -202,6 +215,12 @@ class Settings(BaseSettings):
         "",
         description="Bearer token the node presents to the results API; default: generated once "
         "into home/secrets/results-api-token.",
+    )
+    metrics_token: str = Field(
+        "",
+        description="Bearer token a Prometheus scraper presents to /metrics (service and node/"
+        "worker side ports); it cannot publish results. Default: generated once into "
+        "home/secrets/metrics-token.",
     )
 
     # --- CDS service -------------------------------------------------------------------------
@@ -364,15 +383,42 @@ class Settings(BaseSettings):
 
     def results_token(self) -> str:
         """The node/service shared token, generated once (0600) when not configured."""
-        if self.results_api_token:
-            return self.results_api_token
-        path = self.home / "secrets" / "results-api-token"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return self.results_api_token or generated_secret(self.home, "results-api-token")
+
+    def metrics_scrape_token(self) -> str:
+        """The scrapers' token for /metrics, generated once (0600) when not configured.
+
+        A credential of its own: a scraper holding it can read metrics, never publish results.
+        """
+        if self.metrics_token and self.metrics_token == self.results_api_token:
+            raise ConfigurationError(
+                "HER2LOW_METRICS_TOKEN must differ from HER2LOW_RESULTS_API_TOKEN"
+            )
+        return self.metrics_token or generated_secret(self.home, "metrics-token")
+
+
+def generated_secret(home: Path, name: str) -> str:
+    """The secret in ``home/secrets/<name>``, written once (0600) on first use.
+
+    Several processes sharing a home may start at once: the first creates the file, the others
+    read what it wrote.
+    """
+    path = home / "secrets" / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process won the race
+        else:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_urlsafe(32))
-        return path.read_text().strip()
+    for _ in range(50):  # the winner may not have written yet
+        text = path.read_text().strip()
+        if text:
+            return text
+        time.sleep(0.02)
+    raise RuntimeError(f"{path} is empty")
 
 
 def load_settings(**overrides: Any) -> Settings:
