@@ -45,6 +45,7 @@ class Role(LabelledEnum):
     COORDINATOR = "board-coordinator", "Board coordinator"
     ADMIN = "admin", "Administrator"
 
+
 class Permission(StrEnum):
     """Acts of the review app that not every role may perform."""
 

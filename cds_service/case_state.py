@@ -18,11 +18,18 @@ class CaseState(LabelledEnum):
     """Worklist states, in the order a case moves through them."""
 
     NEW = "new", "New", "received; nobody has opened it or entered anything yet"
-    DESCRIPTORS_NEEDED = "descriptors-needed", "Descriptors needed", "opened, but descriptors incomplete or ROI unconfirmed"
-    READY_FOR_BOARD = "ready-for-board", "Ready for board", "descriptors complete and ROI confirmed; no decision yet"
+    DESCRIPTORS_NEEDED = (
+        "descriptors-needed",
+        "Descriptors needed",
+        "opened, but descriptors incomplete or ROI unconfirmed",
+    )
+    READY_FOR_BOARD = (
+        "ready-for-board",
+        "Ready for board",
+        "descriptors complete and ROI confirmed; no decision yet",
+    )
     DISCUSSED = "discussed", "Discussed", "the board confirmed or amended the estimate"
     CLOSED = "closed", "Closed", "withdrawn by the board, or discussed with a pathology HER2 result"
-
 
     @property
     def rule(self) -> str:
@@ -41,6 +48,7 @@ class CaseState(LabelledEnum):
         if facts.viewed or facts.descriptors_entered or facts.roi_confirmed:
             return cls.DESCRIPTORS_NEEDED
         return cls.NEW
+
 
 @dataclass(frozen=True)
 class CaseFacts:

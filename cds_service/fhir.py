@@ -52,6 +52,7 @@ class Interpretation(LabelledEnum):
     AT_OR_ABOVE = "at-or-above-threshold", "HER2-low likelihood at or above the operating threshold"
     BELOW = "below-threshold", "HER2-low likelihood below the operating threshold"
 
+
 def fhir_instant(value: datetime) -> str:
     """FHIR instant/dateTime in UTC with seconds and ``Z`` (four-digit year also before 1000:
     ``strftime("%Y")`` writes year 1 as ``1``, which FHIR refuses)."""

@@ -6,6 +6,7 @@ bash scripts/system-deps.sh
 bash scripts/install.sh test
 if [ -f scripts/fetch-fhir-schema.sh ]; then bash scripts/fetch-fhir-schema.sh; fi
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/lint-imports
 # Processes of this checkout already running (a developer's `her2low up`) are not the suite's.

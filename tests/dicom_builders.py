@@ -64,17 +64,22 @@ class Vol:
     signal: NDArray[np.uint16] = field(default_factory=lambda: np.zeros((0, 0, 0), np.uint16))
 
 
-def ground_truth(grid: Grid, b: float, diffusivity: float = 1.0e-3, seed: int = 0
-                 ) -> NDArray[np.uint16]:
+def ground_truth(
+    grid: Grid, b: float, diffusivity: float = 1.0e-3, seed: int = 0
+) -> NDArray[np.uint16]:
     """Signal ``S0·exp(-b·D)`` with a slice- and pixel-dependent S0 (distinct per slice)."""
-    k, i, j = np.meshgrid(np.arange(grid.n_slices), np.arange(grid.rows),
-                          np.arange(grid.cols), indexing="ij")
+    k, i, j = np.meshgrid(
+        np.arange(grid.n_slices), np.arange(grid.rows), np.arange(grid.cols), indexing="ij"
+    )
     s0 = 1000.0 + 300.0 * k + 10.0 * i + j + seed
     return np.round(s0 * np.exp(-b * diffusivity)).astype(np.uint16)
 
 
-def volumes(grid: Grid, shells: Sequence[tuple[float, Sequence[Vec3 | None]]],
-            diffusivities: Sequence[float] = (1.0e-3, 0.6e-3, 1.6e-3, 0.9e-3)) -> list[Vol]:
+def volumes(
+    grid: Grid,
+    shells: Sequence[tuple[float, Sequence[Vec3 | None]]],
+    diffusivities: Sequence[float] = (1.0e-3, 0.6e-3, 1.6e-3, 0.9e-3),
+) -> list[Vol]:
     """One :class:`Vol` per (b, direction); each direction gets its own diffusivity."""
     out = []
     for b, directions in shells:
@@ -177,8 +182,7 @@ def tag_ge(ds: Dataset, vol: Vol, *, offset: bool = True) -> None:
     """GE: (0043,xx39) first value (+10⁹ offset variant), (0018,9087) only when b>0,
     directions in (0019,xxBB/BC/BD)."""
     first = int(vol.b) + (1_000_000_000 if offset else 0)
-    ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(
-        0x39, "IS", [first, 8, 0, 0])
+    ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x39, "IS", [first, 8, 0, 0])
     if vol.b > 0:
         ds.DiffusionBValue = vol.b
     if vol.direction is not None:
@@ -207,20 +211,24 @@ def tag_uih(ds: Dataset, vol: Vol) -> None:
         block.add_new(0x37, "FD", list(vol.direction))
 
 
-def tag_philips(ds: Dataset, vol: Vol, *, b_number: int = 1, gradient: int = 1,
-                order: int | None = None) -> None:
+def tag_philips(
+    ds: Dataset, vol: Vol, *, b_number: int = 1, gradient: int = 1, order: int | None = None
+) -> None:
     """Philips: (2001,xx03) FL + (0018,9087), volume ids (2005,xx12/13), order (2005,xx96)."""
     tag_standard(ds, vol)
     ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(
-        0x03, "FL", float(vol.b))
+        0x03, "FL", float(vol.b)
+    )
     ds.private_block(0x2001, "Philips Imaging DD 001").add_new(
-        0x04, "CS", "O" if vol.direction is not None else "I")
+        0x04, "CS", "O" if vol.direction is not None else "I"
+    )
     block = ds.private_block(0x2005, "Philips MR Imaging DD 005", create=True)
     block.add_new(0x12, "IS", str(b_number))
     block.add_new(0x13, "IS", str(gradient))
     if order is not None:
         ds.private_block(0x2005, "Philips MR Imaging DD 006", create=True).add_new(
-            0x96, "IS", str(order))
+            0x96, "IS", str(order)
+        )
 
 
 def tag_siemens(ds: Dataset, vol: Vol) -> None:
@@ -264,10 +272,15 @@ def classic_series(
     out = []
     for v_i, vol in enumerate(vols):
         for k in range(grid.n_slices):
-            ds = base_dataset(study_uid=study_uid, series_uid=series_uid,
-                              instance=numbers[v_i * grid.n_slices + k],
-                              manufacturer=manufacturer, image_type=image_type,
-                              body_part=body_part, description=description)
+            ds = base_dataset(
+                study_uid=study_uid,
+                series_uid=series_uid,
+                instance=numbers[v_i * grid.n_slices + k],
+                manufacturer=manufacturer,
+                image_type=image_type,
+                body_part=body_part,
+                description=description,
+            )
             set_plane(ds, grid, grid.position(k))
             stored = vol.signal[k]
             if rescale is not None:
@@ -321,23 +334,30 @@ def tile(volume: NDArray[np.uint16], per_row: int, n_tile_rows: int) -> NDArray[
 def mosaic_corner(grid: Grid, mosaic_rows: int, mosaic_cols: int) -> Vec3:
     """ImagePositionPatient written in a mosaic: corner of the whole tiled image."""
     row_dir, col_dir = np.asarray(grid.iop[:3]), np.asarray(grid.iop[3:])
-    p = (np.asarray(grid.position(0))
-         - row_dir * grid.pixel_spacing[1] * (mosaic_cols - grid.cols) / 2.0
-         - col_dir * grid.pixel_spacing[0] * (mosaic_rows - grid.rows) / 2.0)
+    p = (
+        np.asarray(grid.position(0))
+        - row_dir * grid.pixel_spacing[1] * (mosaic_cols - grid.cols) / 2.0
+        - col_dir * grid.pixel_spacing[0] * (mosaic_rows - grid.rows) / 2.0
+    )
     return (float(p[0]), float(p[1]), float(p[2]))
 
 
-def siemens_mosaic_series(grid: Grid, vols: Sequence[Vol], *, study_uid: str | None = None
-                          ) -> list[Dataset]:
+def siemens_mosaic_series(
+    grid: Grid, vols: Sequence[Vol], *, study_uid: str | None = None
+) -> list[Dataset]:
     """VB-era Siemens mosaics: one file per volume, b and geometry only in the CSA header."""
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
     per_row = math.ceil(math.sqrt(grid.n_slices))
     out = []
     for v_i, vol in enumerate(vols):
-        ds = base_dataset(study_uid=study_uid, series_uid=series_uid, instance=v_i + 1,
-                          manufacturer="SIEMENS",
-                          image_type=("ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"))
+        ds = base_dataset(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            instance=v_i + 1,
+            manufacturer="SIEMENS",
+            image_type=("ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"),
+        )
         mosaic = tile(vol.signal, per_row, per_row)
         set_plane(ds, grid, mosaic_corner(grid, *mosaic.shape))
         set_pixels(ds, mosaic)
@@ -363,9 +383,13 @@ def uih_grid_series(grid: Grid, vols: Sequence[Vol]) -> list[Dataset]:
     n_tile_rows = math.ceil(grid.n_slices / per_row)
     out = []
     for v_i, vol in enumerate(vols):
-        ds = base_dataset(study_uid=study_uid, series_uid=series_uid, instance=v_i + 1,
-                          manufacturer="UIH",
-                          image_type=("ORIGINAL", "PRIMARY", "DIFFUSION", "VFRAME"))
+        ds = base_dataset(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            instance=v_i + 1,
+            manufacturer="UIH",
+            image_type=("ORIGINAL", "PRIMARY", "DIFFUSION", "VFRAME"),
+        )
         mosaic = tile(vol.signal, per_row, n_tile_rows)
         set_plane(ds, grid, grid.position(0))
         set_pixels(ds, mosaic)
@@ -400,9 +424,14 @@ def enhanced_series(
     ``omit_b0_value`` drops (0018,9087) from b=0 frames (Canon enhanced style).
     """
     study_uid, series_uid = generate_uid(), generate_uid()
-    ds = base_dataset(study_uid=study_uid, series_uid=series_uid, instance=1,
-                      manufacturer=manufacturer, sop_class=ENHANCED_MR_IMAGE_STORAGE,
-                      image_type=("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"))
+    ds = base_dataset(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        instance=1,
+        manufacturer=manufacturer,
+        sop_class=ENHANCED_MR_IMAGE_STORAGE,
+        image_type=("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"),
+    )
     shared = Dataset()
     orient = Dataset()
     orient.ImageOrientationPatient = [f"{v:.6f}" for v in grid.iop]
@@ -461,9 +490,14 @@ def simple_image(
     modality: str = "MR",
 ) -> Dataset:
     """A plain 4x4 MR image for role tests (sequence parameters set by the caller)."""
-    ds = base_dataset(study_uid=generate_uid(), series_uid=series_uid or generate_uid(),
-                      instance=instance, image_type=image_type, body_part=body_part,
-                      description=description)
+    ds = base_dataset(
+        study_uid=generate_uid(),
+        series_uid=series_uid or generate_uid(),
+        instance=instance,
+        image_type=image_type,
+        body_part=body_part,
+        description=description,
+    )
     ds.Modality = modality
     set_plane(ds, Grid(rows=4, cols=4), position)
     set_pixels(ds, np.full((4, 4), 100, np.uint16))
@@ -497,8 +531,9 @@ def strip_manufacturer(ds: Dataset, creator: str = "TOSHIBA_MEC_MR3") -> None:
     ds.private_block(0x700D, creator, create=True).add_new(0x00, "DS", "1")
 
 
-def uih_grid_without_plane(grid: Grid, vols: Sequence[Vol], *, orientation_in_vframes: bool = True
-                           ) -> list[Dataset]:
+def uih_grid_without_plane(
+    grid: Grid, vols: Sequence[Vol], *, orientation_in_vframes: bool = True
+) -> list[Dataset]:
     """UIH VFRAME grid with no top-level ImagePositionPatient/ImageOrientationPatient: the
     per-slice positions (and, when ``orientation_in_vframes``, orientations) live only in the
     MR VFrame Sequence (0065,xx51) items (dcm2niix UIH/README.md)."""
@@ -521,17 +556,24 @@ def to_bmatrix(ds: Dataset) -> Dataset:
         b = float(diff.get("DiffusionBValue", 0.0))
         g = np.zeros(3)
         if "DiffusionGradientDirectionSequence" in diff:
-            g = np.asarray(diff.DiffusionGradientDirectionSequence[0].DiffusionGradientOrientation,
-                           dtype=float)
+            g = np.asarray(
+                diff.DiffusionGradientDirectionSequence[0].DiffusionGradientOrientation, dtype=float
+            )
             del diff.DiffusionGradientDirectionSequence
         if "DiffusionBValue" in diff:
             del diff.DiffusionBValue
         m = b * np.outer(g, g) if np.linalg.norm(g) > 0 else np.eye(3) * b / 3.0
         item = Dataset()
         item.DiffusionBValueXX, item.DiffusionBValueXY, item.DiffusionBValueXZ = (
-            float(m[0, 0]), float(m[0, 1]), float(m[0, 2]))
+            float(m[0, 0]),
+            float(m[0, 1]),
+            float(m[0, 2]),
+        )
         item.DiffusionBValueYY, item.DiffusionBValueYZ, item.DiffusionBValueZZ = (
-            float(m[1, 1]), float(m[1, 2]), float(m[2, 2]))
+            float(m[1, 1]),
+            float(m[1, 2]),
+            float(m[2, 2]),
+        )
         diff.DiffusionBMatrixSequence = DicomSequence([item])
         diff.DiffusionDirectionality = "BMATRIX"
     return ds

@@ -72,7 +72,8 @@ def test_slices_ordered_by_geometry_not_instance_number() -> None:
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
     for k, uid in enumerate(dwi.slice_sop_instance_uids):
         assert tuple(float(x) for x in by_uid[uid].ImagePositionPatient) == pytest.approx(
-            g.slice_position(k), abs=1e-3)
+            g.slice_position(k), abs=1e-3
+        )
         assert float(by_uid[uid].private_block(0x0019, "SIEMENS MR HEADER")[0x0C].value) == 0
 
 
@@ -87,8 +88,9 @@ def test_siemens_mosaic_untiled_with_csa() -> None:
     dwi = assemble_dwi(datasets)
     assert dwi.data.shape == (5, 4, 6, 2)
     np.testing.assert_allclose(dwi.data[..., 0], vols[0].signal, rtol=1e-6)
-    np.testing.assert_allclose(dwi.data[..., 1], geo_mean([vols[1].signal, vols[2].signal]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        dwi.data[..., 1], geo_mean([vols[1].signal, vols[2].signal]), rtol=1e-5
+    )
     assert_geometry(dwi.geometry.origin, grid)
     assert dwi.geometry.slice_spacing == pytest.approx(4.0)
 
@@ -110,16 +112,19 @@ def test_canon_enhanced_b0_frames_without_b() -> None:
 
 def test_uih_grid_near_b0_and_effective_b_grouped() -> None:
     grid = Grid(n_slices=3)
-    vols = [Vol(1.25, None, ground_truth(grid, 0.0)),
-            Vol(929.75, DIRS[0], ground_truth(grid, 929.75, 1.1e-3)),
-            Vol(928.29, DIRS[1], ground_truth(grid, 928.29, 0.7e-3))]
+    vols = [
+        Vol(1.25, None, ground_truth(grid, 0.0)),
+        Vol(929.75, DIRS[0], ground_truth(grid, 929.75, 1.1e-3)),
+        Vol(928.29, DIRS[1], ground_truth(grid, 928.29, 0.7e-3)),
+    ]
     datasets = uih_grid_series(grid, vols)
     assert plan_layout(datasets).storage is StorageStyle.MOSAIC
     dwi = assemble_dwi(datasets)
     assert dwi.bvals.tolist() == pytest.approx([1.25, (929.75 + 928.29) / 2])
     np.testing.assert_allclose(dwi.data[..., 0], vols[0].signal, rtol=1e-6)
-    np.testing.assert_allclose(dwi.data[..., 1], geo_mean([vols[1].signal, vols[2].signal]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        dwi.data[..., 1], geo_mean([vols[1].signal, vols[2].signal]), rtol=1e-5
+    )
     assert any("grouped as one shell" in n for n in dwi.notes)
     assert_geometry(dwi.geometry.origin, grid)
 
@@ -128,8 +133,7 @@ def test_ge_offset_private_b() -> None:
     vols = volumes(GRID, [(0.0, [None]), (1000.0, DIRS)])
     dwi = assemble_dwi(classic_series(GRID, vols, tag_ge, manufacturer="GE MEDICAL SYSTEMS"))
     np.testing.assert_array_equal(dwi.bvals, [0.0, 1000.0])
-    np.testing.assert_allclose(dwi.data[..., 1], geo_mean([v.signal for v in vols[1:]]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(dwi.data[..., 1], geo_mean([v.signal for v in vols[1:]]), rtol=1e-5)
 
 
 def test_enhanced_philips_multiframe_scrambled_frames_and_rescale() -> None:
@@ -148,17 +152,22 @@ def test_philips_near_zero_b_repeats_form_one_b0_shell() -> None:
     vols = volumes(GRID, [(0.0, [None]), (0.001, [None]), (0.002, [None]), (1000.0, [None])])
     datasets = []
     for n, vol in enumerate(vols):
+
         def tag(ds: Dataset, v: Vol, n: int = n) -> None:
             tag_philips(ds, v, b_number=n + 1, gradient=1, order=n + 1)
-        datasets += classic_series(GRID, [vol], tag, manufacturer="Philips",
-                                   series_uid="1.2.3.4", study_uid="1.2.3")
+
+        datasets += classic_series(
+            GRID, [vol], tag, manufacturer="Philips", series_uid="1.2.3.4", study_uid="1.2.3"
+        )
     layout = plan_layout(datasets)
     assert [v.b for v in layout.volumes] == pytest.approx([0.0, 0.001, 0.002, 1000.0])
     dwi = assemble_dwi(datasets)
     assert dwi.bvals.tolist() == pytest.approx([0.001, 1000.0])
     np.testing.assert_allclose(
-        dwi.data[..., 0], np.mean(np.stack([v.signal for v in vols[:3]]).astype(float), axis=0),
-        rtol=1e-6)
+        dwi.data[..., 0],
+        np.mean(np.stack([v.signal for v in vols[:3]]).astype(float), axis=0),
+        rtol=1e-6,
+    )
 
 
 def test_rescale_slope_intercept_applied() -> None:
@@ -188,8 +197,9 @@ def test_several_stacks_by_orientation() -> None:
     vols = volumes(GRID, [(0.0, [None]), (800.0, [None])])
     other = Grid(iop=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
     datasets = classic_series(GRID, vols, series_uid="1.2.9", study_uid="1.2")
-    datasets += classic_series(other, volumes(other, [(0.0, [None]), (800.0, [None])]),
-                               series_uid="1.2.9", study_uid="1.2")
+    datasets += classic_series(
+        other, volumes(other, [(0.0, [None]), (800.0, [None])]), series_uid="1.2.9", study_uid="1.2"
+    )
     assert ProblemKind.SEVERAL_STACKS in _kinds(datasets)
 
 
@@ -222,8 +232,9 @@ def test_missing_slice_of_one_b() -> None:
 
 def test_gap_in_slice_positions_reported() -> None:
     grid = Grid(n_slices=5)
-    datasets = classic_series(grid, volumes(grid, [(0.0, [None]), (800.0, [None])]),
-                              tag_standard, shuffle_seed=None)
+    datasets = classic_series(
+        grid, volumes(grid, [(0.0, [None]), (800.0, [None])]), tag_standard, shuffle_seed=None
+    )
     datasets = [ds for i, ds in enumerate(datasets) if i % 5 != 2]  # slice 2 of every b
     assert ProblemKind.MISSING_SLICES in _kinds(datasets)
 
@@ -240,8 +251,7 @@ def test_scanner_trace_ignored_when_directions_present() -> None:
     trace = Vol(800.0, None, ground_truth(GRID, 800.0, 5e-3))
     datasets = classic_series(GRID, [*vols, trace], tag_standard)
     dwi = assemble_dwi(datasets)
-    np.testing.assert_allclose(dwi.data[..., 1], geo_mean([v.signal for v in vols[1:]]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(dwi.data[..., 1], geo_mean([v.signal for v in vols[1:]]), rtol=1e-5)
     assert any("trace image(s) ignored" in n for n in dwi.notes)
 
 

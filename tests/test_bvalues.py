@@ -113,8 +113,14 @@ def test_siemens_private_then_sequence_name() -> None:
 def test_csa_b_value_and_direction() -> None:
     ds = one(tag_standard, 0.0)
     del ds.DiffusionBValue
-    add_csa(ds, {"B_value": ["1000"], "DiffusionGradientDirection": ["0", "0.6", "0.8"],
-                 "DiffusionDirectionality": ["DIRECTIONAL"]})
+    add_csa(
+        ds,
+        {
+            "B_value": ["1000"],
+            "DiffusionGradientDirection": ["0", "0.6", "0.8"],
+            "DiffusionDirectionality": ["DIRECTIONAL"],
+        },
+    )
     info = diffusion_info(ds, csa=csa_image_header(ds))
     assert (info.b, info.source) == (1000.0, BValueSource.SIEMENS_CSA)
     assert info.direction == pytest.approx((0.0, 0.6, 0.8))
@@ -137,7 +143,11 @@ def test_grouping_threshold_and_tolerance() -> None:
     bvals = [1000.0, 0.0, 929.75, 0.004, 1.25, 928.29, 0.001, 2000.0]
     groups = group_bvalues(bvals)
     assert [[bvals[i] for i in g] for g in groups] == [
-        [0.0, 0.001, 0.004, 1.25], [928.29, 929.75], [1000.0], [2000.0]]
+        [0.0, 0.001, 0.004, 1.25],
+        [928.29, 929.75],
+        [1000.0],
+        [2000.0],
+    ]
     # Stricter tolerance splits the UIH pair; higher b0 threshold would not.
     assert len(group_bvalues(bvals, rel_tol=0.001)) == 5
     assert len(group_bvalues([0.0, 4.9, 5.0])) == 2
@@ -161,8 +171,14 @@ def test_csa2_round_trip_and_csa1() -> None:
         assert csa_float(parsed, "Missing") is None
 
 
-@pytest.mark.parametrize("raw", [b"", b"SV10\x04\x03\x02\x01", b"SV10\x04\x03\x02\x01" +
-                                 (5).to_bytes(4, "little") + b"\0" * 4 + b"x" * 70])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"SV10\x04\x03\x02\x01",
+        b"SV10\x04\x03\x02\x01" + (5).to_bytes(4, "little") + b"\0" * 4 + b"x" * 70,
+    ],
+)
 def test_csa_corrupt(raw: bytes) -> None:
     with pytest.raises(CsaError):
         parse_csa(raw)

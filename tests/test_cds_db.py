@@ -38,9 +38,7 @@ def test_upgrade_is_idempotent_and_creates_tables(tmp_path: Path) -> None:
 
 def test_unmigrated_database_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    with pytest.raises(
-        NotMigratedError, match=r"is not migrated .*: run `her2low db upgrade`"
-    ):
+    with pytest.raises(NotMigratedError, match=r"is not migrated .*: run `her2low db upgrade`"):
         MIGRATIONS.check_current(url)
     settings = Settings(home=tmp_path, cds_db_url=url)
     with pytest.raises(NotMigratedError, match="her2low db upgrade"):

@@ -24,8 +24,18 @@ from dicom_node.series.inspection import add_subcommand, cmd_inspect, format_rep
 
 GRID = Grid(n_slices=3)
 DIRS = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0)]
-KEYS = {"series_instance_uid", "vendor", "role", "storage", "b_values", "volumes_per_b",
-        "slices", "rows", "columns", "problems"}
+KEYS = {
+    "series_instance_uid",
+    "vendor",
+    "role",
+    "storage",
+    "b_values",
+    "volumes_per_b",
+    "slices",
+    "rows",
+    "columns",
+    "problems",
+}
 
 
 def test_read_plain_and_gzip(tmp_path: Path) -> None:
@@ -64,25 +74,30 @@ def test_robust_reader_reports_bad_files(tmp_path: Path) -> None:
 def study(tmp_path: Path) -> Path:
     """A folder with five series: trace (gzip), mosaic, enhanced, no-b, non-breast."""
     root = tmp_path / "study"
-    trace = classic_series(GRID, volumes(GRID, [(0.0, [None]), (50.0, [None]),
-                                                (800.0, [None])]), tag_standard)
+    trace = classic_series(
+        GRID, volumes(GRID, [(0.0, [None]), (50.0, [None]), (800.0, [None])]), tag_standard
+    )
     for i, ds in enumerate(trace):
         ds.SeriesNumber = 1
         write_gz(ds, root / "trace" / f"{i}.dcm.gz")
-    for i, ds in enumerate(siemens_mosaic_series(GRID, volumes(GRID, [(0.0, [None]),
-                                                                      (1000.0, DIRS)]))):
+    for i, ds in enumerate(
+        siemens_mosaic_series(GRID, volumes(GRID, [(0.0, [None]), (1000.0, DIRS)]))
+    ):
         ds.SeriesNumber = 2
         write(ds, root / "mosaic" / f"{i}.dcm")
-    enhanced = enhanced_series(GRID, volumes(GRID, [(0.0, [None]), (0.002, [None]),
-                                                    (1000.0, [None])]))
+    enhanced = enhanced_series(
+        GRID, volumes(GRID, [(0.0, [None]), (0.002, [None]), (1000.0, [None])])
+    )
     enhanced.SeriesNumber = 3
     write(enhanced, root / "enhanced.dcm")
-    for i, ds in enumerate(classic_series(GRID, volumes(GRID, [(0.0, [None]),
-                                                               (800.0, [None])]), tag_none)):
+    for i, ds in enumerate(
+        classic_series(GRID, volumes(GRID, [(0.0, [None]), (800.0, [None])]), tag_none)
+    ):
         ds.SeriesNumber = 4
         write(ds, root / "nob" / f"{i}.dcm")
-    for i, ds in enumerate(classic_series(GRID, volumes(GRID, [(0.0, [None])]), tag_standard,
-                                          body_part="BRAIN")):
+    for i, ds in enumerate(
+        classic_series(GRID, volumes(GRID, [(0.0, [None])]), tag_standard, body_part="BRAIN")
+    ):
         ds.SeriesNumber = 5
         write(ds, root / "brain" / f"{i}.dcm")
     (root / "README").write_text("not dicom")

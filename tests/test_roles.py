@@ -24,21 +24,31 @@ GRID = Grid(n_slices=2)
 DIRS = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
 
 
-def dwi(image_type: Sequence[str], shells: list[tuple[float, list]], tag=tag_standard,  # type: ignore[no-untyped-def]
-        **kw) -> list[Dataset]:
+def dwi(
+    image_type: Sequence[str],
+    shells: list[tuple[float, list]],
+    tag=tag_standard,  # type: ignore[no-untyped-def]
+    **kw,
+) -> list[Dataset]:
     return classic_series(GRID, volumes(GRID, shells), tag, image_type=image_type, **kw)
 
 
 def test_siemens_tracew_is_usable_trace_although_derived() -> None:
-    c = classify_series(dwi(("DERIVED", "PRIMARY", "DIFFUSION", "TRACEW", "ND"),
-                            [(50.0, [None]), (800.0, [None])], tag_siemens))
+    c = classify_series(
+        dwi(
+            ("DERIVED", "PRIMARY", "DIFFUSION", "TRACEW", "ND"),
+            [(50.0, [None]), (800.0, [None])],
+            tag_siemens,
+        )
+    )
     assert c.role is SeriesRole.DWI_TRACE and c.role.is_fit_input
     assert any("TRACEW" in r for r in c.reasons)
 
 
 def test_directional_series() -> None:
-    c = classify_series(dwi(("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"),
-                            [(0.0, [None]), (1000.0, DIRS)]))
+    c = classify_series(
+        dwi(("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"), [(0.0, [None]), (1000.0, DIRS)])
+    )
     assert c.role is SeriesRole.DWI_DIRECTIONAL
     assert any("3 gradient directions" in r for r in c.reasons)
 
@@ -50,19 +60,26 @@ def test_enhanced_isotropic_is_trace() -> None:
 
 @pytest.mark.parametrize("token", ["ADC", "CALC_BVALUE", "EADC", "FA"])
 def test_derived_maps_not_fit_input(token: str) -> None:
-    c = classify_series(dwi(("DERIVED", "PRIMARY", "DIFFUSION", token),
-                            [(0.0, [None]), (1000.0, [None])]))
+    c = classify_series(
+        dwi(("DERIVED", "PRIMARY", "DIFFUSION", token), [(0.0, [None]), (1000.0, [None])])
+    )
     assert c.role is SeriesRole.DWI_DERIVED and not c.role.is_fit_input
     assert any("not usable" in r for r in c.reasons)
 
 
 def test_adc_by_description_only_when_headers_have_no_b() -> None:
-    img = simple_image(image_type=("DERIVED", "SECONDARY", "DIFFUSION"),
-                       description="ADC (10^-6 mm²/s)")
+    img = simple_image(
+        image_type=("DERIVED", "SECONDARY", "DIFFUSION"), description="ADC (10^-6 mm²/s)"
+    )
     assert classify_series([img]).role is SeriesRole.DWI_DERIVED
     # An acquired series whose description says ADC is still acquired data.
-    c = classify_series(dwi(("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"),
-                            [(0.0, [None]), (800.0, [None])], description="dwi adc"))
+    c = classify_series(
+        dwi(
+            ("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"),
+            [(0.0, [None]), (800.0, [None])],
+            description="dwi adc",
+        )
+    )
     assert c.role is SeriesRole.DWI_TRACE
 
 
@@ -71,8 +88,9 @@ def _series(n_pos: int, n_time: int, **attrs: object) -> list[Dataset]:
     out = []
     for t in range(n_time):
         for k in range(n_pos):
-            ds = simple_image(series_uid=uid, instance=t * n_pos + k + 1,
-                              position=(0.0, 0.0, 3.0 * k))
+            ds = simple_image(
+                series_uid=uid, instance=t * n_pos + k + 1, position=(0.0, 0.0, 3.0 * k)
+            )
             if n_time > 1:
                 ds.TemporalPositionIdentifier = t + 1
                 ds.NumberOfTemporalPositions = n_time
@@ -83,15 +101,23 @@ def _series(n_pos: int, n_time: int, **attrs: object) -> list[Dataset]:
 
 
 def test_dce_from_time_points_and_contrast_agent() -> None:
-    c = classify_series(_series(3, 4, ContrastBolusAgent="Gadobutrol", ScanningSequence="GR",
-                                EchoTime=2.0, RepetitionTime=5.0, SeriesDescription="t1_fl3d"))
+    c = classify_series(
+        _series(
+            3,
+            4,
+            ContrastBolusAgent="Gadobutrol",
+            ScanningSequence="GR",
+            EchoTime=2.0,
+            RepetitionTime=5.0,
+            SeriesDescription="t1_fl3d",
+        )
+    )
     assert c.role is SeriesRole.DCE
     assert any("time points" in r for r in c.reasons)
 
 
 def test_t2_weighted() -> None:
-    c = classify_series(_series(3, 1, ScanningSequence="SE", EchoTime=90.0,
-                                RepetitionTime=4000.0))
+    c = classify_series(_series(3, 1, ScanningSequence="SE", EchoTime=90.0, RepetitionTime=4000.0))
     assert c.role is SeriesRole.T2W
 
 
@@ -106,8 +132,13 @@ def test_seg_and_other() -> None:
 
 
 def test_non_breast_recorded_with_reason() -> None:
-    c = classify_series(dwi(("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"),
-                            [(0.0, [None]), (1000.0, [None])], body_part="BRAIN"))
+    c = classify_series(
+        dwi(
+            ("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"),
+            [(0.0, [None]), (1000.0, [None])],
+            body_part="BRAIN",
+        )
+    )
     assert c.role is SeriesRole.DWI_TRACE  # still classified, not dropped
     assert c.is_breast is False
     assert any("BRAIN" in r for r in c.reasons)

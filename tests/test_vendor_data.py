@@ -23,8 +23,12 @@ from dicom_node.series.layout import plan_layout
 from dicom_node.series.roles import SeriesRole, classify_series
 
 DWI = Path(__file__).resolve().parents[2] / "shared" / "data" / "dwi"
-NAMES = ["ge_signa_classic", "philips_ingenia_classic", "siemens_xa30_enhanced",
-         "siemens_xa30_classic_trace"]
+NAMES = [
+    "ge_signa_classic",
+    "philips_ingenia_classic",
+    "siemens_xa30_enhanced",
+    "siemens_xa30_classic_trace",
+]
 ROLES = {
     "ge_signa_classic": SeriesRole.DWI_DIRECTIONAL,
     "philips_ingenia_classic": SeriesRole.DWI_DIRECTIONAL,
@@ -34,8 +38,9 @@ ROLES = {
 
 pytestmark = [
     pytest.mark.needs_shared,
-    pytest.mark.skipif(not (DWI / "manifest.json").is_file(),
-                       reason=f"shared vendor data not found at {DWI}"),
+    pytest.mark.skipif(
+        not (DWI / "manifest.json").is_file(), reason=f"shared vendor data not found at {DWI}"
+    ),
 ]
 
 
@@ -89,10 +94,12 @@ def test_inspect_entry_matches_manifest(name: str) -> None:
     directions: dict[float, set[Any]] = defaultdict(set)
     for vol in plan_layout(load(name)).volumes:
         assert vol.b is not None
-        directions[vol.b].add(None if vol.direction is None
-                              else tuple(round(x, 3) for x in vol.direction))
+        directions[vol.b].add(
+            None if vol.direction is None else tuple(round(x, 3) for x in vol.direction)
+        )
     assert {format(b, "g"): len(d) for b, d in directions.items()} == {
-        b: v["unique_directions"] for b, v in m["ref_per_b"].items()}
+        b: v["unique_directions"] for b, v in m["ref_per_b"].items()
+    }
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -112,23 +119,27 @@ def test_slices_ordered_by_geometry(name: str) -> None:
         assert len({float(ds.DiffusionBValue) for ds in first}) > 2
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.slow) if n == "philips_ingenia_classic" else n
-    for n in NAMES
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n == "philips_ingenia_classic" else n
+        for n in NAMES
+    ],
+)
 def test_assemble_real_series(name: str) -> None:
     datasets = load(name, pixels=True)
     dwi = assemble_dwi(datasets)
     layout = plan_layout(datasets)
     n_shells = (1 if any(b < 5.0 for b in ref_bvals(name)) else 0) + len(
-        {b for b in ref_bvals(name) if b >= 5.0})
-    assert dwi.data.shape == (len(layout.slice_positions), layout.rows, layout.columns,
-                              n_shells)
+        {b for b in ref_bvals(name) if b >= 5.0}
+    )
+    assert dwi.data.shape == (len(layout.slice_positions), layout.rows, layout.columns, n_shells)
     assert dwi.data.dtype == np.float32 and np.all(np.isfinite(dwi.data))
     assert float(dwi.data.mean()) > 0
     assert np.all(np.diff(dwi.bvals) > 0)
     assert dwi.geometry.slice_spacing == pytest.approx(
-        float(np.mean(np.diff(layout.slice_positions))))
+        float(np.mean(np.diff(layout.slice_positions)))
+    )
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
     if manifest()[name]["storage_style"] == "classic":
         for k, uid in enumerate(dwi.slice_sop_instance_uids):

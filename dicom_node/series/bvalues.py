@@ -232,8 +232,16 @@ def _directionality(value: Any) -> DirectionalityValues | None:
     t = str(_first(value) or "").strip().upper()
     if not t:
         return None
-    philips = {"I": "ISOTROPIC", "O": "DIRECTIONAL", "R": "DIRECTIONAL", "A": "DIRECTIONAL",
-               "F": "DIRECTIONAL", "P": "DIRECTIONAL", "S": "DIRECTIONAL", "N": "NONE"}
+    philips = {
+        "I": "ISOTROPIC",
+        "O": "DIRECTIONAL",
+        "R": "DIRECTIONAL",
+        "A": "DIRECTIONAL",
+        "F": "DIRECTIONAL",
+        "P": "DIRECTIONAL",
+        "S": "DIRECTIONAL",
+        "N": "NONE",
+    }
     t = philips.get(t, t)
     try:
         return DirectionalityValues(t)
@@ -264,8 +272,12 @@ def _b_from_private(
 
 
 _BMATRIX_KEYWORDS = (
-    "DiffusionBValueXX", "DiffusionBValueXY", "DiffusionBValueXZ",
-    "DiffusionBValueYY", "DiffusionBValueYZ", "DiffusionBValueZZ",
+    "DiffusionBValueXX",
+    "DiffusionBValueXY",
+    "DiffusionBValueXZ",
+    "DiffusionBValueYY",
+    "DiffusionBValueYZ",
+    "DiffusionBValueZZ",
 )
 
 
@@ -280,7 +292,9 @@ def _bmatrix(item: Dataset) -> NDArray[np.float64] | None:
     return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
 
 
-def _bmatrix_diffusion(items: Sequence[Dataset]) -> tuple[float, tuple[float, float, float] | None] | None:
+def _bmatrix_diffusion(
+    items: Sequence[Dataset],
+) -> tuple[float, tuple[float, float, float] | None] | None:
     """b = trace of the b-matrix, direction = its principal eigenvector (PS3.3 C.8.13.5.9)."""
     for item in items:
         m = _bmatrix(item)

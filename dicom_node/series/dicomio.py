@@ -124,9 +124,7 @@ def iter_files(paths: Iterable[Path | str]) -> Iterator[Path]:
             yield p
 
 
-def read_datasets(
-    paths: Sequence[Path | str], *, stop_before_pixels: bool = False
-) -> ReadResult:
+def read_datasets(paths: Sequence[Path | str], *, stop_before_pixels: bool = False) -> ReadResult:
     """Read all files under ``paths``; unreadable files become :class:`ReadProblem` entries."""
     result = ReadResult()
     for raw in paths:

@@ -277,8 +277,10 @@ def placement_gaps(ds: Dataset) -> tuple[int, Counter[str]]:
 def describe_gaps(gaps: Counter[str], total: int) -> str:
     """``"<attribute> missing on <n> of <total> images[ and no <fallback> value]"``, joined."""
     fallback = {IPP: f" and no {_UIH_FALLBACK} value", IOP: f" and no {_UIH_FALLBACK} value"}
-    return "; ".join(f"{name} missing on {n} of {total} images{fallback.get(name, '')}"
-                     for name, n in sorted(gaps.items()))
+    return "; ".join(
+        f"{name} missing on {n} of {total} images{fallback.get(name, '')}"
+        for name, n in sorted(gaps.items())
+    )
 
 
 def _classic_frames(index: int, ds: Dataset) -> list[FrameRef]:
@@ -369,8 +371,9 @@ def _enhanced_frames(index: int, ds: Dataset) -> list[FrameRef]:
     return out
 
 
-def imply_vendor_b0(datasets: Sequence[Dataset], infos: Sequence[DiffusionInfo]
-                    ) -> list[DiffusionInfo]:
+def imply_vendor_b0(
+    datasets: Sequence[Dataset], infos: Sequence[DiffusionInfo]
+) -> list[DiffusionInfo]:
     """``infos`` with b=0 for Toshiba/Canon images that carry no b-value in a diffusion series.
 
     Toshiba and Canon populate (0018,9087) only where a diffusion gradient is applied (dcm2niix
@@ -402,5 +405,7 @@ def expand_frames(datasets: Sequence[Dataset]) -> list[FrameRef]:
         else:
             frames.extend(_classic_frames(i, ds))
     infos = imply_vendor_b0(datasets, [f.diffusion for f in frames])
-    return [f if f.diffusion is d else replace(f, diffusion=d)
-            for f, d in zip(frames, infos, strict=True)]
+    return [
+        f if f.diffusion is d else replace(f, diffusion=d)
+        for f, d in zip(frames, infos, strict=True)
+    ]

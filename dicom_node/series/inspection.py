@@ -39,8 +39,9 @@ __all__ = [
 _DIFFUSION_INPUT = (SeriesRole.DWI_TRACE, SeriesRole.DWI_DIRECTIONAL)
 
 
-def inspect_series(datasets: Sequence[Dataset], rules: BreastRules = BreastRules()
-                   ) -> dict[str, Any]:
+def inspect_series(
+    datasets: Sequence[Dataset], rules: BreastRules = BreastRules()
+) -> dict[str, Any]:
     """Report entry for the instances of one series (headers only); raises
     :class:`~dicom_node.series.assemble.AssemblyError` for headers pydicom cannot convert."""
     check_headers(datasets)
@@ -50,9 +51,12 @@ def inspect_series(datasets: Sequence[Dataset], rules: BreastRules = BreastRules
     problems = [str(p) for p in layout.problems]
     family = vendor_family(ds)
     if classification.role in _DIFFUSION_INPUT and layout.frames_without_b:
-        problems.insert(0, f"missing b-values: {layout.frames_without_b} of "
-                           f"{len(layout.frames)} images carry no b-value (searched "
-                           f"{SEARCHED_CONVENTIONS}; vendor family {family.value})")
+        problems.insert(
+            0,
+            f"missing b-values: {layout.frames_without_b} of "
+            f"{len(layout.frames)} images carry no b-value (searched "
+            f"{SEARCHED_CONVENTIONS}; vendor family {family.value})",
+        )
     b_values = sorted({f.diffusion.b for f in layout.frames if f.diffusion.b is not None})
     per_b: dict[float, int] = defaultdict(int)
     for vol in layout.volumes:
@@ -76,8 +80,9 @@ def inspect_series(datasets: Sequence[Dataset], rules: BreastRules = BreastRules
         "modality": text(ds, "Modality"),
         "series_number": _int_or_none(ds.get("SeriesNumber")),
         "instances": len(datasets),
-        "b_sources": sorted({f.diffusion.source.value for f in layout.frames
-                             if f.diffusion.source is not None}),
+        "b_sources": sorted(
+            {f.diffusion.source.value for f in layout.frames if f.diffusion.source is not None}
+        ),
     }
 
 
@@ -99,8 +104,13 @@ def inspect_paths(paths: Sequence[Path], rules: BreastRules = BreastRules()) -> 
     for ds in result.datasets:
         by_series[str(ds.get("SeriesInstanceUID", ""))].append(ds)
     entries = [inspect_series(group, rules) for group in by_series.values()]
-    entries.sort(key=lambda e: (e["series_number"] is None, e["series_number"] or 0,
-                                e["series_instance_uid"]))
+    entries.sort(
+        key=lambda e: (
+            e["series_number"] is None,
+            e["series_number"] or 0,
+            e["series_instance_uid"],
+        )
+    )
     return {
         "series": entries,
         "unreadable": [{"path": str(p.path), "reason": p.reason} for p in result.problems],
@@ -116,19 +126,34 @@ def _b_summary(entry: dict[str, Any]) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     """Human-readable table of an :func:`inspect_paths` report, problems listed below it."""
-    header = ("#", "vendor", "role", "storage", "breast", "slices", "matrix", "b (volumes)",
-              "description")
+    header = (
+        "#",
+        "vendor",
+        "role",
+        "storage",
+        "breast",
+        "slices",
+        "matrix",
+        "b (volumes)",
+        "description",
+    )
     rows = [header]
     for e in report["series"]:
-        rows.append((
-            "" if e.get("series_number") is None else str(e["series_number"]),
-            e["vendor"][:20], e["role"], e["storage"], "yes" if e.get("is_breast") else "no",
-            str(e["slices"]), f"{e['rows']}x{e['columns']}", _b_summary(e),
-            e.get("description", "")[:40],
-        ))
+        rows.append(
+            (
+                "" if e.get("series_number") is None else str(e["series_number"]),
+                e["vendor"][:20],
+                e["role"],
+                e["storage"],
+                "yes" if e.get("is_breast") else "no",
+                str(e["slices"]),
+                f"{e['rows']}x{e['columns']}",
+                _b_summary(e),
+                e.get("description", "")[:40],
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     for e in report["series"]:
         notes = [f"problem: {p}" for p in e["problems"]]
@@ -161,8 +186,10 @@ def cmd_inspect(paths: Sequence[Path], as_json: bool) -> int:
         print(format_report(report))
     if not report["series"]:
         unreadable = len(report["unreadable"])
-        print(f"her2low inspect: error: no DICOM series found ({unreadable} unreadable file(s))",
-              file=sys.stderr)
+        print(
+            f"her2low inspect: error: no DICOM series found ({unreadable} unreadable file(s))",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -177,8 +204,13 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``inspect`` (defined here only; ``her2low`` composes them)."""
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                        help="DICOM file or folder (searched recursively)")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="DICOM file or folder (searched recursively)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 

@@ -42,16 +42,35 @@ __all__ = [
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 #: Image Type values of derived diffusion maps that must not be fitted.
-DERIVED_DIFFUSION_TYPES = frozenset({
-    "ADC", "EADC", "EXP", "EXP_ADC", "EXPADC", "EXPONENTIAL", "CALC_BVALUE", "CALC_BVAL",
-    "FA", "COLFA", "TENSOR", "TRACEADC", "TRACE_ADC", "DWI_ADC", "EXPONENTIAL_ADC",
-})
+DERIVED_DIFFUSION_TYPES = frozenset(
+    {
+        "ADC",
+        "EADC",
+        "EXP",
+        "EXP_ADC",
+        "EXPADC",
+        "EXPONENTIAL",
+        "CALC_BVALUE",
+        "CALC_BVAL",
+        "FA",
+        "COLFA",
+        "TENSOR",
+        "TRACEADC",
+        "TRACE_ADC",
+        "DWI_ADC",
+        "EXPONENTIAL_ADC",
+    }
+)
 #: Image Type values of scanner-computed trace images (usable acquired-data input).
 TRACE_TYPES = frozenset({"TRACEW", "TRACE", "ISOTROPIC", "ISODWI"})
-_ADC_DESCRIPTION = re.compile(r"\b(e?adc|calc(ulated)?[ _-]?b|exp(onential)?[ _-]?adc|fa)\b",
-                              re.IGNORECASE)
-_DCE_DESCRIPTION = re.compile(r"(dyn|dce|vibrant|thrive|twist|ultrafast|perfusion|tricks|"
-                              r"disco|subtract|\bsub\b|post[ _-]?contrast|\+c\b)", re.IGNORECASE)
+_ADC_DESCRIPTION = re.compile(
+    r"\b(e?adc|calc(ulated)?[ _-]?b|exp(onential)?[ _-]?adc|fa)\b", re.IGNORECASE
+)
+_DCE_DESCRIPTION = re.compile(
+    r"(dyn|dce|vibrant|thrive|twist|ultrafast|perfusion|tricks|"
+    r"disco|subtract|\bsub\b|post[ _-]?contrast|\+c\b)",
+    re.IGNORECASE,
+)
 _T2_DESCRIPTION = re.compile(r"(t2|stir|tirm)", re.IGNORECASE)
 
 
@@ -86,12 +105,26 @@ class BreastRules:
     body_parts: frozenset[str] = frozenset({"BREAST", "BREASTS", "MAMMA"})
     neutral_body_parts: frozenset[str] = frozenset({"", "CHEST", "THORAX", "WHOLEBODY"})
     #: (coding scheme designator, code value) of breast anatomy (SCT, and legacy SRT).
-    anatomic_codes: frozenset[tuple[str, str]] = frozenset({
-        ("SCT", "76752008"), ("SCT", "80248007"), ("SCT", "73056007"), ("SCT", "63762007"),
-        ("SRT", "T-04000"), ("SRT", "T-04030"), ("SRT", "T-04020"),
-    })
+    anatomic_codes: frozenset[tuple[str, str]] = frozenset(
+        {
+            ("SCT", "76752008"),
+            ("SCT", "80248007"),
+            ("SCT", "73056007"),
+            ("SCT", "63762007"),
+            ("SRT", "T-04000"),
+            ("SRT", "T-04030"),
+            ("SRT", "T-04020"),
+        }
+    )
     description_keywords: tuple[str, ...] = (
-        "breast", "mamma", "mammae", "brust", "sein", "seno", "mama", "borst",
+        "breast",
+        "mamma",
+        "mammae",
+        "brust",
+        "sein",
+        "seno",
+        "mama",
+        "borst",
     )
     laterality_counts: bool = True
 
@@ -119,15 +152,18 @@ def _upper_list(value: Any) -> list[str]:
 def _frame_types(ds: Dataset) -> set[str]:
     """Image Type plus Frame Type (0008,9007) of enhanced objects."""
     types = set(_upper_list(ds.get("ImageType")))
-    for holder in (*(ds.get("SharedFunctionalGroupsSequence") or []),
-                   *(ds.get("PerFrameFunctionalGroupsSequence") or [])[:1]):
+    for holder in (
+        *(ds.get("SharedFunctionalGroupsSequence") or []),
+        *(ds.get("PerFrameFunctionalGroupsSequence") or [])[:1],
+    ):
         for item in holder.get("MRImageFrameTypeSequence") or []:
             types.update(_upper_list(item.get("FrameType")))
     return types
 
 
-def detect_breast(datasets: Sequence[Dataset], rules: BreastRules = BreastRules()) -> tuple[
-        bool, list[str]]:
+def detect_breast(
+    datasets: Sequence[Dataset], rules: BreastRules = BreastRules()
+) -> tuple[bool, list[str]]:
     """Whether the series shows the breast under ``rules``, with the evidence used."""
     ds = datasets[0]
     body = text(ds, "BodyPartExamined").strip().upper()
@@ -140,8 +176,14 @@ def detect_breast(datasets: Sequence[Dataset], rules: BreastRules = BreastRules(
             return True, [f"AnatomicRegionSequence {code[0]} {code[1]} ({meaning})"]
     if body not in rules.neutral_body_parts:
         return False, [f"not breast: BodyPartExamined {body}"]
-    descriptions = text(ds, "StudyDescription", "SeriesDescription", "ProtocolName",
-                        "RequestedProcedureDescription", "PerformedProcedureStepDescription")
+    descriptions = text(
+        ds,
+        "StudyDescription",
+        "SeriesDescription",
+        "ProtocolName",
+        "RequestedProcedureDescription",
+        "PerformedProcedureStepDescription",
+    )
     lowered = descriptions.lower()
     for word in rules.description_keywords:
         if re.search(rf"\b{re.escape(word)}", lowered):
@@ -153,22 +195,28 @@ def detect_breast(datasets: Sequence[Dataset], rules: BreastRules = BreastRules(
     regions = [str(i.get("CodeMeaning", "")) for i in ds.get("AnatomicRegionSequence") or []]
     if regions:
         return False, [f"not breast: AnatomicRegionSequence {', '.join(regions)}"]
-    return False, ["not breast: no breast evidence in BodyPartExamined, AnatomicRegionSequence, "
-                   "laterality or descriptions"]
+    return False, [
+        "not breast: no breast evidence in BodyPartExamined, AnatomicRegionSequence, "
+        "laterality or descriptions"
+    ]
 
 
 def _series_diffusion(datasets: Sequence[Dataset], frames: list[FrameRef]) -> list[DiffusionInfo]:
     """Diffusion of every placed frame plus that of images that cannot be placed, so a series
     whose geometry is missing is still recognised as diffusion (and not called T2-weighted)."""
     placed = {f.dataset_index for f in frames}
-    unplaced = [ds for i, ds in enumerate(datasets)
-                if i not in placed and "PerFrameFunctionalGroupsSequence" not in ds]
+    unplaced = [
+        ds
+        for i, ds in enumerate(datasets)
+        if i not in placed and "PerFrameFunctionalGroupsSequence" not in ds
+    ]
     extra = [diffusion_info(ds, csa=csa_image_header(ds)) for ds in unplaced]
     return [f.diffusion for f in frames] + imply_vendor_b0(datasets, extra)
 
 
-def _diffusion_role(datasets: Sequence[Dataset], infos: list[DiffusionInfo], types: set[str],
-                    reasons: list[str]) -> SeriesRole | None:
+def _diffusion_role(
+    datasets: Sequence[Dataset], infos: list[DiffusionInfo], types: set[str], reasons: list[str]
+) -> SeriesRole | None:
     has_b = [d for d in infos if d.b is not None]
     contrast = text(datasets[0], "AcquisitionContrast").upper()
     derived = sorted(types & DERIVED_DIFFUSION_TYPES)
@@ -179,8 +227,9 @@ def _diffusion_role(datasets: Sequence[Dataset], infos: list[DiffusionInfo], typ
         return None
     if not has_b:
         if _ADC_DESCRIPTION.search(text(datasets[0], "SeriesDescription")):
-            reasons.append("diffusion image without b-values and an ADC-like SeriesDescription:"
-                           " derived map")
+            reasons.append(
+                "diffusion image without b-values and an ADC-like SeriesDescription: derived map"
+            )
             return SeriesRole.DWI_DERIVED
         reasons.append("diffusion image type but no b-value in any convention")
         return SeriesRole.DWI_TRACE
@@ -189,32 +238,39 @@ def _diffusion_role(datasets: Sequence[Dataset], infos: list[DiffusionInfo], typ
     reasons.append(f"b-values {[b_label(b) for b in bs]} from {'; '.join(sources)}")
     trace_types = sorted(types & TRACE_TYPES)
     if trace_types:
-        reasons.append(f"ImageType {'/'.join(trace_types)}: scanner trace-weighted images "
-                       "(derived from directions, usable as fit input)")
+        reasons.append(
+            f"ImageType {'/'.join(trace_types)}: scanner trace-weighted images "
+            "(derived from directions, usable as fit input)"
+        )
         return SeriesRole.DWI_TRACE
     directions: dict[float, set[tuple[float, ...]]] = {}
     for d in has_b:
-        if (d.b is not None and d.b >= B0_THRESHOLD and d.direction is not None
-                and d.directionality is not DirectionalityValues.ISOTROPIC):
+        if (
+            d.b is not None
+            and d.b >= B0_THRESHOLD
+            and d.direction is not None
+            and d.directionality is not DirectionalityValues.ISOTROPIC
+        ):
             directions.setdefault(d.b, set()).add(tuple(round(x, 3) for x in d.direction))
     n_dirs = max((len(v) for v in directions.values()), default=0)
     if n_dirs > 1:
-        reasons.append(f"up to {n_dirs} gradient directions per b: trace formed by geometric "
-                       "mean")
+        reasons.append(f"up to {n_dirs} gradient directions per b: trace formed by geometric mean")
         return SeriesRole.DWI_DIRECTIONAL
     reasons.append("one image per b and slice: trace-weighted")
     return SeriesRole.DWI_TRACE
 
 
 def _temporal_positions(datasets: Sequence[Dataset]) -> int:
-    declared = max((int(float(ds.get("NumberOfTemporalPositions", 0) or 0)) for ds in datasets),
-                   default=0)
+    declared = max(
+        (int(float(ds.get("NumberOfTemporalPositions", 0) or 0)) for ds in datasets), default=0
+    )
     ids = {str(ds.get("TemporalPositionIdentifier", "")) for ds in datasets} - {""}
     return max(declared, len(ids))
 
 
-def _contrast_role(datasets: Sequence[Dataset], frames: list[FrameRef], types: set[str],
-                   reasons: list[str]) -> SeriesRole:
+def _contrast_role(
+    datasets: Sequence[Dataset], frames: list[FrameRef], types: set[str], reasons: list[str]
+) -> SeriesRole:
     ds = datasets[0]
     agent = text(ds, "ContrastBolusAgent").strip()
     contrast = text(ds, "AcquisitionContrast").upper()
@@ -222,11 +278,14 @@ def _contrast_role(datasets: Sequence[Dataset], frames: list[FrameRef], types: s
     positions = {tuple(round(x, 1) for x in f.position) for f in frames}
     repeats = len(frames) // max(len(positions), 1)
     description = text(ds, "SeriesDescription", "ProtocolName")
-    if (n_time > 1 or repeats > 1) and (agent or "SUBTRACTION" in types
-                                        or _DCE_DESCRIPTION.search(description)):
-        reasons.append(f"{max(n_time, repeats)} time points"
-                       + (f", contrast agent {agent!r}" if agent else "")
-                       + ": dynamic contrast-enhanced")
+    if (n_time > 1 or repeats > 1) and (
+        agent or "SUBTRACTION" in types or _DCE_DESCRIPTION.search(description)
+    ):
+        reasons.append(
+            f"{max(n_time, repeats)} time points"
+            + (f", contrast agent {agent!r}" if agent else "")
+            + ": dynamic contrast-enhanced"
+        )
         return SeriesRole.DCE
     if "SUBTRACTION" in types and (agent or _DCE_DESCRIPTION.search(description)):
         # one post − pre phase: scanners store each subtraction as its own series
@@ -236,8 +295,11 @@ def _contrast_role(datasets: Sequence[Dataset], frames: list[FrameRef], types: s
     tr = float(ds.get("RepetitionTime", 0) or 0)
     sequence = set(_upper_list(ds.get("ScanningSequence")))
     if contrast == "T2" or (te >= 60 and tr >= 1500 and "GR" not in sequence):
-        reasons.append(f"T2-weighted (TE {te:g} ms, TR {tr:g} ms"
-                       + (", Acquisition Contrast T2" if contrast == "T2" else "") + ")")
+        reasons.append(
+            f"T2-weighted (TE {te:g} ms, TR {tr:g} ms"
+            + (", Acquisition Contrast T2" if contrast == "T2" else "")
+            + ")"
+        )
         return SeriesRole.T2W
     if "IR" in sequence and _T2_DESCRIPTION.search(description):
         reasons.append("inversion recovery (STIR) fluid-sensitive series: T2-weighted role")
@@ -258,8 +320,10 @@ def classify_series(
     ds = datasets[0]
     is_breast, breast_reasons = detect_breast(datasets, rules)
     reasons: list[str] = []
-    if str(ds.get("Modality", "")) == "SEG" or str(ds.get("SOPClassUID", "")) == \
-            SEGMENTATION_STORAGE:
+    if (
+        str(ds.get("Modality", "")) == "SEG"
+        or str(ds.get("SOPClassUID", "")) == SEGMENTATION_STORAGE
+    ):
         reasons.append("Segmentation Storage object (DICOM SEG)")
         return SeriesClassification(SeriesRole.SEG, is_breast, reasons + breast_reasons)
     types: set[str] = set()
