@@ -60,6 +60,7 @@ def cmd_train(
     C: float = 1.0,
 ) -> int:
     """Train on COHORT.csv and write DIR/model.onnx, card.json, card.md and plots."""
+    from models.contract import DEFAULT_CONVENTIONS, TrainingSettings
     from models.data import CohortError, read_cohort_csv
     from models.training import ModelInfo, TrainingConfig, train_and_save
 
@@ -81,6 +82,11 @@ def cmd_train(
         version=version,
         training_data=f"Locally labelled lesions from {Path(cohort).name}.",
         provenance={"command": "her2low train"},
+        # the cohort's own fit (her2low fit's method/denoise columns), so the card scores
+        # exactly the results computed the same way
+        fit_settings=TrainingSettings(
+            conventions=DEFAULT_CONVENTIONS.model_copy(update={"fit": data.fit})
+        ),
     )
     try:
         with warnings.catch_warnings():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.contract import DEFAULT_FIT, FitSettings
 from models.schema import (
     FEATURE_NAMES,
     FEATURES,
@@ -40,6 +41,9 @@ class Cohort:
     target: str = TARGET
     source: str = ""
     sha256: str = ""
+    #: The fit its quantitative features were computed with: the ``method`` and ``denoise``
+    #: columns ``her2low fit`` writes, else the node's default (:data:`models.contract.DEFAULT_FIT`).
+    fit: FitSettings = DEFAULT_FIT
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -71,10 +75,21 @@ class Cohort:
         source: str = "",
         sha256: str = "",
     ) -> Cohort:
-        """Validate records (feature columns + the target); extra columns are ignored."""
+        """Validate records (feature columns + the target); extra columns are ignored.
+
+        The optional ``method`` and ``denoise`` columns must agree on every row: a model is
+        trained on features computed one way, and scores only results computed that way.
+        """
         rows: list[dict[str, InputValue]] = []
         labels: list[str] = []
+        fits: dict[tuple[str, str], int] = {}
         for i, record in enumerate(records, start=2):
+            if record.get("method") or record.get("denoise"):
+                key = (
+                    str(record.get("method") or DEFAULT_FIT.method).strip(),
+                    str(record.get("denoise") or "none").strip(),
+                )
+                fits.setdefault(key, i)
             label = str(record.get(target, "") or "").strip().lower()
             if label not in {g.value for g in Her2Group}:
                 raise CohortError(
@@ -88,7 +103,22 @@ class Cohort:
             labels.append(label)
         if not rows:
             raise CohortError("the cohort has no rows")
-        return cls(tuple(rows), tuple(labels), target, source, sha256)
+        if len(fits) > 1:
+            seen = ", ".join(f"{m}/{d} (first in row {r})" for (m, d), r in fits.items())
+            raise CohortError(
+                f"columns method/denoise: the rows were computed with different fits ({seen}); "
+                "train on features computed one way"
+            )
+        fit = DEFAULT_FIT
+        if fits:
+            ((method, denoise),) = fits
+            try:
+                fit = FitSettings(method=method, denoise=denoise)
+            except ValueError:
+                raise CohortError(
+                    f"columns method/denoise: {method!r}/{denoise!r} is not a fit setting"
+                ) from None
+        return cls(tuple(rows), tuple(labels), target, source, sha256, fit)
 
 
 def read_cohort_csv(path: str | Path, *, target: str = TARGET) -> Cohort:

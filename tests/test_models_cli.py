@@ -107,3 +107,42 @@ def test_predict_with_reference_and_argparse_wiring(capsys: pytest.CaptureFixtur
         ["dapp_mean"],
         True,
     )
+
+
+def _cohort_with_fit_columns(path: Path, fits: list[tuple[str, str]]) -> None:
+    """A cohort CSV with the ``method``/``denoise`` columns ``her2low fit`` writes."""
+    import csv
+
+    rows = simulate_cohort(12)
+    write_cohort_csv(path, rows)
+    with path.open(newline="") as fh:
+        table = list(csv.DictReader(fh))
+    for k, row in enumerate(table):
+        row["method"], row["denoise"] = fits[k % len(fits)]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*table[0]])
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def test_train_records_the_cohorts_own_fit(tmp_path: Path) -> None:
+    """Features computed with the legacy nls fit make a card that scores nls results only."""
+    _cohort_with_fit_columns(tmp_path / "nls.csv", [("nls", "none")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = cli.cmd_train(
+            tmp_path / "nls.csv", tmp_path / "m", features=["dapp_mean"], bootstrap=20, folds=3
+        )
+    assert code == 0
+    card = json.loads((tmp_path / "m" / "card.json").read_text())
+    assert card["fit_settings"]["method"] == "nls"
+    assert "denoise" not in card["fit_settings"]  # none: the legacy spelling
+
+
+def test_train_refuses_a_cohort_of_mixed_fits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _cohort_with_fit_columns(tmp_path / "mixed.csv", [("nls", "none"), ("nls_rician", "mppca")])
+    assert cli.cmd_train(tmp_path / "mixed.csv", tmp_path / "m", features=["dapp_mean"]) == 2
+    err = capsys.readouterr().err
+    assert "nls/none" in err and "nls_rician/mppca" in err and "Traceback" not in err
