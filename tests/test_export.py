@@ -12,18 +12,15 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 
-from dicom_node.analysis.series_analysis import analyse
 from dicom_node.jobs import export
 from dicom_node.jobs.export import Destination, Export, ExportConfig, ExportPolicy, ExportState
-from dicom_node.series.assemble import assemble_dwi
-from dicom_node.synth import write_study
+from tests.analysed_study import Source, analysed_source
 from tests.conftest import require_tool
 from tests.orthanc_peer import OrthancPeer, orthanc_server
 
@@ -44,31 +41,9 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancPeer]:
         yield peer
 
 
-@dataclass
-class Source:
-    study_uid: str
-    series_uid: str
-    files: list[Path]
-    analysis: Any
-    dwi: Any
-    datasets: list[pydicom.Dataset]
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
-    folder = tmp_path_factory.mktemp("study")
-    manifest = write_study(folder, seed=9)
-    files = [folder / f for f in manifest.dwi.files]
-    datasets: list[pydicom.Dataset] = [pydicom.dcmread(f) for f in files]
-    dwi = assemble_dwi(datasets)
-    return Source(
-        manifest.study_instance_uid,
-        manifest.dwi.series_instance_uid,
-        files,
-        analyse(dwi),
-        dwi,
-        datasets,
-    )
+    return analysed_source(tmp_path_factory.mktemp("study"))
 
 
 def _sessions(home: Path) -> Any:

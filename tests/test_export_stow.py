@@ -12,14 +12,12 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 
-from dicom_node.analysis.series_analysis import analyse
 from dicom_node.jobs import export
 from dicom_node.jobs.export import (
     Destination,
@@ -31,9 +29,8 @@ from dicom_node.jobs.export import (
 )
 from dicom_node.jobs.export_scu import SendOutcome
 from dicom_node.jobs.export_stow import parse_stow_response, public_url, stow_files
-from dicom_node.series.assemble import assemble_dwi
-from dicom_node.synth import write_study
 from her2low.core.settings import ConfigurationError
+from tests.analysed_study import Source, analysed_source
 from tests.conftest import free_port, require_tool
 from tests.orthanc_peer import OrthancPeer, orthanc_server
 
@@ -166,31 +163,9 @@ def test_stow_entries_in_the_settings() -> None:
 # --- against a real Orthanc with the DICOMweb plugin --------------------------------------------
 
 
-@dataclass
-class Source:
-    study_uid: str
-    series_uid: str
-    files: list[Path]
-    analysis: Any
-    dwi: Any
-    datasets: list[pydicom.Dataset]
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
-    folder = tmp_path_factory.mktemp("study")
-    manifest = write_study(folder, seed=9)
-    files = [folder / f for f in manifest.dwi.files]
-    datasets: list[pydicom.Dataset] = [pydicom.dcmread(f) for f in files]
-    dwi = assemble_dwi(datasets)
-    return Source(
-        manifest.study_instance_uid,
-        manifest.dwi.series_instance_uid,
-        files,
-        analyse(dwi),
-        dwi,
-        datasets,
-    )
+    return analysed_source(tmp_path_factory.mktemp("study"))
 
 
 @pytest.fixture
