@@ -43,6 +43,7 @@ from typing import Any
 sys.path[:0] = [
     str(Path(__file__).resolve().parents[1] / "tests"),
     str(Path(__file__).resolve().parent),
+    str(Path(__file__).resolve().parents[1]),  # tests.system, used by tests/scaled_servers.py
 ]
 
 from _local import ROOT, free_port, wait_port  # noqa: E402
@@ -269,6 +270,33 @@ def _wrk(url: str, folder: Path, duration: int, connections: int, threads: int) 
     data: dict[str, Any] = json.loads(match.group(1))
     data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
     return data
+
+
+def _wait_booted(port: int, timeout: float = 180.0) -> float:
+    """Wait until a gunicorn worker answers HTTP (any status); returns the seconds it took.
+
+    The master binds the port before its workers have imported the app, which on this loaded
+    machine takes 5-20 s (ours imports more than the peers); a measurement started on the bound
+    port alone timed out every request. The workers boot side by side, so once one answers,
+    waiting half as long again lets the other finish too (the same rule for all three apps).
+    """
+    import http.client
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+            conn.request("GET", SERVICE_PATH)
+            conn.getresponse().read()
+            conn.close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        raise RuntimeError(f"no worker on port {port} answered within {timeout} s")
+    took = time.monotonic() - started
+    time.sleep(min(took / 2, 30.0))
+    return took
 
 
 def _python_load(
@@ -515,6 +543,9 @@ def _profile(requests_n: int) -> int:
             call(token)
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(45)
+        if os.environ.get("BENCH_CALLERS"):
+            pstats.Stats(profiler).print_callers(os.environ["BENCH_CALLERS"])
         st.engine.dispose()
     return 0
 
@@ -566,6 +597,8 @@ def _round(
             _peer_tables(env["BENCH_PEER_DB_URL"])
         try:
             wait_port(port)
+            booted = _wait_booted(port)
+            print(f"  {name}: a worker answered {booted:.1f} s after start", flush=True)
             # warm-up: each worker's first request pays lazy imports, connections, card cache
             _python_load(port, raw_body, tokens[:40], 1.0, 2)
             tokens = tokens[40:]
@@ -643,7 +676,7 @@ def main() -> int:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-hooks-"))
         db_url = args.db_url
         if args.postgres:
-            from scaled_servers import postgres_server
+            from tests.scaled_servers import postgres_server
 
             db_url = stack.enter_context(postgres_server()).create_database("bench_hooks")
         home = Path(tmp)

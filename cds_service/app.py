@@ -10,7 +10,8 @@ import logging
 from enum import StrEnum
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Request, Response, jsonify
+from flask.sessions import SessionInterface, SessionMixin
 
 from cds_service.auth import JwksCache, TokenVerifier, parse_trusted_issuers
 from cds_service.cors import init_cors
@@ -105,6 +106,7 @@ def create_app(
         app.register_blueprint(results_bp)
     if part is not AppPart.HOOKS:
         app.register_blueprint(review_bp)  # brings sign-in, CSRF, host check (review.auth)
+    app.session_interface = NoSessionUnder(app.session_interface, SESSIONLESS_PREFIXES)
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -113,6 +115,40 @@ def create_app(
     init_metrics(app)  # /readyz, /metrics (outside sign-in), hook latency (cds_service.metrics)
 
     return app
+
+
+#: Paths whose callers authenticate by bearer token and never hold the review cookie.
+SESSIONLESS_PREFIXES = ("/cds-services",)
+
+
+class NoSessionUnder(SessionInterface):
+    """The app's session interface, except that requests under ``prefixes`` get no session.
+
+    Flask opens (and at the end considers saving) the cookie session on every request; a CDS
+    Hooks call is authenticated by its JWT and must not set a cookie, so it gets Flask's
+    ``NullSession`` (reading works and is empty, writing raises) and nothing is saved.
+    """
+
+    def __init__(self, inner: SessionInterface, prefixes: tuple[str, ...]) -> None:
+        self.inner = inner
+        self.prefixes = prefixes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
+        if request.path.startswith(self.prefixes):
+            return None  # Flask falls back to make_null_session
+        return self.inner.open_session(app, request)
+
+    def make_null_session(self, app: Flask) -> Any:
+        return self.inner.make_null_session(app)
+
+    def is_null_session(self, obj: object) -> bool:
+        return self.inner.is_null_session(obj)
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        self.inner.save_session(app, session, response)
 
 
 def state_of(app: Flask) -> Any:

@@ -7,7 +7,10 @@ Every call's signature and claims are verified before the view runs. The ``jti``
 is kept in the database (shared by workers and instances). ``jwt_required`` records it before the
 view; ``jwt_required_deferred`` (the read-only hook call) records it together with the call's
 audit events in one transaction through ``commit_call`` — before any card leaves and before any
-other write — which saves a commit per call without letting a replay through.
+other write — which saves a commit per call without letting a replay through. The deferred call
+also runs its lookup on the same pooled connection (``call_connection``), so a call checks out
+one connection; on PostgreSQL that connection is in autocommit and the jti + audit write is one
+statement (``Store.hook_connection``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import ParamSpec, TypeVar
 
 from flask import g, request
+from sqlalchemy import Connection
 
 from cds_service.auth import TokenRejectedError, VerifiedToken, bearer_token
 from cds_service.errors import ApiError, IssueType
@@ -74,6 +78,16 @@ def authenticate(*, record_jti: bool = True) -> VerifiedToken | None:
     return verified
 
 
+def call_connection() -> Connection | None:
+    """The deferred call's pooled connection (checked out on first use, closed by the wrapper)."""
+    if "cds_conn_open" not in g:
+        return None
+    conn: Connection | None = g.get("cds_conn")
+    if conn is None:
+        conn = g.cds_conn = state().store.hook_connection()
+    return conn
+
+
 def commit_call(events: Sequence[AuditTuple]) -> None:
     """Record the call's pending jti and its audit events atomically; 401 on a replay."""
     st = state()
@@ -83,7 +97,7 @@ def commit_call(events: Sequence[AuditTuple]) -> None:
         leeway = st.settings.cds_jwt_leeway_seconds
         used = UsedToken.of(verified.iss, verified.jti, verified.exp, leeway)
     g.cds_jti_pending = False
-    if not st.store.record_call(used, events):
+    if not st.store.record_call(used, events, call_connection()):
         assert verified is not None
         raise _replayed(verified)
 
@@ -115,12 +129,19 @@ def jwt_required_deferred(view: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         g.cds_token = authenticate(record_jti=False)
         g.cds_jti_pending = g.cds_token is not None
+        g.cds_conn_open = True
         try:
-            result = view(*args, **kwargs)
-        except Exception:
-            _settle()  # a replay's 401 replaces the view's error
-            raise
-        _settle()
-        return result
+            try:
+                result = view(*args, **kwargs)
+            except Exception:
+                _settle()  # a replay's 401 replaces the view's error
+                raise
+            _settle()
+            return result
+        finally:
+            conn: Connection | None = g.pop("cds_conn", None)
+            g.pop("cds_conn_open", None)
+            if conn is not None:
+                conn.close()  # back to the pool (an uncommitted read is rolled back)
 
     return wrapper
