@@ -305,22 +305,56 @@ def descriptors_needed_card(ctx: CardContext) -> dict[str, Any]:
 
 def qc_failed_card(ctx: CardContext, failures: tuple[QcFailure, ...]) -> dict[str, Any]:
     """The result failed the QC gate: no likelihood; say why and what to do."""
+    first = failures[0].reason if failures else "image quality"
+    return _no_estimate_card(
+        ctx,
+        summary=f"No MRI HER2-low estimate: QC failed ({first})",
+        why="the diffusion series did not pass the image-quality check, and an estimate from it "
+        "would be built on noise.",
+        lines=[f"- **{f.reason}**: {f.action}" for f in failures],
+    )
+
+
+def not_scored_card(ctx: CardContext, reason: str) -> dict[str, Any]:
+    """The result's analysis settings differ from the model's: no likelihood; say so.
+
+    This happens when the node had to fall back from its default fit (the analysis notes say
+    why, e.g. no background to estimate the noise from) or when the node and the model are
+    configured differently. Either way the clinician sees that the MRI was analysed and why
+    there is no number, instead of no card at all.
+    """
+    notes = list(ctx.qc.problems) if ctx.qc else []
+    return _no_estimate_card(
+        ctx,
+        summary="No MRI HER2-low estimate: analysis settings differ from the model's",
+        why="its diffusion features were computed with other analysis settings than the model "
+        "was trained on, so the model cannot score them.",
+        lines=[
+            f"- **Settings:** {reason}",
+            *(f"- **Analysis note:** {note}" for note in notes),
+            "- **What to do:** ask imaging IT to re-analyse the series with the model's settings "
+            "(see the case page), or to install a model trained on features computed this way.",
+        ],
+    )
+
+
+def _no_estimate_card(
+    ctx: CardContext, *, summary: str, why: str, lines: list[str]
+) -> dict[str, Any]:
+    """An analysed MRI without an estimate: why, what to do, and a link to the case."""
     detail = [
-        "A breast MRI of this patient was analysed, but **no HER2-low estimate is given**: the "
-        "diffusion series did not pass the image-quality check, and an estimate from it would "
-        "be built on noise.",
+        "A breast MRI of this patient was analysed, but **no HER2-low estimate is given**: " + why,
         "",
-        *(f"- **{f.reason}**: {f.action}" for f in failures),
+        *lines,
         "",
         f"- **Data date:** MRI acquired {ctx.acquired_at:%Y-%m-%d} ({side_text(ctx.laterality)})",
         f"- [Case in review app]({ctx.case_url})",
         "",
         NO_ESTIMATE_NOTE,
     ]
-    first = failures[0].reason if failures else "image quality"
     card: dict[str, Any] = {
         "uuid": ctx.card_uuid,
-        "summary": f"No MRI HER2-low estimate: QC failed ({first})"[:SUMMARY_LIMIT],
+        "summary": summary[:SUMMARY_LIMIT],
         "detail": "\n".join(detail),
         "indicator": Indicator.INFO.value,
         "source": _source(ctx, None),

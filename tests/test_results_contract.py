@@ -217,10 +217,15 @@ def test_mismatched_fit_setting_is_accepted_but_not_scored(real_model_service: S
     assert case["provenance"]["fit"]["method"] == "wls"  # stored as sent, typed on the way back
     assert _not_scored("mismatch") == before + 1
 
-    # No card in the EHR, not even the "descriptors needed" one.
+    # The EHR gets one card saying there is no estimate and why; never a number.
     hook = hook_body("pat-77", prefetch={"patient": patient_resource("pat-77", "MRN-77")})
     answer = svc.post_hook(hook)
-    assert answer.status_code == 200 and answer.json()["cards"] == []
+    assert answer.status_code == 200, answer.text
+    (card,) = answer.json()["cards"]
+    assert card["summary"] == "No MRI HER2-low estimate: analysis settings differ from the model's"
+    assert "fit.method: result 'wls', model 'nls_rician'" in card["detail"]
+    assert "not clinically validated" in card["detail"]
+    assert "suggestions" not in card and "%" not in card["summary"]
 
     # The reason is visible on the review case page.
     page = ReviewClient(svc, "radiologist").get(f"{svc.url}/review/cases/{rid}")

@@ -26,6 +26,7 @@ from cds_service.cards import (
     biopsy_line,
     build_prediction_card,
     descriptors_needed_card,
+    not_scored_card,
     qc_failed_card,
 )
 from cds_service.case_state import is_discordant
@@ -207,9 +208,11 @@ def _prepare(st: ServiceState, row: HookRow) -> PreparedCard:
         ctx = _failed_context(st, row, basis, case_url)
         card = qc_failed_card(ctx, basis.qc_failures)
         return PreparedCard(row.card_uuid, CardTemplate(card), None, needs_biopsy=False)
-    if basis.not_scored:  # settings differ from the model's: no estimate, no card
+    if basis.not_scored:  # settings differ from the model's: no estimate, a card saying so
+        ctx = _failed_context(st, row, basis, case_url)
+        card = not_scored_card(ctx, basis.not_scored)
         return PreparedCard(
-            row.card_uuid, None, None, needs_biopsy=False, warning="result not scored"
+            row.card_uuid, CardTemplate(card), None, needs_biopsy=False, warning="result not scored"
         )
     ctx = CardContext(
         result_id=row.result_id,
