@@ -315,3 +315,38 @@ def test_an_association_rejection_is_called_rejected(home: Path, source: Source)
         server.shutdown()
     assert result.outcome == "rejected", result
     assert result.message == "association rejected by NOT-PACS"
+
+
+def test_the_sender_turns_off_nagle_on_its_connection(
+    home: Path, source: Source, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without TCP_NODELAY each C-STORE's tail waited for the peer's delayed ACK (1.46x storescu)."""
+    import socket
+
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    from dicom_node.jobs import export_scu
+
+    seen: list[int] = []
+    original = export_scu._no_delay
+
+    def spy(event: Any) -> None:
+        original(event)
+        raw = event.assoc.dul.socket.socket
+        seen.append(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(export_scu, "_no_delay", spy)
+    peer = AE(ae_title="PACS")
+    peer.supported_contexts = StoragePresentationContexts
+    port = free_port()
+    server = peer.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)]
+    )
+    try:
+        result = export_scu.store_files(
+            source.files[:1], host="127.0.0.1", port=port, called_aet="PACS", calling_aet="N"
+        )
+    finally:
+        server.shutdown()
+    assert result.outcome == "success", result
+    assert seen == [1]
