@@ -19,9 +19,10 @@ import pydicom
 import pytest
 
 from dicom_node.jobs import export
-from dicom_node.jobs.export import Destination, Export, ExportConfig, ExportPolicy, ExportState
+from dicom_node.jobs.export import Destination, ExportPolicy, ExportState
 from tests.analysed_study import Source, analysed_source
 from tests.conftest import free_port, require_tool
+from tests.export_queue import export_config, export_rows, node_sessions
 from tests.orthanc_peer import OrthancPeer, orthanc_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,34 +47,12 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
     return analysed_source(tmp_path_factory.mktemp("study"))
 
 
-def _sessions(home: Path) -> Any:
-    from her2low.core.database import make_engine, session_factory
-    from her2low.core.settings import load_settings
-
-    return session_factory(make_engine(load_settings().node_database_url))
-
-
-def _config(home: Path, dest: Destination, **policy: Any) -> ExportConfig:
-    return ExportConfig(
-        destinations=(dest,),
-        outputs_dir=home / "outputs",
-        policy=ExportPolicy(calling_aet="HER2LOW", timeout=5, **policy),
-    )
-
-
-def _rows(sessions: Any) -> list[Export]:
-    with sessions() as session:
-        rows = list(session.query(Export).order_by(Export.id))
-        session.expunge_all()
-        return rows
-
-
 def test_objects_land_in_the_source_study(home: Path, orthanc: OrthancPeer, source: Source) -> None:
     require_tool("storescu")
     orthanc.store(source.files)
-    sessions = _sessions(home)
+    sessions = node_sessions()
     dest = Destination("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom_port)
-    config = _config(home, dest)
+    config = export_config(home, dest)
     ids = export.export_results(
         sessions, config, analysis=source.analysis, dwi=source.dwi, datasets=source.datasets
     )
@@ -90,7 +69,7 @@ def test_objects_land_in_the_source_study(home: Path, orthanc: OrthancPeer, sour
     study = orthanc.get(f"/studies/{studies[0]}")
     assert study["MainDicomTags"]["StudyInstanceUID"] == source.study_uid
     series = [orthanc.get(f"/series/{s}") for s in study["Series"]]
-    (row,) = _rows(sessions)
+    (row,) = export_rows(sessions)
     sent = [pydicom.dcmread(p, stop_before_pixels=True) for p in row.file_paths()]
     assert [str(ds.SOPClassUID) for ds in sent] == [SR, SEG, PM, PM, PM, KOS]
     got = sorted(
@@ -106,9 +85,9 @@ def test_refused_then_dead_then_retried_sends_each_object_once(
 ) -> None:
     from her2low.cli import main
 
-    sessions = _sessions(home)
+    sessions = node_sessions()
     wrong = Destination("pacs", "NOT-ORTHANC", "127.0.0.1", orthanc.dicom_port)
-    config = _config(home, wrong, max_attempts=3, backoff_seconds=0.2)
+    config = export_config(home, wrong, max_attempts=3, backoff_seconds=0.2)
     (export_id,) = export.export_results(
         sessions, config, analysis=source.analysis, dwi=source.dwi, datasets=source.datasets
     )
@@ -118,12 +97,12 @@ def test_refused_then_dead_then_retried_sends_each_object_once(
     while ExportState.DEAD not in states and time.monotonic() < deadline:
         for _, state in export.run_due(sessions, config.destinations, config.policy):
             states.append(state)
-            (row,) = _rows(sessions)
+            (row,) = export_rows(sessions)
             waits.append(row.next_attempt_at - row.updated_at)
         time.sleep(0.05)
     assert states == [ExportState.PENDING, ExportState.PENDING, ExportState.DEAD]
     assert waits[0] == pytest.approx(0.2, abs=0.01) and waits[1] == pytest.approx(0.4, abs=0.01)
-    (row,) = _rows(sessions)
+    (row,) = export_rows(sessions)
     # Orthanc answers A-ASSOCIATE-RJ and resets the connection at once; on a busy machine the
     # reset can discard the unread reject, so the peer looks unreachable. Both are refusals
     # (the rejection's own wording: test_an_association_rejection_is_called_rejected).
@@ -142,7 +121,7 @@ def test_refused_then_dead_then_retried_sends_each_object_once(
     # a second retry of a delivered export re-sends the same SOP Instance UIDs: no duplicates
     assert main(["export", "retry", str(export_id)]) == 0
     assert export.run_due(sessions, (fixed,), config.policy) == [(export_id, ExportState.DONE)]
-    (row,) = _rows(sessions)
+    (row,) = export_rows(sessions)
     uids = [
         str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in row.file_paths()
     ]
@@ -179,7 +158,7 @@ def test_the_node_never_analyses_objects_it_produced(
     from her2low.core.settings import load_settings
 
     settings = load_settings()
-    sessions = _sessions(home)
+    sessions = node_sessions()
     ingestor = Ingestor(FileStore(settings.storage_dir), sessions)
     files = build_outputs(source.analysis, source.dwi, source.datasets).write(tmp_path / "own")
     series = []
@@ -278,7 +257,7 @@ def test_a_silent_destination_times_out_and_is_retried_later(home: Path, source:
     listener.listen()
     try:
         port = listener.getsockname()[1]
-        sessions = _sessions(home)
+        sessions = node_sessions()
         dest = Destination("silent", "PACS", "127.0.0.1", port)
         policy = ExportPolicy(calling_aet="HER2LOW", timeout=1.0, backoff_seconds=60)
         (export_id,) = export.schedule(
@@ -293,7 +272,7 @@ def test_a_silent_destination_times_out_and_is_retried_later(home: Path, source:
         started = time.monotonic()
         assert export.run_due(sessions, [dest], policy) == [(export_id, ExportState.PENDING)]
         assert time.monotonic() - started < 10
-        (row,) = _rows(sessions)
+        (row,) = export_rows(sessions)
         assert row.last_error.startswith("unreachable") and row.next_attempt_at > time.time() + 50
     finally:
         listener.close()

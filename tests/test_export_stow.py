@@ -22,7 +22,6 @@ from dicom_node.jobs import export
 from dicom_node.jobs.export import (
     Destination,
     DestinationKind,
-    Export,
     ExportConfig,
     ExportPolicy,
     ExportState,
@@ -32,6 +31,7 @@ from dicom_node.jobs.export_stow import parse_stow_response, public_url, stow_fi
 from her2low.core.settings import ConfigurationError
 from tests.analysed_study import Source, analysed_source
 from tests.conftest import free_port, require_tool
+from tests.export_queue import export_config, export_rows, node_sessions
 from tests.orthanc_peer import OrthancPeer, orthanc_server
 
 TOKEN = "s3cr3t-bearer-token-for-the-test"
@@ -174,28 +174,6 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancPeer]:
         yield peer
 
 
-def _sessions() -> Any:
-    from her2low.core.database import make_engine, session_factory
-    from her2low.core.settings import load_settings
-
-    return session_factory(make_engine(load_settings().node_database_url))
-
-
-def _config(home: Path, dest: Destination, **policy: Any) -> ExportConfig:
-    return ExportConfig(
-        destinations=(dest,),
-        outputs_dir=home / "outputs",
-        policy=ExportPolicy(calling_aet="HER2LOW", timeout=5, **policy),
-    )
-
-
-def _rows(sessions: Any) -> list[Export]:
-    with sessions() as session:
-        rows = list(session.query(Export).order_by(Export.id))
-        session.expunge_all()
-        return rows
-
-
 def _queue(sessions: Any, config: ExportConfig, source: Source) -> int:
     (export_id,) = export.export_results(
         sessions, config, analysis=source.analysis, dwi=source.dwi, datasets=source.datasets
@@ -208,9 +186,9 @@ def test_objects_arrive_in_the_source_study_by_stow(
 ) -> None:
     require_tool("storescu")
     orthanc.store(source.files)
-    sessions = _sessions()
+    sessions = node_sessions()
     dest = Destination.from_dict({"name": "web", "stow_url": orthanc.dicomweb + "/studies"})
-    config = _config(home, dest)
+    config = export_config(home, dest)
     export_id = _queue(sessions, config, source)
     assert export.run_due(sessions, config.destinations, config.policy) == [
         (export_id, ExportState.DONE)
@@ -219,7 +197,7 @@ def test_objects_arrive_in_the_source_study_by_stow(
     study = orthanc.get(f"/studies/{study_id}")
     assert study["MainDicomTags"]["StudyInstanceUID"] == source.study_uid
     series = [orthanc.get(f"/series/{s}") for s in study["Series"]]
-    (row,) = _rows(sessions)
+    (row,) = export_rows(sessions)
     sent = [pydicom.dcmread(p, stop_before_pixels=True) for p in row.file_paths()]
     assert sent[0].Modality == "SR" and sent[-1].Modality == "KO"
     got = sorted(
@@ -235,9 +213,9 @@ def test_refusing_endpoint_retries_dead_then_retry_sends_each_object_once(
 ) -> None:
     from her2low.cli import main
 
-    sessions = _sessions()
+    sessions = node_sessions()
     wrong = Destination.from_dict({"name": "web", "stow_url": orthanc.dicomweb + "/nope"})
-    config = _config(home, wrong, max_attempts=3, backoff_seconds=0.2)
+    config = export_config(home, wrong, max_attempts=3, backoff_seconds=0.2)
     export_id = _queue(sessions, config, source)
     states: list[ExportState] = []
     deadline = time.monotonic() + 30
@@ -245,7 +223,7 @@ def test_refusing_endpoint_retries_dead_then_retry_sends_each_object_once(
         states += [s for _, s in export.run_due(sessions, config.destinations, config.policy)]
         time.sleep(0.05)
     assert states == [ExportState.PENDING, ExportState.PENDING, ExportState.DEAD]
-    (row,) = _rows(sessions)
+    (row,) = export_rows(sessions)
     assert row.attempts == 3
     assert row.last_error.startswith("rejected: HTTP 404 Not Found"), row.last_error
     assert orthanc.get("/instances") == []
@@ -261,7 +239,7 @@ def test_refusing_endpoint_retries_dead_then_retry_sends_each_object_once(
     # re-sending a delivered batch stores the same SOP Instance UIDs again: still one copy each
     assert main(["export", "retry", str(export_id)]) == 0
     assert export.run_due(sessions, (fixed,), config.policy) == [(export_id, ExportState.DONE)]
-    (row,) = _rows(sessions)
+    (row,) = export_rows(sessions)
     uids = [
         str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in row.file_paths()
     ]
@@ -274,7 +252,7 @@ def test_nothing_listening_is_unreachable_and_retried_later(home: Path, source: 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
-    sessions = _sessions()
+    sessions = node_sessions()
     dest = Destination.from_dict({"name": "web", "stow_url": f"http://127.0.0.1:{port}/studies"})
     policy = ExportPolicy(calling_aet="HER2LOW", timeout=2.0, backoff_seconds=60)
     (export_id,) = export.schedule(
@@ -287,7 +265,7 @@ def test_nothing_listening_is_unreachable_and_retried_later(home: Path, source: 
         calling_aet="",
     )
     assert export.run_due(sessions, [dest], policy) == [(export_id, ExportState.PENDING)]
-    (row,) = _rows(sessions)
+    (row,) = export_rows(sessions)
     assert row.last_error == f"unreachable: no connection to http://127.0.0.1:{port}/studies"
     assert row.next_attempt_at > time.time() + 50
 
@@ -315,7 +293,7 @@ def test_bearer_token_from_a_file_and_never_in_the_error_or_logs(
     with orthanc_server(
         folder, dicomweb=True, config={"LuaScripts": [str(folder / "token.lua")]}
     ) as peer:
-        sessions = _sessions()
+        sessions = node_sessions()
         entry = {
             "name": "web",
             "stow_url": peer.dicomweb + "/studies",
@@ -323,10 +301,10 @@ def test_bearer_token_from_a_file_and_never_in_the_error_or_logs(
         }
         dest = Destination.from_dict(entry)
         policy = ExportPolicy(calling_aet="HER2LOW", timeout=5, backoff_seconds=0.1)
-        export_id = _queue(sessions, _config(home, dest), source)
+        export_id = _queue(sessions, export_config(home, dest), source)
         with caplog.at_level(logging.DEBUG):
             assert export.run_due(sessions, [dest], policy) == [(export_id, ExportState.PENDING)]
-        (row,) = _rows(sessions)
+        (row,) = export_rows(sessions)
         assert row.last_error.startswith("rejected: HTTP 403 Forbidden")
         assert peer.get("/instances") == []
 
@@ -339,7 +317,7 @@ def test_bearer_token_from_a_file_and_never_in_the_error_or_logs(
         assert main_retry(export_id) == 0
         result = export.run_due(sessions, [dest], policy)
         assert result == [(export_id, ExportState.PENDING)]
-        (row,) = _rows(sessions)
+        (row,) = export_rows(sessions)
         assert row.last_error.startswith(f"failed: bearer token file {token_file}")
     for text in [row.last_error, caplog.text, json.dumps(entry)]:
         assert TOKEN not in text
