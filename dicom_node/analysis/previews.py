@@ -506,23 +506,8 @@ def analysis_previews(
                 grey=True,
             )
     for name, (label, scale, unit, (lo, hi)) in _MAP_DISPLAY.items():
-        for k in slices:
-            out[f"{name}_slice_{k:03d}.png"] = map_slice_png(
-                maps[name],
-                roi,
-                underlay=underlay,
-                fitted=shown[name],
-                slice_index=k,
-                title=label,
-                roi_confirmed=roi_confirmed,
-                scale=scale,
-                unit_label=f"{label} ({unit})",
-                vmin=lo,
-                vmax=hi,
-                size_inches=big,
-                orientation=orientation,
-            )
-        out[f"{name}_slice.png"] = map_slice_png(
+        show = functools.partial(
+            map_slice_png,
             maps[name],
             roi,
             underlay=underlay,
@@ -534,6 +519,11 @@ def analysis_previews(
             vmin=lo,
             vmax=hi,
         )
+        for k in slices:
+            out[f"{name}_slice_{k:03d}.png"] = show(
+                slice_index=k, size_inches=big, orientation=orientation
+            )
+        out[f"{name}_slice.png"] = show()
         vals = maps[name][roi & histogram_voxels[name]]
         out[f"{name}_histogram.png"] = histogram_png(
             vals,
