@@ -17,8 +17,6 @@ of the project may survive.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import subprocess
@@ -35,15 +33,13 @@ import jwt
 import pydicom
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm
 
 from her2low.core.settings import load_settings
 from tests.conftest import free_port, require_tool
 from tests.container_support import ROOT, build_cache, built_image, podman
+from tests.server_pki import server_pki
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("container")]
 
@@ -85,57 +81,18 @@ def images() -> tuple[str, str]:
 # --- the site's certificate (a test CA) and the EHR's signing key -------------------------------
 
 
-def _name(text: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
-
-
 def make_tls(folder: Path) -> Path:
     """A test CA and a server certificate for 127.0.0.1 in ``folder`` (cds.crt, cds.key, the
     names deploy/nginx/her2low.conf reads); returns the CA certificate to verify against."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("her2low compose test CA"))
-        .issuer_name(_name("her2low compose test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("127.0.0.1"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    pki = server_pki("her2low compose test CA")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "cds.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "cds.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    (folder / "cds.crt").write_bytes(pki.cert)
+    (folder / "cds.key").write_bytes(pki.key)
     for path in folder.iterdir():
         path.chmod(0o644)  # read by nginx's user inside the container
     folder.chmod(0o755)
     ca_path = folder.parent / "ca.crt"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    ca_path.write_bytes(pki.ca)
     return ca_path
 
 

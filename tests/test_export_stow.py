@@ -33,6 +33,7 @@ from tests.analysed_study import Source, analysed_source
 from tests.conftest import free_port, require_tool
 from tests.export_queue import export_config, export_rows, node_sessions
 from tests.orthanc_peer import OrthancPeer, orthanc_server
+from tests.server_pki import server_pki
 
 TOKEN = "s3cr3t-bearer-token-for-the-test"
 
@@ -331,56 +332,11 @@ def main_retry(export_id: int) -> int:
 
 def _test_pki(folder: Path) -> tuple[Path, Path, Path]:
     """A test CA and a server certificate for 127.0.0.1: (CA, certificate, key) PEM files."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def name(text: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("her2low STOW test CA"))
-        .issuer_name(name("her2low STOW test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("127.0.0.1"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    pki = server_pki("her2low STOW test CA")
     folder.mkdir(parents=True, exist_ok=True)
     paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    for path, pem in zip(paths, (pki.ca, pki.cert, pki.key), strict=True):
+        path.write_bytes(pem)
     return paths
 
 
