@@ -9,6 +9,9 @@ new series, with UIDs derived from the source (:mod:`.identification`).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from dicom_node.analysis.outputs.sr import Likelihood, build_measurement_report
 from dicom_node.analysis.roi import RoiSource
 from dicom_node.analysis.series_analysis import Analysis
 from dicom_node.series.volume import DwiVolume
+from her2low.core.private_files import FILE_MODE, ensure_private_dir
 
 __all__ = [
     "Likelihood",
@@ -59,17 +63,37 @@ class ResultObjects:
 
     def write(self, folder: Path) -> list[Path]:
         """Write every object as ``<Modality>_<SOPInstanceUID>.dcm`` (atomic rename each)."""
-        folder.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(folder)
         paths = []
         for ds in self.datasets:
             ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
             ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
             path = folder / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
-            tmp = path.with_suffix(".tmp")
-            ds.save_as(tmp, enforce_file_format=True)
-            tmp.replace(path)
+            _save_replacing(ds, path)
             paths.append(path)
         return paths
+
+
+def _save_replacing(ds: Dataset, path: Path) -> None:
+    """Save ``ds`` to a temporary file of its own beside ``path``, then rename it onto ``path``.
+
+    Two workers writing the same object (an SR revision has one SOPInstanceUID) each rename
+    their own complete file, never the other's half-written one; readers see the old file or a
+    whole new one. The temporary file is private from its creation (patient data) and is
+    removed if the save fails. Its name, ``.<name>.<random>.tmp``, is the store's pattern for
+    unfinished files.
+    """
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), FILE_MODE)  # 0600 from mkstemp; the group reads results too
+            ds.save_as(fh, enforce_file_format=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def _roi_seg(analysis: Analysis, segs: Sequence[Dataset]) -> Dataset | None:
