@@ -17,6 +17,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import requests
 
 from dicom_node.jobs import export
 from dicom_node.jobs.export import (
@@ -371,3 +372,84 @@ server {{
         assert trusted.outcome is SendOutcome.SUCCESS, trusted.message
         assert sorted(trusted.stored) == sorted(str(d.SOPInstanceUID) for d in source.datasets[:2])
         assert len(orthanc.get("/instances")) == 2
+
+
+def test_front_requiring_a_client_certificate_gets_the_node_certificate(
+    home: Path, tmp_path: Path, orthanc: OrthancPeer, source: Source
+) -> None:
+    """Mutual TLS: nginx takes only clients with a certificate of its CA. The node presents
+    ``HER2LOW_NODE_TLS_CERT``/``_KEY``; without it (or with one of another CA) nginx answers
+    400, a ``failed`` send that is retried ``node_export_max_attempts`` times, then dead."""
+    from tests.test_nginx_front import running_nginx
+
+    pki, stranger = server_pki("her2low STOW mTLS CA"), server_pki("another CA")
+    folder = tmp_path / "pki"
+    folder.mkdir()
+    pems = {
+        "ca.pem": pki.ca,
+        "server.pem": pki.cert,
+        "server.key": pki.key,
+        "node.pem": pki.client_cert,
+        "node.key": pki.client_key,
+        "stranger.pem": stranger.client_cert,
+        "stranger.key": stranger.client_key,
+    }
+    for name, pem in pems.items():
+        (folder / name).write_bytes(pem)
+        (folder / name).chmod(0o600)
+    port = free_port()
+    site = f"""
+server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {folder / "server.pem"};
+    ssl_certificate_key {folder / "server.key"};
+    ssl_client_certificate {folder / "ca.pem"};
+    ssl_verify_client on;
+    client_max_body_size 200m;
+    location / {{ proxy_pass {orthanc.http}; }}
+}}
+"""
+    with running_nginx(tmp_path / "nginx", site, port):
+        url = f"https://127.0.0.1:{port}/dicom-web/studies"
+        dest = Destination.from_dict(
+            {"name": "web", "stow_url": url, "tls_ca": str(folder / "ca.pem")}
+        )
+        refused = f"HTTP 400 Bad Request: request not accepted ({url})"
+        foreign = ExportPolicy(
+            calling_aet="HER2LOW",
+            timeout=5,
+            tls_cert=folder / "stranger.pem",
+            tls_key=folder / "stranger.key",
+        )
+        result = export.send(dest, source.files[:1], foreign)
+        assert (result.outcome, result.message) == (SendOutcome.FAILED, refused)
+        # what nginx says in its page (the node does not copy response bodies into errors)
+        ca = str(folder / "ca.pem")
+        bare = requests.get(url, verify=ca, timeout=5)
+        assert bare.status_code == 400 and "No required SSL certificate was sent" in bare.text
+        pair = (str(folder / "stranger.pem"), str(folder / "stranger.key"))
+        other = requests.get(url, verify=ca, cert=pair, timeout=5)
+        assert other.status_code == 400 and "The SSL certificate error" in other.text
+
+        sessions = node_sessions()
+        config = export_config(home, dest, max_attempts=2, backoff_seconds=0.1)
+        export_id = _queue(sessions, config, source)
+        states: list[ExportState] = []
+        deadline = time.monotonic() + 30
+        while ExportState.DEAD not in states and time.monotonic() < deadline:
+            states += [s for _, s in export.run_due(sessions, config.destinations, config.policy)]
+            time.sleep(0.05)
+        assert states == [ExportState.PENDING, ExportState.DEAD]  # bounded, not forever
+        (row,) = export_rows(sessions)
+        assert row.last_error == f"failed: {refused}"
+        assert orthanc.get("/instances") == []
+
+        mutual = ExportPolicy(
+            calling_aet="HER2LOW",
+            timeout=5,
+            tls_cert=folder / "node.pem",
+            tls_key=folder / "node.key",
+        )
+        assert main_retry(export_id) == 0
+        assert export.run_due(sessions, [dest], mutual) == [(export_id, ExportState.DONE)]
+        assert len(orthanc.get("/instances")) == 6
