@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Date,
     DateTime,
@@ -210,6 +211,20 @@ class UsedJti(Base):
     iss: Mapped[str] = mapped_column(String(255), primary_key=True)
     jti: Mapped[str] = mapped_column(String(255), primary_key=True)
     exp: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+
+
+class HookGeneration(Base):
+    """One row whose ``n`` database triggers bump on every write to ``results`` or ``predictions``.
+
+    A service process may reuse a hook lookup it made while ``n`` is unchanged: the triggers
+    (migration 0006) see every writer, also ones outside this code, so no write path can forget
+    to invalidate. The call that reuses a lookup checks ``n`` in its own jti write.
+    """
+
+    __tablename__ = "hook_generation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    n: Mapped[int] = mapped_column(BigInteger)
 
 
 # --- review-app accounts (cds_service.accounts) ------------------------------------------------

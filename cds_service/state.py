@@ -11,6 +11,7 @@ from cds_service.auth import TokenVerifier
 from cds_service.card_cache import CardCache
 from cds_service.predictions import PredictionService, RuntimeProvider
 from cds_service.store import Store
+from cds_service.store.lookup_cache import HookLookupCache
 from cds_service.writeback import FhirWriteback
 from her2low.core.settings import Settings
 
@@ -26,6 +27,7 @@ class ServiceState:
     runtime: RuntimeProvider
     predictions: PredictionService
     cards: CardCache = field(default_factory=CardCache)  # per process: rows are immutable
+    lookups: HookLookupCache = field(default_factory=HookLookupCache)  # per process, checked
     writeback: FhirWriteback | None = None  # made on first use (writeback.writer_for)
 
     @property

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, text
 
 from cds_service.db import MIGRATIONS
-from cds_service.store import AuditTuple, Store, UsedToken
+from cds_service.store import AuditTuple, StaleLookupError, Store, UsedToken
 from her2low.core.database import make_engine, session_factory
 from tests.scaled_servers import Postgres, ServerUnavailable, postgres_server
 
@@ -108,21 +108,111 @@ def test_the_connection_serves_the_next_write_after_a_refused_replay(engine: Eng
     assert _audits(engine) == 2
 
 
-def test_postgresql_records_the_call_in_one_statement(engine: Engine) -> None:
-    """Autocommit on PostgreSQL: the lookup and one INSERT (the jti CTE feeding the audit)."""
+def test_postgresql_records_the_call_in_one_statement(engine: Engine, tmp_path: Path) -> None:
+    """Autocommit on PostgreSQL: the generation, the lookup and ONE INSERT (the jti CTE feeding
+    the audit), with no BEGIN or COMMIT: read from libpq's own protocol trace of the call."""
     if engine.dialect.name != "postgresql":
         pytest.skip("the single-statement write is PostgreSQL's")
     store = Store(session_factory(engine))
-    statements: list[str] = []
-
-    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
-        statements.append(statement.lstrip().split(None, 1)[0].upper())
-
-    event.listen(engine, "before_cursor_execute", seen)
+    trace = tmp_path / "libpq.trace"
+    conn = store.hook_connection()
     try:
-        assert _call(store, _token(), SHOWN)
+        pgconn = conn.dbapi.pgconn
+        with trace.open("w") as sink:
+            pgconn.trace(sink.fileno())
+            try:
+                store.hook_rows([("HOSP", "MRN-1")], conn)
+                assert store.record_call(_token(), SHOWN, conn)
+            finally:
+                pgconn.untrace()
     finally:
-        event.remove(engine, "before_cursor_execute", seen)
-    assert statements[-2:] == ["SELECT", "WITH"]
-    assert "BEGIN" not in statements and "COMMIT" not in statements
+        conn.close()
+    sent = [line.split("\t") for line in trace.read_text().splitlines()]
+    frontend = [fields[3].split()[0] for fields in sent if len(fields) > 3 and fields[1] == "F"]
+    assert frontend.count("Sync") == 3, frontend  # three statements, each one round trip
+    text_sent = trace.read_text().upper()
+    assert "BEGIN" not in text_sent and "COMMIT" not in text_sent
+    assert '"WITH USED_JTI' in text_sent or "WITH USED_JTI" in text_sent
     assert _audits(engine) == 1
+
+
+# --- the hook generation (migration 0006) and the reused lookup's check -------------------------
+
+
+def _generation(store: Store) -> int | None:
+    return store.hook_rows([]).generation
+
+
+def _published(store: Store, patient_id: str = "MRN-1") -> str:
+    from test_cds_support import result_payload
+
+    from cds_service.schema import parse_result
+
+    result_id, _status = store.ingest_result(parse_result(result_payload(patient_id=patient_id)))
+    return result_id
+
+
+def test_every_write_to_results_or_predictions_bumps_the_generation(engine: Engine) -> None:
+    """Triggers, not application code: plain SQL writes count as well."""
+    store = Store(session_factory(engine))
+    start = _generation(store)
+    assert start is not None
+    result_id = _published(store)
+    after_publish = _generation(store)
+    assert after_publish is not None and after_publish > start
+    statements = [
+        f"UPDATE results SET review_flag = 'identity-ambiguous' WHERE id = '{result_id}'",
+        "INSERT INTO predictions (result_id, revision, card_uuid, observation_status, "
+        f"computed_at) VALUES ('{result_id}', 1, '{uuid.uuid4()}', 'preliminary', "
+        "CURRENT_TIMESTAMP)",
+        "UPDATE predictions SET observation_status = 'entered-in-error'",
+        "DELETE FROM predictions",
+    ]
+    seen = after_publish
+    for statement in statements:
+        with engine.begin() as conn:
+            conn.execute(text(statement))
+        now = _generation(store)
+        assert now is not None and now > seen, statement
+        seen = now
+    with engine.begin() as conn:  # a write elsewhere (the audit trail) changes nothing
+        conn.execute(text("DELETE FROM jti_replay"))
+    assert _generation(store) == seen
+
+
+def test_the_lookup_reads_what_the_orm_stored(engine: Engine) -> None:
+    """The driver-level lookup returns the ORM's values, types included (aware UTC times)."""
+    store = Store(session_factory(engine))
+    result_id = _published(store)
+    (row,) = store.hook_rows([("HOSP", "MRN-1"), ("OTHER", "MRN-1")]).rows
+    case = store.case(result_id)
+    assert case is not None
+    assert row.result_id == result_id
+    assert (row.patient_issuer, row.patient_id) == ("HOSP", "MRN-1")
+    assert row.acquired_at == case.revision.acquired_at
+    assert row.acquired_at.utcoffset() is not None and row.acquired_at.utcoffset().seconds == 0
+    assert store.hook_rows([("HOSP", "MRN-2")]).rows == []
+
+
+@pytest.mark.parametrize("events", [SHOWN, DISCORDANT, []], ids=["shown", "discordant", "none"])
+def test_a_call_on_an_outdated_lookup_writes_nothing(
+    engine: Engine, events: list[AuditTuple]
+) -> None:
+    store = Store(session_factory(engine))
+    conn = store.hook_connection()
+    token = _token()
+    try:
+        looked = store.hook_rows([("HOSP", "MRN-1")], conn)
+        assert looked.generation is not None
+        _published(store)  # another writer changes what the lookup saw
+        before = _audits(engine)
+        with pytest.raises(StaleLookupError):
+            store.record_call(token, events, conn, looked.generation)
+        assert _audits(engine) == before
+        fresh = store.hook_rows([("HOSP", "MRN-1")], conn)
+        assert len(fresh.rows) == 1
+        assert store.record_call(token, events, conn, fresh.generation)  # the token is unused
+    finally:
+        conn.close()
+    assert _audits(engine) == before + len(events)
+    assert not _call(store, token, SHOWN)  # and now it is used

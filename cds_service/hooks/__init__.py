@@ -9,10 +9,10 @@ from flask import Blueprint, Response, g, jsonify, request
 from cds_service.errors import ApiError, IssueType
 from cds_service.hooks import patient_view
 from cds_service.hooks.auth import (
-    call_connection,
     commit_call,
     jwt_required,
     jwt_required_deferred,
+    lookup_rows,
 )
 from cds_service.prefetch import PREFETCH_TEMPLATES
 from cds_service.request_json import read_json
@@ -66,7 +66,7 @@ def discovery() -> Response:
 def call(service_id: str) -> Response:
     _known(service_id)
     request_model = parse_hook_request(read_json(request))
-    answer = patient_view.handle(state(), request_model, commit_call, call_connection())
+    answer = patient_view.handle(state(), request_model, commit_call, lookup_rows)
     if isinstance(answer, bytes):  # a prepared card, already serialized
         return Response(answer, mimetype="application/json")
     return jsonify(answer)

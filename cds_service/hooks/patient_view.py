@@ -2,9 +2,9 @@
 
 Nothing is computed here beyond splicing per-call values into a prepared card: CDS Hooks 2.0.1
 wants answers well under 500 ms, so predictions and their Observations are prepared when inputs
-change, each worker serializes a prediction's card once (``card_cache``), and this path runs one
-light read query and one write transaction (jti + audit, through ``commit``), both on the call's
-one pooled connection.
+change, each worker serializes a prediction's card once (``card_cache``), and this path runs at
+most one light read query (``lookup``, reused while nothing changed) and one write transaction
+(jti + audit, through ``commit``), both on the call's one pooled connection.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
-
-from sqlalchemy import Connection
 
 from cds_service.audit import AuditAction
 from cds_service.biopsy import BiopsyHer2, BiopsyReading, latest_reading
@@ -58,6 +56,7 @@ SERVICE_ID = "her2low-mri"
 NO_CARDS: dict[str, Any] = {"cards": []}
 
 Commit = Callable[[Sequence[AuditTuple]], None]
+Lookup = Callable[[Iterable[tuple[str, str]]], list[HookRow]]
 
 
 def _hold(
@@ -98,13 +97,13 @@ def _all_keys(st: ServiceState, patient: dict[str, Any]) -> list[tuple[str, str]
 
 
 def handle(
-    st: ServiceState, request: HookRequest, commit: Commit, conn: Connection | None = None
+    st: ServiceState, request: HookRequest, commit: Commit, lookup: Lookup
 ) -> bytes | dict[str, Any]:
     """Answer one patient-view call: the serialized ``{"cards": [...]}`` body, or a dict.
 
     ``commit(events)`` records the call's token and audit events in one transaction (and refuses
-    a replay); it is called before any card leaves and before any other write. ``conn``: the
-    call's connection, for the lookup (``commit`` then commits on the same one).
+    a replay); it is called before any card leaves and before any other write. ``lookup(keys)``:
+    the call's hook lookup (``commit`` then commits on its connection, and checks it if reused).
     """
     resolver = PrefetchResolver(
         request, st.settings.cds_fhir_timeout_seconds, st.settings.cds_fhir_server_allowlist
@@ -116,11 +115,11 @@ def handle(
     try:
         keys = patient_keys(patient, st.settings.cds_patient_id_systems).keys
     except AmbiguousIdentityError as exc:
-        found = st.store.hook_rows(_all_keys(st, patient), conn)
+        found = lookup(_all_keys(st, patient))
         if not found:
             return NO_CARDS
         return _hold(st, [r.result_id for r in found], actor, str(exc), commit)
-    rows = st.store.hook_rows(keys, conn)
+    rows = lookup(keys)
     if not rows:
         return {"cards": []}
     if len({(r.patient_issuer, r.patient_id) for r in rows}) > 1:

@@ -6,8 +6,10 @@ idempotence under concurrent workers. Nothing here knows about HTTP or FHIR.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import random
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime
@@ -23,9 +25,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
-    or_,
     select,
-    union_all,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -45,6 +45,7 @@ from cds_service.orm import (
 )
 from cds_service.schema import FeedbackItem
 from cds_service.store.exports import AssessmentRow, PacsStore
+from cds_service.store.hook_path import GENERATION_NOW, HookConnection, HookStatements, Recorded
 from cds_service.store.tables import AUDIT, JTI, PREDICTIONS, RESULTS
 from cds_service.store.values import (
     AuditQuery,
@@ -53,6 +54,7 @@ from cds_service.store.values import (
     CaseSnapshot,
     ConcordanceRow,
     Her2Pathology,
+    HookLookup,
     HookRow,
     IngestStatus,
     NotFoundError,
@@ -60,6 +62,7 @@ from cds_service.store.values import (
     PathologySource,
     PredictionParts,
     ReviewFlag,
+    StaleLookupError,
     UnknownCardError,
     UsedToken,
     canonical_hash,
@@ -86,6 +89,7 @@ __all__ = [
     "CaseSnapshot",
     "ConcordanceRow",
     "Her2Pathology",
+    "HookLookup",
     "HookRow",
     "IngestStatus",
     "NotFoundError",
@@ -94,6 +98,7 @@ __all__ = [
     "PathologySource",
     "PredictionParts",
     "ReviewFlag",
+    "StaleLookupError",
     "Store",
     "UnknownCardError",
     "UsedToken",
@@ -113,82 +118,15 @@ class _Replayed(Exception):
     """Internal: the jti insert hit the unique key; rolls back the whole call transaction."""
 
 
-@functools.lru_cache(maxsize=16)
-def _hook_query(pairs: int) -> Select[Any]:
-    """The hook lookup for ``pairs`` (issuer, PatientID) keys, built once per key count.
+def _write_call(
+    conn: Connection, token: UsedToken | None, rows: list[dict[str, Any]], generation: int | None
+) -> None:
+    """The jti insert (``_Replayed`` on its unique key) and the audit rows, in ``conn``'s tx.
 
-    Bind parameters ``i0, v0, i1, v1 …``: the statement object is reused, so each call skips
-    building the expression tree (SQLAlchemy still hits its compiled cache).
+    ``generation``: first check the reused lookup's generation (``StaleLookupError``).
     """
-    r, p = RESULTS, PREDICTIONS
-    latest = select(func.max(p.c.id)).where(p.c.result_id == r.c.id).correlate(r).scalar_subquery()
-    keys = or_(
-        *(
-            and_(r.c.patient_issuer == bindparam(f"i{k}"), r.c.patient_id == bindparam(f"v{k}"))
-            for k in range(pairs)
-        )
-    )
-    return (
-        select(
-            r.c.id,
-            r.c.patient_issuer,
-            r.c.patient_id,
-            r.c.review_flag,
-            r.c.acquired_at,
-            r.c.laterality,
-            p.c.id,
-            p.c.observation_status,
-            p.c.card_uuid,
-            p.c.computed_at,
-        )
-        .select_from(r.outerjoin(p, p.c.id == latest))
-        .where(keys)
-        .order_by(r.c.acquired_at.desc(), r.c.updated_at.desc())
-        .limit(50)
-    )
-
-
-def _autocommit(conn: Connection) -> bool:
-    return bool(conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT")
-
-
-def _single_statement(conn: Connection, token: UsedToken, rows: list[dict[str, Any]]) -> bool:
-    """Record on an autocommit connection (``Store.hook_connection``); False on a replay.
-
-    One atomic statement when it can be; a discordance also sets the worklist flag, and that
-    rare call gets an ordinary transaction instead (the connection leaves autocommit first).
-    """
-    jti = {"iss": token.iss, "jti": token.jti, "exp": token.expires}
-    flagged = any(r["action"] == AuditAction.DISCORDANCE_DETECTED for r in rows)
-    try:
-        if not flagged:
-            if not rows:
-                conn.execute(_INSERT_JTI, jti)
-                return True
-            params = dict(jti)
-            for k, row in enumerate(rows):
-                params.update({f"{c}{k}": row[c] for c in _AUDIT_COLUMNS})
-            conn.execute(_call_statement(len(rows)), params)
-            return True
-    except IntegrityError:
-        conn.rollback()
-        return False
-    conn.commit()  # ends SQLAlchemy's autobegun (server-side empty) transaction
-    conn.execution_options(isolation_level=conn.default_isolation_level)
-    try:
-        _write_call(conn, token, rows)
-    except _Replayed:
-        conn.rollback()
-        return False
-    except BaseException:
-        conn.rollback()
-        raise
-    conn.commit()
-    return True
-
-
-def _write_call(conn: Connection, token: UsedToken | None, rows: list[dict[str, Any]]) -> None:
-    """The jti insert (``_Replayed`` on its unique key) and the audit rows, in ``conn``'s tx."""
+    if generation is not None and conn.scalar(select(GENERATION_NOW)) != generation:
+        raise StaleLookupError
     if token is not None:
         try:
             conn.execute(_INSERT_JTI, {"iss": token.iss, "jti": token.jti, "exp": token.expires})
@@ -207,34 +145,6 @@ def _write_call(conn: Connection, token: UsedToken | None, rows: list[dict[str, 
                 .where(RESULTS.c.id.in_(flagged), RESULTS.c.discordant.is_(False))
                 .values(discordant=True)
             )
-
-
-_AUDIT_COLUMNS = ("at", "actor", "action", "result_id", "detail")
-
-
-@functools.lru_cache(maxsize=4)
-def _call_statement(events: int) -> Insert:
-    """PostgreSQL: the jti insert and ``events`` audit rows as ONE statement (no BEGIN/COMMIT).
-
-    The audit rows are selected from the jti insert's RETURNING, and a statement is atomic on
-    its own: a replayed jti fails the whole statement on the unique key, so nothing is audited,
-    exactly as with the two-statement transaction, for one round trip instead of four.
-    Bind parameters ``iss, jti, exp`` and ``at0, actor0, action0, result_id0, detail0 …``.
-    """
-    used = (
-        insert(JTI)
-        .values(iss=bindparam("iss"), jti=bindparam("jti"), exp=bindparam("exp"))
-        .returning(JTI.c.jti)
-        .cte("used_jti")
-    )
-    rows = [
-        select(*(bindparam(f"{c}{k}", type_=AUDIT.c[c].type) for c in _AUDIT_COLUMNS)).select_from(
-            used
-        )
-        for k in range(events)
-    ]
-    source = rows[0] if len(rows) == 1 else union_all(*rows)
-    return insert(AUDIT).from_select(list(_AUDIT_COLUMNS), source)
 
 
 _PARTS_QUERY: Select[Any] = select(
@@ -386,38 +296,36 @@ class Store:
     def worklist(self, limit: int = 200) -> list[CaseSnapshot]:
         return self.results_for_study(None)[:limit]
 
-    def hook_connection(self) -> Connection:
+    @functools.cached_property
+    def hook_statements(self) -> HookStatements:
+        """The hook call's statements compiled for this engine's dialect (``hook_path``)."""
+        return HookStatements(self.engine.dialect)
+
+    def hook_connection(self) -> HookConnection:
         """A pooled connection for one hook call: its lookup, then its jti + audit write.
 
         On PostgreSQL it runs in autocommit: the lookup needs no BEGIN/ROLLBACK and the write is
-        one atomic statement (``_call_statement``), three round trips with the pool's ping where
-        two transactions took nine. SQLite keeps its transaction behind the write gate.
+        one atomic statement (``hook_path``), three round trips with the pool's ping where two
+        transactions took nine. SQLite keeps its transaction behind the write gate.
         """
-        conn = self.engine.connect()
-        if self.engine.dialect.name == "postgresql":
-            conn.execution_options(isolation_level="AUTOCOMMIT")
-        return conn
+        return HookConnection(self.engine)
 
     def hook_rows(
-        self, keys: Iterable[tuple[str, str]], conn: Connection | None = None
-    ) -> list[HookRow]:
-        """Results of (issuer, PatientID) keys with their latest prediction's key, in one query.
+        self, keys: Iterable[tuple[str, str]], conn: HookConnection | None = None
+    ) -> HookLookup:
+        """Results of (issuer, PatientID) keys with their latest prediction's key, and the
+        lookup's generation (for reusing it while nothing changed).
 
-        Core, not ORM, and a prebuilt statement: this is the hot path of every patient-view call.
+        The hot path of every patient-view call, on the driver's cursor (``hook_path``).
         ``conn``: the hook call's connection (``record_call`` then commits on it), so one call
         checks out one pooled connection, not two.
         """
-        pairs = list(keys)
-        if not pairs:
-            return []
-        params: dict[str, str] = {}
-        for k, (issuer, value) in enumerate(pairs):
-            params[f"i{k}"] = issuer
-            params[f"v{k}"] = value
-        if conn is not None:
-            return [HookRow(*row) for row in conn.execute(_hook_query(len(pairs)), params)]
-        with self.engine.connect() as own:
-            return [HookRow(*row) for row in own.execute(_hook_query(len(pairs)), params)]
+        own = conn or self.hook_connection()
+        try:
+            return self.hook_statements.lookup(own.dbapi, keys)
+        finally:
+            if conn is None:
+                own.close()
 
     def prediction_parts(self, prediction_id: int) -> PredictionParts | None:
         """The JSON columns of one prediction (read once per worker per prediction)."""
@@ -612,7 +520,8 @@ class Store:
         self,
         token: UsedToken | None,
         events: Sequence[AuditTuple],
-        conn: Connection | None = None,
+        conn: HookConnection | None = None,
+        generation: int | None = None,
     ) -> bool:
         """Record a token's jti and the call's audit events in ONE transaction.
 
@@ -620,35 +529,35 @@ class Store:
         read, decides, so concurrent workers and instances sharing the database agree. One commit
         instead of two is what makes this worth having on the hook path. ``conn``: the hook
         call's connection (its lookup already ran on it); committed, or rolled back on a replay
-        or an error, here.
+        or an error, here. ``generation``: the call answered from a reused lookup of that
+        generation; if the database's is another, nothing is written (``StaleLookupError``).
         """
         now = utcnow()
         rows = [
             {"at": now, "actor": a, "action": act, "result_id": rid, "detail": d}
             for a, act, rid, d in events
         ]
-        if token is None and not rows:
+        if token is None and not rows and generation is None:
             return True
+        flagged = any(r["action"] == AuditAction.DISCORDANCE_DETECTED for r in rows)
         try:
-            if conn is not None and token is not None and _autocommit(conn):
-                if not _single_statement(conn, token, rows):
+            if conn is not None and token is not None and not flagged:  # the hot path
+                with contextlib.nullcontext() if conn.autocommit else self.write_gate():
+                    outcome = self.hook_statements.record(
+                        conn.dbapi, token, rows, generation, autocommit=conn.autocommit
+                    )
+                if outcome is Recorded.REPLAYED:
                     raise _Replayed
-            elif conn is None:
+                if outcome is Recorded.STALE:
+                    raise StaleLookupError
+            else:  # a discordant call also sets the worklist flag; or auth off (development)
                 with self.write_gate(), self.engine.begin() as own:
-                    _write_call(own, token, rows)
-            else:  # SQLite; or auth off (development) on autocommit: statement by statement
-                with self.write_gate():
-                    try:
-                        _write_call(conn, token, rows)
-                    except BaseException:
-                        conn.rollback()
-                        raise
-                    conn.commit()
+                    _write_call(own, token, rows, generation)
         except _Replayed:
             return False
-        if token is not None and uuid.uuid4().int % 256 == 0:  # amortised purge, no scheduler
-            with self.write_gate(), self.engine.begin() as conn:
-                conn.execute(delete(JTI).where(JTI.c.exp < now))
+        if token is not None and random.random() < 1 / 256:  # amortised purge, no scheduler
+            with self.write_gate(), self.engine.begin() as purge:
+                purge.execute(delete(JTI).where(JTI.c.exp < now))
         return True
 
     def discordant_results(self) -> set[str]:

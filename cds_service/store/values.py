@@ -156,6 +156,21 @@ class HookRow:
 
 
 @dataclass(frozen=True)
+class HookLookup:
+    """A hook lookup's rows and the ``hook_generation`` read just before them.
+
+    ``generation`` None: the counter row is missing, so the lookup must not be reused.
+    """
+
+    generation: int | None
+    rows: list[HookRow]
+
+
+class StaleLookupError(Exception):
+    """The reused lookup's generation is no longer the database's; nothing was written."""
+
+
+@dataclass(frozen=True)
 class PredictionParts:
     """The JSON columns of one prediction row (immutable once inserted)."""
 

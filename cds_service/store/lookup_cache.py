@@ -1,0 +1,55 @@
+"""Hook lookups reused within one process while the database's hook generation is unchanged.
+
+An EHR opens the same chart many times (several clinicians, refreshes, the patient-view of each
+encounter), and each call used to repeat the same lookup. A lookup is kept with the
+``hook_generation`` it was read at and reused only while it is the newest generation this
+process has seen; the call that reuses it records its jti only if the database still has that
+generation (``Store.record_call(..., generation=)``), else it answers again from a fresh lookup.
+A process therefore never shows a card older than the last committed change at the time of the
+call, whichever process or tool made the change (the generation is bumped by triggers).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from cds_service.store.values import HookLookup
+
+Keys = tuple[tuple[str, str], ...]
+
+
+class HookLookupCache:
+    """A bounded LRU of lookups by patient keys, all of the newest generation seen."""
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[Keys, HookLookup] = OrderedDict()
+        self._generation: int | None = None
+        self._lock = threading.Lock()
+
+    def get(self, keys: Keys) -> HookLookup | None:
+        with self._lock:
+            found = self._entries.get(keys)
+            if found is None:
+                return None
+            self._entries.move_to_end(keys)
+            return found
+
+    def put(self, keys: Keys, lookup: HookLookup) -> None:
+        """Keep ``lookup`` if it is of the newest generation seen; a newer one drops the rest."""
+        if lookup.generation is None:
+            return
+        with self._lock:
+            if self._generation is None or lookup.generation > self._generation:
+                self._entries.clear()
+                self._generation = lookup.generation
+            elif lookup.generation < self._generation:
+                return  # read before a change another call has already seen
+            self._entries[keys] = lookup
+            self._entries.move_to_end(keys)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
