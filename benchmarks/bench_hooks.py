@@ -272,6 +272,19 @@ def _wrk(url: str, folder: Path, duration: int, connections: int, threads: int) 
     return data
 
 
+def _workers_cpu(master: int) -> float:
+    """CPU seconds (user + system) used so far by the gunicorn master's worker processes."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we read
+        if int(fields[1]) == master:  # fields[1] is the ppid (field 4 of proc(5))
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _wait_booted(port: int, timeout: float = 180.0) -> float:
     """Wait until a gunicorn worker answers HTTP (any status); returns the seconds it took.
 
@@ -451,7 +464,9 @@ def _tokens(folder: Path, aud: str, threads: int, per_thread: int, kind: str = "
 def _row(name: str, r: dict[str, Any], note: str = "") -> str:
     return (
         f"{name:8} {r['requests']:>9} {r['rps']:>9.1f} {r['p50_ms']:>8.2f} {r['p90_ms']:>8.2f} "
-        f"{r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} {r['errors']:>7}{note}"
+        f"{r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} {r['errors']:>7}"
+        + (f" {r['cpu_ms']:>8.3f}" if "cpu_ms" in r else "")
+        + note
     )
 
 
@@ -519,7 +534,7 @@ def _profile(requests_n: int) -> int:
             verified = timed("JWT verify (ES384)", lambda t=token: st.verifier.verify(t, aud))
             hook = timed("body JSON + pydantic", lambda: parse_hook_request(parse_json(raw)))
             keys = patient_keys(hook.prefetch["patient"], st.settings.cds_patient_id_systems).keys
-            rows = timed("lookup (1 query)", lambda k=keys: st.store.hook_rows(k))
+            rows = timed("lookup (uncached)", lambda k=keys: st.store.hook_rows(k)).rows
             row = rows[0]
             key = (row.prediction_id, row.result_id, row.acquired_at, row.laterality)
             prepared = st.cards.get_or_build(key, _not_cached)
@@ -604,6 +619,7 @@ def _round(
             tokens = tokens[40:]
             if args.sequential:
                 sequential[name] = _python_load(port, raw_body, tokens, args.sequential, 1)
+            cpu_before = _workers_cpu(proc.pid)
             if args.client == "wrk":
                 results[name] = _wrk(url, dirs[name], args.duration, args.connections, args.threads)
             else:
@@ -612,6 +628,8 @@ def _round(
                     for t in range(args.threads):
                         pool += (dirs[name] / f"tokens-{t}.txt").read_text().split()
                 results[name] = _python_load(port, raw_body, pool, args.duration, args.connections)
+            cpu = _workers_cpu(proc.pid) - cpu_before
+            results[name]["cpu_ms"] = 1000 * cpu / max(results[name]["requests"], 1)
         finally:
             _stop(proc)
             stderr = proc.stderr.read().decode() if proc.stderr else ""
@@ -705,6 +723,7 @@ def main() -> int:
         "each; loopback"
     )
     header = ("app", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors")
+    header += ("CPU ms/req",)  # the server workers' user + system CPU per request (main run)
     ratios: list[float] = []
     peer_ratios: list[float] = []
     for index, (results, sequential, load) in enumerate(rounds, 1):
@@ -733,7 +752,7 @@ def main() -> int:
     for name in ("bare", "peer", "ours"):
         med[name] = {
             k: _median([r[0][name][k] for r in rounds])
-            for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "max_ms")
+            for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "cpu_ms")
         }
         if args.sequential:
             med[name + "/1c"] = {
