@@ -23,6 +23,7 @@ from cds_service.qc_gate import QcThresholds
 from cds_service.request_json import MAX_BODY_BYTES
 from cds_service.state import EXTENSION_KEY, ServiceState
 from cds_service.store import Store
+from cds_service.store.lookup_cache import HookLookupCache
 from her2low.core.database import make_engine, session_factory
 from her2low.core.settings import Settings, load_settings
 
@@ -87,6 +88,7 @@ def create_app(
         verifier=verifier,
         runtime=provider,
         predictions=PredictionService(store, provider, QcThresholds.from_settings(settings)),
+        lookups=HookLookupCache(settings.cds_hook_lookup_cache_size),
     )
     if settings.cds_recompute_on_model_change and part is not AppPart.REVIEW:
         from cds_service.recompute import RecomputeJob

@@ -22,6 +22,8 @@ from test_cds_support import (
     patient_resource,
     result_payload,
     running_service,
+    start_service,
+    stop_service,
 )
 
 from cds_service.orm import AuditEvent, UsedJti
@@ -144,6 +146,27 @@ def test_a_lost_generation_row_turns_reuse_off_not_the_service(
     assert len(lookups) == 3  # nothing reused without a generation to check
 
 
+def test_reuse_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HER2LOW_CDS_HOOK_LOOKUP_CACHE_SIZE=0``: every call reads, and no generation is read."""
+    service = start_service(tmp_path, cds_hook_lookup_cache_size=0)
+    try:
+        store: Store = service.app.extensions["her2low_cds"].store
+        seen: list[bool] = []
+        original = store.hook_rows
+
+        def counted(*args: Any, generation: bool = True, **kwargs: Any) -> HookLookup:
+            seen.append(generation)
+            return original(*args, generation=generation, **kwargs)
+
+        monkeypatch.setattr(store, "hook_rows", counted)
+        _scored_case(service)
+        assert len(_cards(service.post_hook(BODY))) == 1
+        assert len(_cards(service.post_hook(BODY))) == 1
+        assert seen == [False, False]
+    finally:
+        stop_service(service)
+
+
 # --- the cache's rules -----------------------------------------------------------------------
 
 
@@ -157,16 +180,16 @@ KEYS = (("HOSP", "MRN-1"),)
 OTHER = (("HOSP", "MRN-2"),)
 
 
-def test_the_cache_keeps_only_the_newest_generation() -> None:
+def test_the_cache_keeps_lookups_of_one_generation() -> None:
     cache = HookLookupCache()
     cache.put(KEYS, _lookup(5))
     assert cache.get(KEYS) == _lookup(5)
     cache.put(OTHER, _lookup(6, "o"))  # a newer generation drops every older lookup
     assert cache.get(KEYS) is None and cache.get(OTHER) == _lookup(6, "o")
-    cache.put(KEYS, _lookup(5))  # read before the change another call has seen: not kept
-    assert cache.get(KEYS) is None
-    cache.put(KEYS, _lookup(None))  # no generation to check it by: never kept
-    assert cache.get(KEYS) is None
+    cache.put(KEYS, _lookup(3))  # an older one (a slow thread, or a restored database) too
+    assert cache.get(OTHER) is None and cache.get(KEYS) == _lookup(3)
+    cache.put(OTHER, _lookup(None))  # no generation to check it by: never kept
+    assert cache.get(OTHER) is None
 
 
 def test_the_cache_is_bounded_least_recently_used_first() -> None:

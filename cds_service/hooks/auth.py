@@ -106,7 +106,7 @@ def lookup_rows(keys: Iterable[tuple[str, str]]) -> list[HookRow]:
         if kept is not None:
             g.cds_generation = kept.generation
             return kept.rows
-    found = st.store.hook_rows(key, call_connection())
+    found = st.store.hook_rows(key, call_connection(), generation=st.lookups.capacity > 0)
     st.lookups.put(key, found)
     return found.rows
 

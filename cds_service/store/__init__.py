@@ -311,10 +311,15 @@ class Store:
         return HookConnection(self.engine)
 
     def hook_rows(
-        self, keys: Iterable[tuple[str, str]], conn: HookConnection | None = None
+        self,
+        keys: Iterable[tuple[str, str]],
+        conn: HookConnection | None = None,
+        *,
+        generation: bool = True,
     ) -> HookLookup:
         """Results of (issuer, PatientID) keys with their latest prediction's key, and the
-        lookup's generation (for reusing it while nothing changed).
+        lookup's generation (for reusing it while nothing changed; ``generation=False``: not
+        read, for a lookup nobody will reuse).
 
         The hot path of every patient-view call, on the driver's cursor (``hook_path``).
         ``conn``: the hook call's connection (``record_call`` then commits on it), so one call
@@ -322,7 +327,7 @@ class Store:
         """
         own = conn or self.hook_connection()
         try:
-            return self.hook_statements.lookup(own.dbapi, keys)
+            return self.hook_statements.lookup(own.dbapi, keys, generation=generation)
         finally:
             if conn is None:
                 own.close()

@@ -223,16 +223,23 @@ class HookStatements:
     def one_statement(self, events: int, conditional: bool) -> DriverStatement:
         return DriverStatement.compile(_one_statement(events, conditional), self.dialect)
 
-    def lookup(self, dbapi: Any, keys: Iterable[tuple[str, str]]) -> HookLookup:
-        """The generation, then the rows (so rows are never older than the generation)."""
+    def lookup(
+        self, dbapi: Any, keys: Iterable[tuple[str, str]], *, generation: bool = True
+    ) -> HookLookup:
+        """The generation, then the rows (so rows are never older than the generation).
+
+        ``generation=False``: the rows only (a lookup nobody will reuse).
+        """
         pairs = list(keys)
         cursor = dbapi.cursor()
         try:
-            cursor.execute(self.generation.sql, self.generation.parameters({}))
-            found = cursor.fetchone()
-            generation = None if found is None or found[0] is None else int(found[0])
+            current = None
+            if generation:
+                cursor.execute(self.generation.sql, self.generation.parameters({}))
+                found = cursor.fetchone()
+                current = None if found is None or found[0] is None else int(found[0])
             if not pairs:
-                return HookLookup(generation, [])
+                return HookLookup(current, [])
             statement = self.lookup_statement(len(pairs))
             values: dict[str, str] = {}
             for k, (issuer, value) in enumerate(pairs):
@@ -242,7 +249,7 @@ class HookStatements:
             rows = [HookRow(*statement.row(raw)) for raw in cursor.fetchall()]
         finally:
             cursor.close()
-        return HookLookup(generation, rows)
+        return HookLookup(current, rows)
 
     def record(
         self,

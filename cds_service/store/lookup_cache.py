@@ -20,7 +20,7 @@ Keys = tuple[tuple[str, str], ...]
 
 
 class HookLookupCache:
-    """A bounded LRU of lookups by patient keys, all of the newest generation seen."""
+    """A bounded LRU of lookups by patient keys, all of one generation (the latest read)."""
 
     def __init__(self, capacity: int = 20_000) -> None:
         self.capacity = capacity
@@ -37,15 +37,18 @@ class HookLookupCache:
             return found
 
     def put(self, keys: Keys, lookup: HookLookup) -> None:
-        """Keep ``lookup`` if it is of the newest generation seen; a newer one drops the rest."""
-        if lookup.generation is None:
+        """Keep ``lookup``; one of another generation than the kept ones drops them all.
+
+        A newer generation: something changed. An older one: another thread read before a
+        change this one has seen (its next call's check refreshes it), or the database went
+        back (a restore): in both cases the lookups kept so far must not be reused.
+        """
+        if lookup.generation is None or self.capacity == 0:
             return
         with self._lock:
-            if self._generation is None or lookup.generation > self._generation:
+            if lookup.generation != self._generation:
                 self._entries.clear()
                 self._generation = lookup.generation
-            elif lookup.generation < self._generation:
-                return  # read before a change another call has already seen
             self._entries[keys] = lookup
             self._entries.move_to_end(keys)
             while len(self._entries) > self.capacity:

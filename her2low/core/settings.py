@@ -261,6 +261,12 @@ class Settings(BaseSettings):
     )
     cds_jwt_max_lifetime_seconds: int = Field(300, description="Longest accepted exp - iat.")
     cds_jwt_leeway_seconds: int = Field(30, description="Clock skew allowed on exp/iat.")
+    cds_hook_lookup_cache_size: int = Field(
+        20_000,
+        ge=0,
+        description="Patients whose hook lookup each service process reuses while nothing has "
+        "changed (checked against the database at every call); 0 turns reuse off.",
+    )
     model_dir: Path | None = Field(
         None, description="Model registry folder; default: the shipped reference model."
     )
