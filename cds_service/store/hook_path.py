@@ -1,8 +1,9 @@
 """The patient-view call's statements, run on the pooled connection's DBAPI cursor.
 
 Every hook call runs a lookup and a jti + audit write. Through ``Connection.execute`` each
-statement paid about 0.1-0.2 ms of Python around well under 0.1 ms of database work, which on
-the hot path was more than all our other per-call work apart from the JWT signature. So the
+statement paid about 0.1-0.2 ms of Python around well under 0.1 ms of database work; over the
+call's statements that was about as much as all our other per-call work apart from the JWT
+signature. So the
 statements are still built with SQLAlchemy Core, but compiled once per dialect into a
 :class:`DriverStatement` (SQL text, parameter order, the column types' own bind and result
 processors) and executed on the cursor of the call's pooled connection. The rest of the store

@@ -2,9 +2,9 @@
 
 An EHR opens the same chart many times (several clinicians, refreshes, the patient-view of each
 encounter), and each call used to repeat the same lookup. A lookup is kept with the
-``hook_generation`` it was read at and reused only while it is the newest generation this
-process has seen; the call that reuses it records its jti only if the database still has that
-generation (``Store.record_call(..., generation=)``), else it answers again from a fresh lookup.
+``hook_generation`` it was read at, beside the others of that generation (a lookup of another
+generation drops them); the call that reuses it records its jti only if the database still has
+that generation (``Store.record_call(..., generation=)``), else it answers again from a fresh lookup.
 A process therefore never shows a card older than the last committed change at the time of the
 call, whichever process or tool made the change (the generation is bumped by triggers).
 """
