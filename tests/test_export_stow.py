@@ -453,3 +453,33 @@ server {{
         assert main_retry(export_id) == 0
         assert export.run_due(sessions, [dest], mutual) == [(export_id, ExportState.DONE)]
         assert len(orthanc.get("/instances")) == 6
+
+        # the destination's own certificate, with no node-wide one (no DICOM TLS on the node)
+        own = Destination.from_dict(
+            {
+                "name": "web",
+                "stow_url": url,
+                "tls_ca": str(folder / "ca.pem"),
+                "tls_cert": str(folder / "node.pem"),
+                "tls_key": str(folder / "node.key"),
+            }
+        )
+        plain = ExportPolicy(calling_aet="HER2LOW", timeout=5)
+        assert export.send(own, source.files[:1], plain).outcome is SendOutcome.SUCCESS
+        assert export.send(dest, source.files[:1], plain).message == refused
+        # and it wins over the node's: a foreign node certificate does not matter here
+        assert export.send(own, source.files[:1], foreign).outcome is SendOutcome.SUCCESS
+
+
+def test_a_client_certificate_needs_both_halves() -> None:
+    with pytest.raises(ConfigurationError, match="both tls_cert and tls_key"):
+        Destination.from_dict({"stow_url": "https://pacs/dicom-web/studies", "tls_cert": "a.pem"})
+    with pytest.raises(ConfigurationError, match="both tls_cert and tls_key"):
+        Destination.from_dict({"ae_title": "PACS", "host": "h", "port": 104, "tls_key": "k.pem"})
+    both = Destination.from_dict(
+        {"ae_title": "PACS", "host": "h", "port": 104, "tls_cert": "c.pem", "tls_key": "k.pem"}
+    )
+    assert both.client_cert(ExportPolicy(calling_aet="HER2LOW", timeout=5)) == (
+        Path("c.pem"),
+        Path("k.pem"),
+    )

@@ -116,10 +116,28 @@ class Destination:
     stow_url: str = ""
     #: STOW-RS only: a file holding the bearer token (the token is never in the settings).
     token_file: str | None = None
+    #: PEM client certificate and key this destination wants (mutual TLS, C-STORE or STOW-RS);
+    #: default: the node's own ``HER2LOW_NODE_TLS_CERT``/``_KEY`` when they are set.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def client_cert(self, policy: ExportPolicy) -> tuple[Path, Path] | None:
+        """The certificate and key to present: this destination's, else the node's, else none."""
+        if self.tls_cert and self.tls_key:
+            return Path(self.tls_cert), Path(self.tls_key)
+        if policy.tls_cert is not None and policy.tls_key is not None:
+            return policy.tls_cert, policy.tls_key
+        return None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Destination:
         """Validate one configured entry; a bad one is a configuration error, not a crash."""
+        cert, key = (str(data[k]) if data.get(k) else None for k in ("tls_cert", "tls_key"))
+        if (cert is None) != (key is None):
+            raise ConfigurationError(
+                "HER2LOW_NODE_EXPORT_DESTINATIONS: a client certificate needs both tls_cert "
+                "and tls_key"
+            )
         if "stow_url" in data:
             name, url, token_file = stow_entry(data)
             return cls(
@@ -129,6 +147,8 @@ class Destination:
                 token_file=token_file,
                 tls_ca=str(data["tls_ca"]) if data.get("tls_ca") else None,
                 calling_aets=tuple(str(a).strip() for a in data.get("calling_aets") or ()),
+                tls_cert=cert,
+                tls_key=key,
             )
         try:
             ae_title = str(data["ae_title"]).strip()
@@ -152,6 +172,8 @@ class Destination:
             tls=bool(data.get("tls", False)),
             tls_ca=str(data["tls_ca"]) if data.get("tls_ca") else None,
             calling_aets=tuple(str(a).strip() for a in aets),
+            tls_cert=cert,
+            tls_key=key,
         )
 
     def serves(self, calling_aet: str) -> bool:
@@ -280,8 +302,9 @@ def _tls_context(dest: Destination, policy: ExportPolicy) -> ssl.SSLContext | No
         return None
     context = ssl.create_default_context(cafile=dest.tls_ca)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if policy.tls_cert is not None and policy.tls_key is not None:
-        context.load_cert_chain(certfile=policy.tls_cert, keyfile=policy.tls_key)
+    client = dest.client_cert(policy)
+    if client is not None:
+        context.load_cert_chain(certfile=client[0], keyfile=client[1])
     return context
 
 
@@ -294,13 +317,12 @@ def send(dest: Destination, paths: list[Path], policy: ExportPolicy) -> SendResu
     if missing:
         return SendResult(SendOutcome.FAILED, f"object files missing: {missing[:3]}")
     if dest.kind is DestinationKind.STOW:
-        cert = policy.tls_cert, policy.tls_key
         return stow_files(
             paths,
             url=dest.stow_url,
             token_file=Path(dest.token_file) if dest.token_file else None,
             tls_ca=Path(dest.tls_ca) if dest.tls_ca else None,
-            client_cert=(cert[0], cert[1]) if cert[0] is not None and cert[1] is not None else None,
+            client_cert=dest.client_cert(policy),
             timeout=policy.timeout,
         )
     try:

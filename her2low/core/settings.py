@@ -158,7 +158,8 @@ class Settings(BaseSettings):
         '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104, "tls": false, '
         '"calling_aets": ["MODALITY"]}]; an empty or missing calling_aets means every source. '
         'A DICOMweb STOW-RS entry has "stow_url" (https://pacs/dicom-web/studies) instead of '
-        'ae_title/host/port, optional "tls_ca" and "token_file" (bearer token; docs/deploy.md).',
+        'ae_title/host/port, optional "tls_ca" and "token_file" (bearer token; docs/deploy.md). '
+        'Either kind takes "tls_cert" and "tls_key" for a client certificate of its own.',
     )
     node_export_max_attempts: int = Field(
         6, description="Sends of one export before it is dead-lettered (`her2low export list`)."
