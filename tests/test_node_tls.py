@@ -240,3 +240,45 @@ def test_mutual_tls_end_to_end(home: Path, pki: Pki, tmp_path: Path) -> None:
     stored, original = pydicom.dcmread(row.path), pydicom.dcmread(path)
     assert stored.SOPInstanceUID == original.SOPInstanceUID
     assert stored.PixelData == original.PixelData
+
+
+def test_export_presents_the_destination_certificate_to_a_pacs_requiring_one(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """Results by C-STORE over TLS to DCMTK ``storescp --require-peer-cert``: the destination's
+    own ``tls_cert``/``tls_key`` get in without any node-wide certificate; none does not."""
+    from dicom_node.jobs import export
+    from dicom_node.jobs.export import Destination, ExportPolicy
+    from dicom_node.jobs.export_scu import SendOutcome
+    from her2low.core.ports import free_port, wait_port
+
+    require_tool("storescp")
+    port, out = free_port(), tmp_path / "received"
+    out.mkdir()
+    server = subprocess.Popen(
+        ["storescp", "-aet", "PACS", "+tls", str(pki.server_key), str(pki.server_cert),
+         "+cf", str(pki.ca), "--require-peer-cert", "-od", str(out), str(port)],
+        env=_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert wait_port(port), "storescp did not listen"
+        path = write(mr_dataset(generate_uid(), generate_uid()), tmp_path / "mr.dcm")
+        entry: dict[str, object] = {
+            "ae_title": "PACS",
+            "host": "127.0.0.1",
+            "port": port,
+            "tls": True,
+        }
+        entry["tls_ca"] = str(pki.ca)
+        policy = ExportPolicy(calling_aet="HER2LOW", timeout=10)
+        refused = export.send(Destination.from_dict(entry), [path], policy)
+        assert refused.outcome is not SendOutcome.SUCCESS
+        assert list(out.iterdir()) == []
+        entry |= {"tls_cert": str(pki.client_cert), "tls_key": str(pki.client_key)}
+        sent = export.send(Destination.from_dict(entry), [path], policy)
+        assert sent.outcome is SendOutcome.SUCCESS, sent.message
+        (stored,) = out.iterdir()
+        assert pydicom.dcmread(stored).SOPInstanceUID == pydicom.dcmread(path).SOPInstanceUID
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
