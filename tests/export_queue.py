@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from dicom_node.jobs.export import Destination, Export, ExportConfig, ExportPolicy
+from dicom_node.jobs import export
+from dicom_node.jobs.export import Destination, Export, ExportConfig, ExportPolicy, ExportState
 
 
 def node_sessions() -> Any:
@@ -31,3 +33,15 @@ def export_rows(sessions: Any) -> list[Export]:
         rows = list(session.query(Export).order_by(Export.id))
         session.expunge_all()
         return rows
+
+
+def states_until_dead(
+    sessions: Any, config: ExportConfig, timeout: float = 30
+) -> list[ExportState]:
+    """Run the due exports until one is dead-lettered (or ``timeout`` s): every state reached."""
+    states: list[ExportState] = []
+    deadline = time.monotonic() + timeout
+    while ExportState.DEAD not in states and time.monotonic() < deadline:
+        states += [s for _, s in export.run_due(sessions, config.destinations, config.policy)]
+        time.sleep(0.05)
+    return states

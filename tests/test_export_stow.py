@@ -32,7 +32,7 @@ from dicom_node.jobs.export_stow import parse_stow_response, public_url, stow_fi
 from her2low.core.settings import ConfigurationError
 from tests.analysed_study import Source, analysed_source
 from tests.conftest import free_port, require_tool
-from tests.export_queue import export_config, export_rows, node_sessions
+from tests.export_queue import export_config, export_rows, node_sessions, states_until_dead
 from tests.orthanc_peer import OrthancPeer, orthanc_server
 from tests.server_pki import server_pki
 
@@ -219,11 +219,7 @@ def test_refusing_endpoint_retries_dead_then_retry_sends_each_object_once(
     wrong = Destination.from_dict({"name": "web", "stow_url": orthanc.dicomweb + "/nope"})
     config = export_config(home, wrong, max_attempts=3, backoff_seconds=0.2)
     export_id = _queue(sessions, config, source)
-    states: list[ExportState] = []
-    deadline = time.monotonic() + 30
-    while ExportState.DEAD not in states and time.monotonic() < deadline:
-        states += [s for _, s in export.run_due(sessions, config.destinations, config.policy)]
-        time.sleep(0.05)
+    states = states_until_dead(sessions, config)
     assert states == [ExportState.PENDING, ExportState.PENDING, ExportState.DEAD]
     (row,) = export_rows(sessions)
     assert row.attempts == 3
@@ -434,11 +430,7 @@ server {{
         sessions = node_sessions()
         config = export_config(home, dest, max_attempts=2, backoff_seconds=0.1)
         export_id = _queue(sessions, config, source)
-        states: list[ExportState] = []
-        deadline = time.monotonic() + 30
-        while ExportState.DEAD not in states and time.monotonic() < deadline:
-            states += [s for _, s in export.run_due(sessions, config.destinations, config.policy)]
-            time.sleep(0.05)
+        states = states_until_dead(sessions, config)
         assert states == [ExportState.PENDING, ExportState.DEAD]  # bounded, not forever
         (row,) = export_rows(sessions)
         assert row.last_error == f"failed: {refused}"
