@@ -205,7 +205,6 @@ class HookStatements:
 
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
-        self.postgresql = dialect.name == "postgresql"
         self.integrity_error: type[Exception] = dialect.loaded_dbapi.IntegrityError
         self.generation = DriverStatement.compile(select(GENERATION_NOW), dialect)
         self.audit = DriverStatement.compile(
