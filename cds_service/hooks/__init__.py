@@ -8,12 +8,7 @@ from flask import Blueprint, Response, g, jsonify, request
 
 from cds_service.errors import ApiError, IssueType
 from cds_service.hooks import patient_view
-from cds_service.hooks.auth import (
-    commit_call,
-    jwt_required,
-    jwt_required_deferred,
-    lookup_rows,
-)
+from cds_service.hooks.auth import deferred_call, jwt_required, jwt_required_deferred
 from cds_service.prefetch import PREFETCH_TEMPLATES
 from cds_service.request_json import read_json
 from cds_service.schema import HookId, parse_feedback, parse_hook_request
@@ -66,7 +61,8 @@ def discovery() -> Response:
 def call(service_id: str) -> Response:
     _known(service_id)
     request_model = parse_hook_request(read_json(request))
-    answer = patient_view.handle(state(), request_model, commit_call, lookup_rows)
+    call = deferred_call()
+    answer = patient_view.handle(call.st, request_model, call.commit, call.lookup_rows)
     if isinstance(answer, bytes):  # a prepared card, already serialized
         return Response(answer, mimetype="application/json")
     return jsonify(answer)
