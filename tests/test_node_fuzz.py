@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
 
 from dicom_node.receiving.ingest import Ingestor
 from dicom_node.receiving.status import StoreStatus
@@ -273,15 +274,44 @@ def scp_port(home: Path, raw_files: None) -> Iterator[int]:
         yield port
 
 
-def _association(port: int):  # type: ignore[no-untyped-def]
+class EchoAnswers:
+    """The C-ECHO-RSP statuses our SCU received (EVT_DIMSE_RECV), whatever send_c_echo returned."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+
+    def __call__(self, event: Event) -> None:
+        message = event.message
+        if type(message).__name__ == "C_ECHO_RSP":
+            self.statuses.append(int(message.command_set.Status))
+
+
+def _association(port: int, answers: EchoAnswers):  # type: ignore[no-untyped-def]
     ae = AE(ae_title="FUZZ")
     ae.add_requested_context("1.2.840.10008.1.1")
     for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
         ae.add_requested_context(str(SERIES[0].SOPClassUID), syntax)
     ae.dimse_timeout = 20
-    assoc = ae.associate("127.0.0.1", port, ae_title="HER2LOW")
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title="HER2LOW", evt_handlers=[(evt.EVT_DIMSE_RECV, answers)]
+    )
     assert assoc.is_established
     return assoc
+
+
+def _echo_answered(assoc, answers: EchoAnswers) -> bool:  # type: ignore[no-untyped-def]
+    """The node answered our C-ECHO with Success.
+
+    pynetdicom's requestor can lose a response that did arrive: its reactor thread may take the
+    message off the queue before ``send_c_echo`` waits for it ("Received unexpected C-ECHO
+    service message", then a DIMSE timeout; pydicom/pynetdicom#875). CI hit it once here under
+    load. The node answered all the same, and the received message says so.
+    """
+    seen = len(answers.statuses)
+    status = assoc.send_c_echo()
+    if "Status" in status:
+        return int(status.Status) == 0x0000
+    return answers.statuses[seen:] == [0x0000]
 
 
 @pytest.mark.integration
@@ -298,21 +328,23 @@ def test_fuzzed_c_store_gets_a_named_status_and_the_node_keeps_serving(
     data, _ = case
     path = tmp_path / "fuzzed.dcm"
     path.write_bytes(data)
-    assoc = _association(scp_port)
+    answers = EchoAnswers()
+    assoc = _association(scp_port, answers)
     try:
         status = assoc.send_c_store(path)
         if assoc.is_established:  # pynetdicom may refuse to frame what it cannot read
             if "Status" in status:
                 assert int(status.Status) in NAMED, hex(int(status.Status))
-            assert int(assoc.send_c_echo().Status) == 0x0000
+            assert _echo_answered(assoc, answers)
     finally:
         if assoc.is_established:
             assoc.release()
-    fresh = _association(scp_port)
+    fresh = _association(scp_port, answers)
     try:
-        assert int(fresh.send_c_echo().Status) == 0x0000
+        assert _echo_answered(fresh, answers)
     finally:
-        fresh.release()
+        if fresh.is_established:
+            fresh.release()
 
 
 # --------------------------------------------------------------------------- (c) the reader
