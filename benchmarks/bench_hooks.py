@@ -201,8 +201,24 @@ def _peer_tables(url: str) -> None:
                 "jti VARCHAR(255) NOT NULL, exp FLOAT NOT NULL, PRIMARY KEY (iss, jti))"
             )
         )
-        conn.execute(sa.text(f"DELETE FROM {PEER_TABLE}"))
     engine.dispose()
+
+
+def _empty_jti_tables(ours_url: str, peer_url: str) -> None:
+    """Start a round with both apps' jti tables empty (each round mints fresh tokens).
+
+    Emptying only the peer's let ours' table grow round after round: a bigger unique index
+    to insert into at random than the peer's, which is not the same work.
+    """
+    import sqlalchemy as sa
+
+    from her2low.core.database import make_engine
+
+    for url, table in ((ours_url, "jti_replay"), (peer_url, PEER_TABLE)):
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DELETE FROM {table}"))
+        engine.dispose()
 
 
 def _gunicorn(
@@ -577,9 +593,10 @@ def _round(
     ports: dict[str, int],
     order: tuple[str, ...],
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """One measurement of both apps (fresh tokens, fresh gunicorn processes)."""
+    """One measurement of both apps (fresh tokens, empty jti tables, fresh gunicorn processes)."""
     from test_cds_support import make_token
 
+    _empty_jti_tables(env["HER2LOW_CDS_DB_URL"], env["BENCH_PEER_DB_URL"])
     results: dict[str, dict[str, Any]] = {}
     sequential: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
@@ -611,8 +628,6 @@ def _round(
         )
         url = f"http://127.0.0.1:{port}{SERVICE_PATH}"
         tokens = extra if name != "bare" else []
-        if name == "peer":
-            _peer_tables(env["BENCH_PEER_DB_URL"])
         try:
             wait_port(port)
             booted = _wait_booted(port)
@@ -716,6 +731,7 @@ def main() -> int:
             BENCH_PEER_JWKS=str(home / "jwks.json"),
             BENCH_PEER_DB_URL=db_url or f"sqlite:///{home / 'peer.db'}",
         )
+        _peer_tables(env["BENCH_PEER_DB_URL"])
         dirs = {n: home / n for n in ("ours", "bare", "peer")}
         for folder in dirs.values():
             folder.mkdir()
