@@ -131,7 +131,11 @@ def parse_json(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
         raise JsonInputError(f"nested deeper than {max_depth} levels") from None
     except ValueError as exc:  # JSONDecodeError and int()/float() errors
         raise JsonInputError(str(exc)) from None
-    maybe = _SURROGATE_ESCAPE.search(text) or _SURROGATE.search(text)  # else skip the walk
+    # Decoded UTF-8 holds no surrogate (the codec refuses one), so from bytes only a \u escape
+    # can make one; a str may hold one as is. Neither: skip the walk.
+    maybe = ("\\u" in text and _SURROGATE_ESCAPE.search(text)) or (
+        not isinstance(data, bytes) and _SURROGATE.search(text)
+    )
     path = _lone_surrogate_path(value) if maybe else None
     if path is not None:
         shown = path if len(path) <= 120 else path[:120] + "…"
