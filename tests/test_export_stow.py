@@ -112,7 +112,17 @@ def test_409_and_errors_and_refusals() -> None:
     server = parse_stow_response(503, "Service Unavailable", "<html>patient X</html>", ["1"])
     assert server.outcome is SendOutcome.FAILED
     assert server.message == "HTTP 503 Service Unavailable: server error"  # no body text copied
-    assert parse_stow_response(400, "Bad Request", "", ["1"]).outcome is SendOutcome.FAILED
+    assert parse_stow_response(400, "Bad Request", "", ["1"]).message == (
+        "HTTP 400 Bad Request: request not accepted"
+    )
+    # nginx's ssl_verify_client pages get a hint of our own; the page is not copied
+    page = "<html><head><title>400 No required SSL certificate was sent</title></head></html>"
+    hint = parse_stow_response(400, "Bad Request", page, ["1"])
+    assert hint.outcome is SendOutcome.FAILED and "title" not in hint.message
+    assert "wants a client certificate and got none: give this destination tls_cert" in (
+        hint.message
+    )
+    assert parse_stow_response(500, "", page, ["1"]).message == "HTTP 500: server error"
 
 
 def test_an_xml_response_is_read_too() -> None:
@@ -410,7 +420,17 @@ server {{
         dest = Destination.from_dict(
             {"name": "web", "stow_url": url, "tls_ca": str(folder / "ca.pem")}
         )
-        refused = f"HTTP 400 Bad Request: request not accepted ({url})"
+        # nginx's 400 pages are recognised by their phrases and answered with what to do; the
+        # page itself is never copied into the error
+        refused = (
+            "HTTP 400 Bad Request: the front did not accept the client certificate sent (not "
+            f"issued by a CA it trusts, or expired): check this destination's tls_cert ({url})"
+        )
+        uncertified = (
+            "HTTP 400 Bad Request: the front wants a client certificate and got none: give this "
+            "destination tls_cert and tls_key (or set HER2LOW_NODE_TLS_CERT and "
+            f"HER2LOW_NODE_TLS_KEY) ({url})"
+        )
         foreign = ExportPolicy(
             calling_aet="HER2LOW",
             timeout=5,
@@ -433,7 +453,7 @@ server {{
         states = states_until_dead(sessions, config)
         assert states == [ExportState.PENDING, ExportState.DEAD]  # bounded, not forever
         (row,) = export_rows(sessions)
-        assert row.last_error == f"failed: {refused}"
+        assert row.last_error == f"failed: {uncertified}"
         assert orthanc.get("/instances") == []
 
         mutual = ExportPolicy(
@@ -458,7 +478,7 @@ server {{
         )
         plain = ExportPolicy(calling_aet="HER2LOW", timeout=5)
         assert export.send(own, source.files[:1], plain).outcome is SendOutcome.SUCCESS
-        assert export.send(dest, source.files[:1], plain).message == refused
+        assert export.send(dest, source.files[:1], plain).message == uncertified
         # and it wins over the node's: a foreign node certificate does not matter here
         assert export.send(own, source.files[:1], foreign).outcome is SendOutcome.SUCCESS
 

@@ -64,6 +64,20 @@ _WARNING_REASON = "00081196"
 #: Statuses that say this endpoint will not take the request as sent (wrong URL, method,
 #: credentials or media type): a configuration problem, like a rejected association.
 _REFUSED = frozenset({401, 403, 404, 405, 406, 415})
+#: What nginx's own 400 pages say when ``ssl_verify_client`` refuses the client (known phrases
+#: are matched; no response text is ever copied into an error), and what to do about it.
+_CLIENT_CERT_PAGES = (
+    (
+        "No required SSL certificate was sent",
+        "the front wants a client certificate and got none: give this destination tls_cert and "
+        "tls_key (or set HER2LOW_NODE_TLS_CERT and HER2LOW_NODE_TLS_KEY)",
+    ),
+    (
+        "The SSL certificate error",
+        "the front did not accept the client certificate sent (not issued by a CA it trusts, "
+        "or expired): check this destination's tls_cert",
+    ),
+)
 
 
 _SETTING = "HER2LOW_NODE_EXPORT_DESTINATIONS"
@@ -245,6 +259,8 @@ def parse_stow_response(status: int, reason: str, text: str, sent: Sequence[str]
         return SendResult(SendOutcome.REJECTED, f"{head}: the endpoint refused the request")
     if status not in (200, 202, 409):
         kind = "server error" if status >= 500 else "request not accepted"
+        if status == 400:
+            kind = next((why for page, why in _CLIENT_CERT_PAGES if page in text), kind)
         return SendResult(SendOutcome.FAILED, f"{head}: {kind}")
     failed = list(body.failed) if body is not None else []
     stored = list(body.stored) if body is not None and body.stored is not None else None
