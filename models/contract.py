@@ -612,10 +612,25 @@ class ScannerInfo(_Contract):
     model: Annotated[str, Strict(), StringConstraints(max_length=64)] = ""
     #: MagneticFieldStrength (0018,0087) in tesla (optional; checked against the model card).
     field_strength_t: Positive | None = Field(default=None, exclude_if=lambda v: v is None)
+    #: SoftwareVersions (0018,1020), its values joined by ``\``: a scanner upgrade can change
+    #: the diffusion reconstruction, so a site can tell a drift after one (optional).
+    software_versions: Annotated[str, Strict(), StringConstraints(max_length=128)] = Field(
+        default="", exclude_if=lambda v: not v
+    )
 
     @property
     def label(self) -> str:
         return " ".join(p for p in (self.manufacturer, self.model) if p) or "scanner not stated"
+
+    @property
+    def description(self) -> str:
+        """Make and model, field strength and software, as a case page shows them."""
+        parts = [self.label]
+        if self.field_strength_t is not None:
+            parts.append(f"{self.field_strength_t:g} T")
+        if self.software_versions:
+            parts.append(f"software {self.software_versions}")
+        return ", ".join(parts)
 
 
 #: Settings a published result must state (the classes' defaults are never assumed for it).

@@ -20,6 +20,7 @@ import pytest
 from pydicom.dataset import Dataset
 from test_cds_support import (
     PATIENT_ISSUER,
+    ReviewClient,
     Service,
     her2_bundle,
     hook_body,
@@ -55,20 +56,29 @@ def _first_image(folder: Path) -> Dataset:
 
 
 @pytest.mark.parametrize(
-    ("name", "manufacturer", "model"),
+    ("name", "manufacturer", "model", "software"),
     [
-        ("ge_signa_classic", "GE MEDICAL SYSTEMS", "SIGNA Pioneer"),
-        ("philips_ingenia_classic", "Philips", "Ingenia Elition X"),
-        ("siemens_xa30_enhanced", "Siemens Healthineers", "MAGNETOM Prisma Fit"),
-        ("siemens_xa30_classic_trace", "Siemens Healthineers", "MAGNETOM Prisma Fit"),
+        ("ge_signa_classic", "GE MEDICAL SYSTEMS", "SIGNA Pioneer", "28\\LX\\MR29.1_EA_2039.g"),
+        ("philips_ingenia_classic", "Philips", "Ingenia Elition X", "5.7.1\\5.7.1.2"),
+        ("siemens_xa30_enhanced", "Siemens Healthineers", "MAGNETOM Prisma Fit", "syngo MR XA30"),
+        (
+            "siemens_xa30_classic_trace",
+            "Siemens Healthineers",
+            "MAGNETOM Prisma Fit",
+            "syngo MR XA30",
+        ),
     ],
 )
-def test_scanner_of_real_vendor_series(name: str, manufacturer: str, model: str) -> None:
+def test_scanner_of_real_vendor_series(
+    name: str, manufacturer: str, model: str, software: str
+) -> None:
     if not DWI_DIR.is_dir():
         pytest.skip(f"shared data folder absent: {DWI_DIR}")
     ds = _first_image(DWI_DIR / name)
     info = scanner_info(ds)
-    assert info == ScannerInfo(manufacturer=manufacturer, model=model, field_strength_t=3.0)
+    assert info == ScannerInfo(
+        manufacturer=manufacturer, model=model, field_strength_t=3.0, software_versions=software
+    )
     # The same images carry a serial number, an institution (and station): none goes along.
     dumped = info.model_dump_json()
     for keyword in ("DeviceSerialNumber", "InstitutionName", "StationName"):
@@ -93,6 +103,18 @@ def test_no_equipment_headers_give_no_scanner() -> None:
     partial = Dataset()
     partial.Manufacturer = "  Canon_MEC "
     assert scanner_info(partial) == ScannerInfo(manufacturer="Canon_MEC")
+    assert "software_versions" not in ScannerInfo(manufacturer="Canon_MEC").model_dump()
+
+
+def test_software_versions_keep_their_values_and_only_printable_text() -> None:
+    ds = Dataset()
+    ds.SoftwareVersions = ["VE11C\x07", " ", "N4_VE11C_LATEST_20160120"]
+    info = scanner_info(ds)
+    assert info is not None
+    assert info.software_versions == "VE11C\\N4_VE11C_LATEST_20160120"
+    assert info.description == "scanner not stated, software VE11C\\N4_VE11C_LATEST_20160120"
+    ds.SoftwareVersions = "x" * 300  # LO is 64 per value; a hostile header is cut, not refused
+    assert len(scanner_info(ds).software_versions) == 128  # type: ignore[union-attr]
 
 
 # --- the node's payload ------------------------------------------------------------------------
@@ -119,13 +141,17 @@ def test_payload_carries_the_scanner_and_no_device_or_site_identity(
     ge_payload: ResultPayload,
 ) -> None:
     assert ge_payload.provenance.scanner == ScannerInfo(
-        manufacturer="GE MEDICAL SYSTEMS", model="SIGNA Premier", field_strength_t=1.5
+        manufacturer="GE MEDICAL SYSTEMS",
+        model="SIGNA Premier",
+        field_strength_t=1.5,
+        software_versions="29\\LX\\MR29.1_EA_2138.a",
     )
     body = ge_payload.model_dump(mode="json")
     assert body["provenance"]["scanner"] == {
         "manufacturer": "GE MEDICAL SYSTEMS",
         "model": "SIGNA Premier",
         "field_strength_t": 1.5,
+        "software_versions": "29\\LX\\MR29.1_EA_2138.a",
     }
     text = json.dumps(body)
     # What the synthetic writer puts in DeviceSerialNumber, StationName and InstitutionName.
@@ -210,6 +236,23 @@ def test_a_scanner_outside_the_card_domain_is_scored_with_a_warning(
     observation = card["suggestions"][0]["actions"][0]["resource"]
     notes = " ".join(n["text"] for n in observation["note"])
     assert "vendor GE MEDICAL SYSTEMS" in notes
+
+
+def test_the_case_page_names_the_scanner_and_its_software(
+    reference_service: Service, ge_payload: ResultPayload
+) -> None:
+    svc = reference_service
+    body = ge_payload.model_copy(update={"patient": PatientKey(id="MRN-SW", issuer=PATIENT_ISSUER)})
+    response = svc.publish(body.model_dump(mode="json"))
+    assert response.status_code == 201, response.text
+    rid = response.json()["result_id"]
+    page = ReviewClient(svc, "radiologist").get(f"{svc.url}/review/cases/{rid}")
+    assert page.status_code == 200
+    shown = (
+        '<dd id="scanner">GE MEDICAL SYSTEMS SIGNA Premier, 1.5 T, '
+        "software 29\\LX\\MR29.1_EA_2138.a</dd>"
+    )
+    assert shown in page.text
 
 
 def test_a_scanner_inside_the_card_domain_has_no_scanner_warning(

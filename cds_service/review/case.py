@@ -322,6 +322,7 @@ def _render_case(
         reference=prediction.reference if prediction else True,
         side=display.side(case.result.laterality, "not recorded"),
         roi=provenance.roi if provenance else None,
+        scanner=provenance.scanner if provenance else None,
         node_ae=f"{state().settings.node_ae_title} (DICOM port {state().settings.node_port})",
         qc_flags=qc.flags.raised() if qc else {},
         qc_words=QC_WORDS,

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from models.contract import ScannerInfo
 
@@ -21,6 +22,7 @@ __all__ = [
     "number",
     "private_tag",
     "scanner_info",
+    "software_versions",
     "text",
 ]
 
@@ -85,18 +87,34 @@ def field_strength_t(ds: Dataset) -> float | None:
     return value if 0.05 <= value <= 12.0 else None
 
 
-def scanner_info(ds: Dataset) -> ScannerInfo | None:
-    """``provenance.scanner`` from one image: make, model and field strength of the device.
+def software_versions(ds: Dataset) -> str:
+    """SoftwareVersions (0018,1020): its values, printable characters only, joined by ``\\``."""
+    value = ds.get("SoftwareVersions")
+    if value is None or value == "":
+        return ""
+    values = list(value) if isinstance(value, MultiValue) else [value]
+    cleaned = ("".join(c for c in str(v) if c.isprintable()).strip() for v in values)
+    return "\\".join(v for v in cleaned if v)[:128]
 
-    Only Manufacturer (0008,0070), ManufacturerModelName (0008,1090) and MagneticFieldStrength
-    (0018,0087) are read — what a site needs to watch drift and out-of-distribution cases per
-    scanner type. Nothing that names a particular device or place (DeviceSerialNumber,
-    StationName, InstitutionName, its address or department) is read. None when the image
-    states none of the three.
+
+def scanner_info(ds: Dataset) -> ScannerInfo | None:
+    """``provenance.scanner`` from one image: make, model, field strength and software.
+
+    Only Manufacturer (0008,0070), ManufacturerModelName (0008,1090), MagneticFieldStrength
+    (0018,0087) and SoftwareVersions (0018,1020) are read — what a site needs to watch drift and
+    out-of-distribution cases per scanner type and software release. Nothing that names a
+    particular device or place (DeviceSerialNumber, StationName, InstitutionName, its address or
+    department) is read. None when the image states none of the four.
     """
     manufacturer = text(ds, "Manufacturer").strip()[:64]
     model = text(ds, "ManufacturerModelName").strip()[:64]
     strength = field_strength_t(ds)
-    if not (manufacturer or model or strength is not None):
+    software = software_versions(ds)
+    if not (manufacturer or model or strength is not None or software):
         return None
-    return ScannerInfo(manufacturer=manufacturer, model=model, field_strength_t=strength)
+    return ScannerInfo(
+        manufacturer=manufacturer,
+        model=model,
+        field_strength_t=strength,
+        software_versions=software,
+    )
