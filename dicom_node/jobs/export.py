@@ -639,8 +639,8 @@ def export_results(
             "result objects could not be written or queued", extra={"series_uid": series_uid}
         )
         return []
-    try:  # the SR a later assessment revises (descriptors, likelihood: results_sync)
-        from dicom_node.jobs.results_sync import record_original  # it imports this module
+    try:  # the SR a later assessment revises (descriptors, likelihood: assessment_sync)
+        from dicom_node.jobs.assessment_sync import record_original  # it imports this module
 
         record_original(
             sessions,

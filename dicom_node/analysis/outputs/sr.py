@@ -9,7 +9,7 @@ images, the SEG and the Parametric Maps are the evidence. A TEXT item states "re
 not clinically validated". The node does not have the radiologist's BI-RADS descriptors or the
 HER2-low likelihood at analysis time: a likelihood is added only when given (``likelihood``).
 Both arrive later from the service and go into a *revised* report of the same SR series
-(:mod:`.revision`, driven by :mod:`dicom_node.jobs.results_sync`).
+(:mod:`.revision`, driven by :mod:`dicom_node.jobs.assessment_sync`).
 """
 
 from __future__ import annotations
