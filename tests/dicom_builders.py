@@ -479,6 +479,73 @@ def enhanced_series(
     return ds
 
 
+#: Attributes of a classic image that an Enhanced MR Image keeps per frame, not at top level.
+_PER_IMAGE = (
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "TemporalPositionIdentifier",
+    "InstanceNumber",
+    "SliceLocation",
+    "PixelData",
+)
+
+
+def as_enhanced(datasets: Sequence[Dataset], *, shuffle_seed: int | None = 5) -> Dataset:
+    """The classic single-frame images of one series as ONE Enhanced MR Image (PS3.3 A.36).
+
+    Position, orientation, pixel spacing, rescale and temporal position move into the
+    functional groups (TemporalPositionIdentifier → FrameContent TemporalPositionIndex); the
+    pixels are kept as stored. Frames are shuffled, as scanners need not write them in order.
+    """
+    first = datasets[0]
+    ds = Dataset()
+    for element in first:
+        if element.keyword not in _PER_IMAGE:
+            ds.add(element)
+    ds.file_meta = FileMetaDataset(first.file_meta)
+    ds.SOPClassUID = ENHANCED_MR_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_MR_IMAGE_STORAGE
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.InstanceNumber = 1
+    shared = Dataset()
+    orient = Dataset()
+    orient.ImageOrientationPatient = first.ImageOrientationPatient
+    measures = Dataset()
+    measures.PixelSpacing = first.PixelSpacing
+    measures.SliceThickness = first.get("SliceThickness", "1")
+    shared.PlaneOrientationSequence = DicomSequence([orient])
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    order = list(range(len(datasets)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    frames, pixels = [], []
+    for i in order:
+        image = datasets[i]
+        frame = Dataset()
+        plane = Dataset()
+        plane.ImagePositionPatient = image.ImagePositionPatient
+        frame.PlanePositionSequence = DicomSequence([plane])
+        content = Dataset()
+        content.TemporalPositionIndex = int(image.get("TemporalPositionIdentifier", 1) or 1)
+        frame.FrameContentSequence = DicomSequence([content])
+        pvt = Dataset()
+        pvt.RescaleSlope = image.get("RescaleSlope", "1")
+        pvt.RescaleIntercept = image.get("RescaleIntercept", "0")
+        pvt.RescaleType = "US"
+        frame.PixelValueTransformationSequence = DicomSequence([pvt])
+        frames.append(frame)
+        pixels.append(image.pixel_array)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+    set_pixels(ds, np.stack(pixels), frames=len(frames))
+    return ds
+
+
 def simple_image(
     *,
     series_uid: str | None = None,

@@ -39,6 +39,7 @@ from dicom_node.synth.phantom import (
     rng_stream,
 )
 from dicom_node.synth.study import DEFAULT_B_VALUES, study_geometry
+from tests import dicom_builders as b
 
 GEOMETRY: Geometry = study_geometry((80, 160), 16, 4.0, "2.25.12")
 BVALS = np.asarray(DEFAULT_B_VALUES, dtype=np.float64)
@@ -191,6 +192,42 @@ def test_study_writer_dce_series_read_back_on_their_own_grid(tmp_path: Path) -> 
     assert np.abs(pair.volume.data - stored.volume.data).max() <= 2 * step
     with pytest.raises(ValueError, match="not used"):
         companion_from_datasets("other", read["t2"])
+
+
+def test_enhanced_multi_frame_companions_read_as_their_classic_images(tmp_path: Path) -> None:
+    """T2w, dynamic DCE and a stored subtraction each as ONE Enhanced MR Image (frames shuffled,
+    geometry and temporal position in the functional groups) give the volumes, roles and
+    subtraction of the same images stored classic."""
+    m = write_study(tmp_path, seed=4, lesion="nme", snr=30.0, matrix=(48, 96), slices=6, dce=True)
+    assert m.dce is not None and m.dce_subtraction is not None
+    classic = {
+        name: [pydicom.dcmread(tmp_path / f) for f in entry.files]
+        for name, entry in (("dce", m.dce), ("sub", m.dce_subtraction), ("t2", m.t2))
+    }
+    enhanced = {name: [b.as_enhanced(images)] for name, images in classic.items()}
+    for name, role in (("dce", SeriesRole.DCE), ("sub", SeriesRole.DCE), ("t2", SeriesRole.T2W)):
+        assert classify_series(enhanced[name]).role is role, name
+        kind = "t2w" if role is SeriesRole.T2W else "dce"
+        want = companion_from_datasets(kind, classic[name])
+        got = companion_from_datasets(kind, enhanced[name])
+        assert got.kind is want.kind
+        assert got.volume.geometry == want.volume.geometry, name
+        np.testing.assert_array_equal(got.volume.data, want.volume.data)
+    # the dynamic one really was two phases in one object
+    assert int(enhanced["dce"][0].NumberOfFrames) == 2 * int(enhanced["sub"][0].NumberOfFrames)
+    # a frame without its place is named, not guessed
+    broken = b.as_enhanced(classic["t2"])
+    del broken.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence
+    with pytest.raises(ValueError, match="lack ImagePositionPatient"):
+        companion_from_datasets("t2w", [broken])
+    # nor is a pixel spacing (frame placement assumes 1 mm, which would misplace the voxels)
+    unmeasured = b.as_enhanced(classic["t2"])
+    del unmeasured.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence
+    classic_unmeasured = [pydicom.dcmread(tmp_path / f) for f in m.t2.files]
+    del classic_unmeasured[0].PixelSpacing
+    for images in ([unmeasured], classic_unmeasured):
+        with pytest.raises(ValueError, match="PixelSpacing"):
+            companion_from_datasets("t2w", images)
 
 
 def test_study_without_dce_writes_no_dce_keys(tmp_path: Path) -> None:

@@ -26,7 +26,10 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
+from dicom_node.series.assemble import PixelCache
+from dicom_node.series.frames import FrameRef, expand_frames, stated_pixel_spacing
 from dicom_node.series.headers import text
+from dicom_node.series.roles import frame_types
 from dicom_node.series.volume import DwiVolume, Geometry, ScalarVolume
 
 __all__ = [
@@ -69,76 +72,88 @@ class OnDwiGrid:
     ignored: tuple[str, ...] = ()
 
 
-def _floats(value: object, n: int) -> NDArray[np.float64] | None:
-    try:
-        arr = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[attr-defined]
-    except (TypeError, ValueError):
-        return None
-    return arr if arr.size == n else None
-
-
 def stack_volume(datasets: Sequence[Dataset], *, series_instance_uid: str = "") -> ScalarVolume:
-    """A 3-D volume from single-frame images of one position each (classic MR/CT storage).
+    """A 3-D volume from the images of one series: classic single-frame images, or the frames
+    of enhanced multi-frame objects (placed by their functional groups), one position each.
 
     Raises ``ValueError`` (the message says what is wrong) when the images do not form a regular
     stack: missing geometry, mixed orientation, matrix or spacing, repeated or uneven positions.
     """
+    return _stack(datasets, _placed(datasets), series_instance_uid)
+
+
+def _placed(datasets: Sequence[Dataset]) -> list[FrameRef]:
+    """Every image of ``datasets`` with its place, or ``ValueError`` when one has none."""
     if not datasets:
         raise ValueError("no images")
-    planes = []
-    for ds in datasets:
-        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-            raise ValueError("multi-frame images are not read for companion series")
-        iop = _floats(ds.get("ImageOrientationPatient"), 6)
-        ipp = _floats(ds.get("ImagePositionPatient"), 3)
-        ps = _floats(ds.get("PixelSpacing"), 2)
-        if iop is None or ipp is None or ps is None:
-            raise ValueError(
-                "images lack ImagePositionPatient/ImageOrientationPatient/PixelSpacing"
-            )
-        planes.append((iop, ipp, ps, (int(ds.Rows), int(ds.Columns))))
-    iop0, _, ps0, matrix0 = planes[0]
-    for iop, _, ps, matrix in planes[1:]:
-        if not np.allclose(iop, iop0, atol=1e-3) or not np.allclose(ps, ps0, atol=1e-3):
+    frames = expand_frames(datasets)
+    stored = sum(int(getattr(ds, "NumberOfFrames", 1) or 1) for ds in datasets)
+    if len(frames) < stored or not all(
+        stated_pixel_spacing(datasets[f.dataset_index], f) for f in frames
+    ):
+        raise ValueError(
+            "images lack ImagePositionPatient/ImageOrientationPatient/PixelSpacing "
+            "(or their functional groups)"
+        )
+    return frames
+
+
+def _stack(
+    datasets: Sequence[Dataset], frames: Sequence[FrameRef], series_instance_uid: str
+) -> ScalarVolume:
+    """The regular stack ``frames`` (placed images of ``datasets``) form, else ``ValueError``."""
+    first = frames[0]
+    iop0 = np.asarray(first.orientation, dtype=np.float64)
+    ps0 = np.asarray(first.pixel_spacing, dtype=np.float64)
+    matrix0 = (first.rows, first.columns)
+    for f in frames[1:]:
+        if not np.allclose(f.orientation, iop0, atol=1e-3) or not np.allclose(
+            f.pixel_spacing, ps0, atol=1e-3
+        ):
             raise ValueError("images differ in orientation or pixel spacing")
-        if matrix != matrix0:
+        if (f.rows, f.columns) != matrix0:
             raise ValueError("images differ in matrix")
     normal = np.cross(iop0[:3], iop0[3:])
     normal /= np.linalg.norm(normal)
-    where = np.array([float(p[1] @ normal) for p in planes])
+    where = np.array([float(np.asarray(f.position) @ normal) for f in frames])
     order = np.argsort(where)
     gaps = np.diff(where[order])
     if gaps.size and (gaps.min() < 1e-3):
         raise ValueError("two images share one position (several phases or repeats)")
-    spacing = float(np.median(gaps)) if gaps.size else float(ds.get("SliceThickness", 1.0) or 1.0)
+    head = datasets[first.dataset_index]
+    thickness = float(head.get("SliceThickness", 1.0) or 1.0)
+    spacing = float(np.median(gaps)) if gaps.size else thickness
     if gaps.size and np.max(np.abs(gaps - spacing)) > 0.1 * spacing:
         raise ValueError("slices are not evenly spaced")
-    data = np.stack([_pixels(datasets[int(i)]) for i in order])
-    first = datasets[int(order[0])]
+    pixels = PixelCache(datasets)
+    data = np.stack([pixels.frame(frames[int(i)]) for i in order])
+    lowest = frames[int(order[0])]
     geometry = Geometry(
         shape=(int(data.shape[0]), matrix0[0], matrix0[1]),
-        origin=tuple(float(v) for v in planes[int(order[0])][1]),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in lowest.position),  # type: ignore[arg-type]
         row_dir=tuple(float(v) for v in iop0[:3]),  # type: ignore[arg-type]
         col_dir=tuple(float(v) for v in iop0[3:]),  # type: ignore[arg-type]
         row_spacing=float(ps0[0]),
         col_spacing=float(ps0[1]),
         slice_spacing=spacing,
-        frame_of_reference_uid=text(first, "FrameOfReferenceUID"),
+        frame_of_reference_uid=text(datasets[lowest.dataset_index], "FrameOfReferenceUID"),
     )
     return ScalarVolume(
         data=data,
         geometry=geometry,
-        series_instance_uid=series_instance_uid or text(first, "SeriesInstanceUID"),
+        series_instance_uid=series_instance_uid or text(head, "SeriesInstanceUID"),
     )
 
 
-def _pixels(ds: Dataset) -> NDArray[np.float64]:
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    return np.asarray(ds.pixel_array, dtype=np.float64) * slope + intercept
-
-
-def _phase_key(ds: Dataset) -> str:
+def _phase_key(ds: Dataset, frame: FrameRef) -> str:
+    """The temporal position of one image: FrameContentSequence's TemporalPositionIndex in an
+    enhanced object, else TemporalPositionIdentifier, AcquisitionNumber or TriggerTime."""
+    if frame.frame_index is not None:
+        item = ds.PerFrameFunctionalGroupsSequence[frame.frame_index]
+        for content in item.get("FrameContentSequence") or []:
+            value = text(content, "TemporalPositionIndex")
+            if value:
+                return value
     for keyword in ("TemporalPositionIdentifier", "AcquisitionNumber", "TriggerTime"):
         value = text(ds, keyword)
         if value:
@@ -149,26 +164,27 @@ def _phase_key(ds: Dataset) -> str:
 def companion_from_datasets(role: str, datasets: Sequence[Dataset]) -> CompanionSeries:
     """The companion a series classified ``role`` (``t2w`` or ``dce``) gives.
 
-    A DCE series whose Image Type says SUBTRACTION is the subtraction; a dynamic series (several
-    temporal positions) gives first post-contrast − pre-contrast (the first two phases, by
-    TemporalPositionIdentifier, else AcquisitionNumber or TriggerTime). Raises ``ValueError``.
+    A DCE series whose Image Type (or Frame Type) says SUBTRACTION is the subtraction; a dynamic
+    series (several temporal positions, in separate images or in the frames of one enhanced
+    object) gives first post-contrast − pre-contrast (the first two phases, by
+    TemporalPositionIndex or TemporalPositionIdentifier, else AcquisitionNumber or TriggerTime).
+    Raises ``ValueError``.
     """
     uid = text(datasets[0], "SeriesInstanceUID") if datasets else ""
     if role == "t2w":
         return CompanionSeries(CompanionKind.T2W, stack_volume(datasets))
     if role != "dce":
         raise ValueError(f"a {role or 'unclassified'} series is not used by the automatic ROI")
-    types = {str(v).upper() for v in (datasets[0].get("ImageType") or [])}
-    if "SUBTRACTION" in types:
+    if "SUBTRACTION" in frame_types(datasets[0]):
         return CompanionSeries(CompanionKind.DCE_SUBTRACTION, stack_volume(datasets))
-    phases: dict[str, list[Dataset]] = {}
-    for ds in datasets:
-        phases.setdefault(_phase_key(ds), []).append(ds)
+    phases: dict[str, list[FrameRef]] = {}
+    for frame in _placed(datasets):
+        phases.setdefault(_phase_key(datasets[frame.dataset_index], frame), []).append(frame)
     keys = sorted(phases, key=lambda k: float(k) if k.replace(".", "", 1).isdigit() else 0.0)
     if len(keys) < 2:
         raise ValueError("a dynamic series needs a pre- and a post-contrast phase")
-    pre = stack_volume(phases[keys[0]], series_instance_uid=uid)
-    post = stack_volume(phases[keys[1]], series_instance_uid=uid)
+    pre = _stack(datasets, phases[keys[0]], uid)
+    post = _stack(datasets, phases[keys[1]], uid)
     if pre.geometry != post.geometry:
         raise ValueError("pre- and post-contrast phases differ in geometry")
     sub = np.clip(np.asarray(post.data) - np.asarray(pre.data), 0.0, None)

@@ -29,7 +29,7 @@ from dicom_node.series.headers import number
 from dicom_node.series.layout import Problem, ProblemKind, VolumePlan, direction_key, plan_layout
 from dicom_node.series.volume import DwiVolume, Geometry
 
-__all__ = ["AssemblyError", "assemble_dwi", "check_headers"]
+__all__ = ["AssemblyError", "PixelCache", "assemble_dwi", "check_headers"]
 
 
 class AssemblyError(ValueError):
@@ -44,8 +44,9 @@ class AssemblyError(ValueError):
         return {p.kind for p in self.problems}
 
 
-class _PixelCache:
-    """Decode each dataset's pixels once (pydicom handles compressed transfer syntaxes)."""
+class PixelCache:
+    """Decode each dataset's pixels once (pydicom handles compressed transfer syntaxes), and cut
+    out one placed frame (:class:`FrameRef`) with its rescale applied."""
 
     def __init__(self, datasets: Sequence[Dataset]) -> None:
         self._datasets = datasets
@@ -56,11 +57,7 @@ class _PixelCache:
             ds = self._datasets[f.dataset_index]
             if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
                 raise AssemblyError(
-                    [
-                        Problem(
-                            ProblemKind.UNSUPPORTED_PIXELS, "colour images cannot be diffusion data"
-                        )
-                    ]
+                    [Problem(ProblemKind.UNSUPPORTED_PIXELS, "colour images are not read")]
                 )
             try:
                 self._arrays[f.dataset_index] = ds.pixel_array
@@ -194,7 +191,7 @@ def assemble_dwi(
     if not layout.volumes:
         raise AssemblyError([Problem(ProblemKind.NO_IMAGES, "no complete volume found")])
 
-    pixels = _PixelCache(datasets)
+    pixels = PixelCache(datasets)
     frames = layout.frames
     loaded = [(v, np.stack([pixels.frame(frames[i]) for i in v.frames])) for v in layout.volumes]
     vol_b = [v.b if v.b is not None else 0.0 for v in layout.volumes]

@@ -51,6 +51,7 @@ __all__ = [
     "imply_vendor_b0",
     "is_siemens_mosaic",
     "placement_gaps",
+    "stated_pixel_spacing",
     "storage_style",
     "tile_grid",
 ]
@@ -154,6 +155,18 @@ def _fg_item(frame: Dataset | None, shared: Dataset | None, keyword: str) -> Dat
                 item: Dataset = seq[0]
                 return item
     return None
+
+
+def stated_pixel_spacing(ds: Dataset, frame: FrameRef) -> bool:
+    """Whether ``ds`` states the PixelSpacing of ``frame`` (top level, or in the frame's Pixel
+    Measures functional group). :func:`expand_frames` assumes 1 mm when it does not, which
+    places b-values but would misplace another series' voxels on the DWI grid."""
+    if frame.frame_index is None:
+        return floats(ds.get("PixelSpacing"), 2) is not None
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    per_frame = ds.PerFrameFunctionalGroupsSequence[frame.frame_index]
+    measures = _fg_item(per_frame, shared_seq[0] if shared_seq else None, "PixelMeasuresSequence")
+    return measures is not None and floats(measures.get("PixelSpacing"), 2) is not None
 
 
 def _order_base(ds: Dataset, info: DiffusionInfo) -> tuple[float, float]:

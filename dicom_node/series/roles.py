@@ -37,6 +37,7 @@ __all__ = [
     "SeriesRole",
     "classify_series",
     "detect_breast",
+    "frame_types",
 ]
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -149,7 +150,7 @@ def _upper_list(value: Any) -> list[str]:
         return [str(value).strip().upper()]
 
 
-def _frame_types(ds: Dataset) -> set[str]:
+def frame_types(ds: Dataset) -> set[str]:
     """Image Type plus Frame Type (0008,9007) of enhanced objects."""
     types = set(_upper_list(ds.get("ImageType")))
     for holder in (
@@ -328,7 +329,7 @@ def classify_series(
         return SeriesClassification(SeriesRole.SEG, is_breast, reasons + breast_reasons)
     types: set[str] = set()
     for d in datasets:
-        types |= _frame_types(d)
+        types |= frame_types(d)
     frames = expand_frames(datasets)
     role = _diffusion_role(datasets, _series_diffusion(datasets, frames), types, reasons)
     if role is None:
