@@ -37,10 +37,10 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _valid_for_a_day(
+def valid_for_a_day(
     subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, now: datetime.datetime
 ) -> x509.CertificateBuilder:
-    """What every certificate here shares: names, public key, a random serial, one day."""
+    """What every test certificate shares: names, public key, a random serial, valid one day."""
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -58,13 +58,13 @@ def server_pki(ca_name: str) -> ServerPki:
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
-        _valid_for_a_day(_name(ca_name), _name(ca_name), ca_key, now)
+        valid_for_a_day(_name(ca_name), _name(ca_name), ca_key, now)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        _valid_for_a_day(_name("127.0.0.1"), ca.subject, key, now)
+        valid_for_a_day(_name("127.0.0.1"), ca.subject, key, now)
         .add_extension(
             x509.SubjectAlternativeName(
                 [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
@@ -75,7 +75,7 @@ def server_pki(ca_name: str) -> ServerPki:
     )
     client_key = ec.generate_private_key(ec.SECP256R1())
     client = (
-        _valid_for_a_day(_name("her2low-node"), ca.subject, client_key, now)
+        valid_for_a_day(_name("her2low-node"), ca.subject, client_key, now)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
