@@ -79,7 +79,7 @@ def stack_volume(datasets: Sequence[Dataset], *, series_instance_uid: str = "") 
     Raises ``ValueError`` (the message says what is wrong) when the images do not form a regular
     stack: missing geometry, mixed orientation, matrix or spacing, repeated or uneven positions.
     """
-    return _stack(datasets, _placed(datasets), series_instance_uid)
+    return _stack(datasets, _placed(datasets), series_instance_uid, PixelCache(datasets))
 
 
 def _placed(datasets: Sequence[Dataset]) -> list[FrameRef]:
@@ -99,9 +99,14 @@ def _placed(datasets: Sequence[Dataset]) -> list[FrameRef]:
 
 
 def _stack(
-    datasets: Sequence[Dataset], frames: Sequence[FrameRef], series_instance_uid: str
+    datasets: Sequence[Dataset],
+    frames: Sequence[FrameRef],
+    series_instance_uid: str,
+    pixels: PixelCache,
 ) -> ScalarVolume:
-    """The regular stack ``frames`` (placed images of ``datasets``) form, else ``ValueError``."""
+    """The regular stack ``frames`` (placed images of ``datasets``) form, else ``ValueError``.
+
+    ``pixels`` decodes each dataset once, also across the phases of one enhanced object."""
     first = frames[0]
     iop0 = np.asarray(first.orientation, dtype=np.float64)
     ps0 = np.asarray(first.pixel_spacing, dtype=np.float64)
@@ -125,7 +130,6 @@ def _stack(
     spacing = float(np.median(gaps)) if gaps.size else thickness
     if gaps.size and np.max(np.abs(gaps - spacing)) > 0.1 * spacing:
         raise ValueError("slices are not evenly spaced")
-    pixels = PixelCache(datasets)
     data = np.stack([pixels.frame(frames[int(i)]) for i in order])
     lowest = frames[int(order[0])]
     geometry = Geometry(
@@ -183,8 +187,9 @@ def companion_from_datasets(role: str, datasets: Sequence[Dataset]) -> Companion
     keys = sorted(phases, key=lambda k: float(k) if k.replace(".", "", 1).isdigit() else 0.0)
     if len(keys) < 2:
         raise ValueError("a dynamic series needs a pre- and a post-contrast phase")
-    pre = _stack(datasets, phases[keys[0]], uid)
-    post = _stack(datasets, phases[keys[1]], uid)
+    pixels = PixelCache(datasets)
+    pre = _stack(datasets, phases[keys[0]], uid, pixels)
+    post = _stack(datasets, phases[keys[1]], uid, pixels)
     if pre.geometry != post.geometry:
         raise ValueError("pre- and post-contrast phases differ in geometry")
     sub = np.clip(np.asarray(post.data) - np.asarray(pre.data), 0.0, None)
