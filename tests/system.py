@@ -106,11 +106,15 @@ class System:
             timeout=timeout,
         )
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *args: str) -> None:
+        """Start ``her2low <name> [args]`` (stopped by ``stop_all``), logging to home/<name>.log."""
         with open(self.home / f"{name}.log", "ab") as log:
             self.procs.append(
                 popen_group(
-                    [sys.executable, "-m", "her2low", name], env=self.env, stdout=log, stderr=log
+                    [sys.executable, "-m", "her2low", name, *args],
+                    env=self.env,
+                    stdout=log,
+                    stderr=log,
                 )
             )
 
