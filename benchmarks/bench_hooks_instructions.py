@@ -1,0 +1,194 @@
+"""Count the CPU instructions one hook call costs, ours against the minimal conformant peer.
+
+Wall-clock rates on a shared 2-core machine move by 10-20 % from one minute to the next (see
+``docs/benchmarks.md``), more than the difference being looked for. An instruction count does
+not: each app runs in-process (the WSGI callable, no HTTP server) under Valgrind's cachegrind,
+once with no measured calls and once with ``--calls`` calls after the same set-up and warm-up.
+The difference divided by the calls is what one call costs in user-space instructions. Each
+call is a real signed ES384 call with a fresh token (same checks, same card as
+``bench_hooks.py``). ``--cache-sim`` adds cachegrind's cache model (first-level and last-level
+misses per call), which is about twice as slow.
+
+Not counted: the kernel (syscalls), and how fast the instructions run (cache misses, branch
+prediction). So this shows whether our code does more *work* than the peer, not its speed.
+
+    .venv/bin/python benchmarks/bench_hooks_instructions.py [--calls 400] [--cache-sim]
+
+Needs ``valgrind`` (Debian: apt-get install -y valgrind). About 5 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path[:0] = [str(Path(__file__).resolve().parent)]
+
+import bench_hooks  # noqa: E402  (its sys.path set-up makes tests/ and the project importable)
+
+WARM_UP = 100
+APPS = ("peer", "ours")
+#: cachegrind summary counters kept (instructions; with --cache-sim, cache misses)
+COUNTERS = ("Ir", "I1mr", "ILmr", "D1mr", "DLmr", "D1mw", "DLmw")
+
+
+def _inner(app_name: str, calls: int, tokens_total: int) -> int:
+    """Set up one app, warm it up, then run ``calls`` hook calls (measured by the parent)."""
+    from test_cds_support import make_token
+    from werkzeug.test import EnvironBuilder
+
+    home = Path(tempfile.mkdtemp(prefix="bench-instr-"))
+    try:
+        env, body = bench_hooks._prepare(home, 8080)
+        env.update(
+            BENCH_PEER_AUD=f"http://127.0.0.1:8080{bench_hooks.SERVICE_PATH}",
+            BENCH_PEER_JWKS=str(home / "jwks.json"),
+            BENCH_PEER_DB_URL=f"sqlite:///{home / 'peer.db'}",
+        )
+        os.environ.update(env)
+        bench_hooks._peer_tables(env["BENCH_PEER_DB_URL"])
+        if app_name == "peer":
+            app = bench_hooks.peer_app()
+        else:
+            from cds_service.wsgi import app as factory
+
+            app = factory()
+        raw = json.dumps(body).encode()
+        audience = f"http://127.0.0.1:8080{bench_hooks.SERVICE_PATH}"
+        # the same number of tokens whatever ``calls`` is, so both runs' set-up is the same work
+        tokens = iter(
+            [
+                make_token(audience, iss=bench_hooks.ISSUER, lifetime=280)
+                for _ in range(tokens_total)
+            ]
+        )
+        base = EnvironBuilder(
+            path=bench_hooks.SERVICE_PATH,
+            method="POST",
+            data=raw,
+            headers={"Content-Type": "application/json", "Host": "127.0.0.1:8080"},
+        ).get_environ()
+
+        def call() -> None:
+            environ = dict(base)
+            environ["wsgi.input"] = io.BytesIO(raw)
+            environ["HTTP_AUTHORIZATION"] = "Bearer " + next(tokens)
+            status: list[str] = []
+
+            def start_response(line: str, headers: Any, exc_info: Any = None) -> None:
+                status.append(line)
+
+            for _chunk in app(environ, start_response):
+                pass
+            if not status or not status[0].startswith("200"):
+                raise RuntimeError(f"{app_name}: hook call answered {status}")
+
+        for _ in range(WARM_UP + calls):
+            call()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+def _counted(
+    app_name: str, calls: int, tokens_total: int, cache_sim: bool, keep: Path | None
+) -> dict[str, int]:
+    """Run ``_inner`` under cachegrind; its whole-process counters (its file kept in ``keep``)."""
+    with tempfile.TemporaryDirectory(prefix="bench-instr-cg-") as tmp:
+        out = (keep or Path(tmp)) / f"cachegrind.{app_name}.{calls}.out"
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=cachegrind",
+                f"--cache-sim={'yes' if cache_sim else 'no'}",
+                f"--cachegrind-out-file={out}",
+                sys.executable,
+                __file__,
+                "--inner",
+                app_name,
+                str(calls),
+                str(tokens_total),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=3600,
+        )
+        text = out.read_text()
+    events = re.search(r"^events: (.*)$", text, re.M)
+    summary = re.search(r"^summary: (.*)$", text, re.M)
+    if events is None or summary is None:
+        raise RuntimeError("cachegrind wrote no summary")
+    return dict(zip(events.group(1).split(), map(int, summary.group(1).split()), strict=True))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=400, help="measured calls per app")
+    parser.add_argument("--cache-sim", action="store_true", help="also count cache misses")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="keep the four cachegrind files here (per function: cg_diff the 0-call file and "
+        "the full one of an app, then cg_annotate the difference)",
+    )
+    parser.add_argument(
+        "--inner", nargs=3, metavar=("APP", "CALLS", "TOKENS"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.inner:
+        app_name, calls, tokens_total = args.inner
+        return _inner(app_name, int(calls), int(tokens_total))
+    if shutil.which("valgrind") is None:
+        print("valgrind not found: apt-get install -y valgrind", file=sys.stderr)
+        return 2
+    if args.calls < 1:
+        print("--calls must be at least 1", file=sys.stderr)
+        return 2
+    tokens_total = WARM_UP + args.calls
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    runs = [(name, calls) for name in APPS for calls in (0, args.calls)]
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:  # two cores: two Valgrind processes
+            counted = dict(
+                zip(
+                    runs,
+                    pool.map(
+                        lambda run: _counted(*run, tokens_total, args.cache_sim, args.keep), runs
+                    ),
+                    strict=True,
+                )
+            )
+    except subprocess.CalledProcessError as exc:
+        print(f"an app under valgrind failed (exit {exc.returncode}):", file=sys.stderr)
+        print(exc.stderr.decode(errors="replace")[-3000:], file=sys.stderr)
+        return 1
+    per_call: dict[str, dict[str, float]] = {}
+    for name in APPS:
+        empty, full = counted[(name, 0)], counted[(name, args.calls)]
+        per_call[name] = {k: (full[k] - empty[k]) / args.calls for k in full if k in COUNTERS}
+    print(f"per hook call, in-process, {args.calls} calls after {WARM_UP} warm-up calls:")
+    print(f"{'counter':8} {'peer':>12} {'ours':>12} {'ours/peer':>10}")
+    for counter in COUNTERS:
+        if counter not in per_call["peer"]:
+            continue
+        peer, ours = per_call["peer"][counter], per_call["ours"][counter]
+        ratio = ours / peer if peer else float("nan")
+        print(f"{counter:8} {peer:12,.0f} {ours:12,.0f} {ratio:10.3f}")
+    print("JSON " + json.dumps({"calls": args.calls, "per_call": per_call}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
