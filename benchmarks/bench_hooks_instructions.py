@@ -9,12 +9,14 @@ call is a real signed ES384 call with a fresh token (same checks, same card as
 ``bench_hooks.py``). ``--cache-sim`` adds cachegrind's cache model (first-level and last-level
 misses per call), which is about twice as slow.
 
-Not counted: the kernel (syscalls), and how fast the instructions run (cache misses, branch
-prediction). So this shows whether our code does more *work* than the peer, not its speed.
+Not counted: the kernel (syscalls) and time. Cache misses are modelled (``--cache-sim``), not
+timed, and branch prediction not at all. So this shows whether our code does more *work* than
+the peer, and how much more code and data it touches, not how fast it runs.
 
     .venv/bin/python benchmarks/bench_hooks_instructions.py [--calls 400] [--cache-sim]
 
-Needs ``valgrind`` (Debian: apt-get install -y valgrind). About 5 minutes on 2 cores.
+Needs ``valgrind`` (Debian: apt-get install -y valgrind). About 8 minutes on 2 cores, 13 with
+``--cache-sim``.
 """
 
 from __future__ import annotations
