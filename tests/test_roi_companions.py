@@ -181,7 +181,8 @@ def test_study_writer_dce_series_read_back_on_their_own_grid(tmp_path: Path) -> 
     stored = companion_from_datasets("dce", read["sub"])
     t2 = companion_from_datasets("t2w", read["t2"])
     assert pair.kind is stored.kind is CompanionKind.DCE_SUBTRACTION
-    assert t2.kind is CompanionKind.T2W
+    assert stored.stored_subtraction and not pair.stored_subtraction  # stored one preferred
+    assert t2.kind is CompanionKind.T2W and not t2.stored_subtraction
     dwi_geometry = m.geometry_object()
     g = stored.volume.geometry
     assert g.shape != dwi_geometry.shape and g.slice_spacing < dwi_geometry.slice_spacing
@@ -211,6 +212,7 @@ def test_enhanced_multi_frame_companions_read_as_their_classic_images(tmp_path: 
         want = companion_from_datasets(kind, classic[name])
         got = companion_from_datasets(kind, enhanced[name])
         assert got.kind is want.kind
+        assert got.stored_subtraction is want.stored_subtraction is (name == "sub"), name
         assert got.volume.geometry == want.volume.geometry, name
         np.testing.assert_array_equal(got.volume.data, want.volume.data)
     # the dynamic one really was two phases in one object

@@ -57,6 +57,14 @@ class CompanionSeries:
 
     kind: CompanionKind
     volume: ScalarVolume
+    #: True for a subtraction computed here from a dynamic series' pre- and post-contrast phases
+    #: (a stored subtraction is preferred to it).
+    computed: bool = False
+
+    @property
+    def stored_subtraction(self) -> bool:
+        """A subtraction series the scanner stored (Image or Frame Type SUBTRACTION)."""
+        return self.kind is CompanionKind.DCE_SUBTRACTION and not self.computed
 
     @property
     def label(self) -> str:
@@ -196,6 +204,7 @@ def companion_from_datasets(role: str, datasets: Sequence[Dataset]) -> Companion
     return CompanionSeries(
         CompanionKind.DCE_SUBTRACTION,
         ScalarVolume(data=sub, geometry=pre.geometry, series_instance_uid=uid),
+        computed=True,
     )
 
 

@@ -30,7 +30,7 @@ from dicom_node.jobs.publish import publish
 from dicom_node.jobs.scheduler import reopen_series
 from dicom_node.series.assemble import AssemblyError, assemble_dwi, check_headers
 from dicom_node.series.headers import first_text, scanner_info, text
-from dicom_node.series.roles import SeriesRole, classify_series, frame_types
+from dicom_node.series.roles import SeriesRole, classify_series
 from models.contract import API_VERSION, PatientKey, ResultPayload
 
 _FIT_INPUT_ROLES = {role.value for role in SeriesRole if role.is_fit_input}
@@ -167,8 +167,7 @@ def _companions(
             except (ValueError, AttributeError) as exc:
                 left_out.append(f"{role} {sib.series_instance_uid}: {exc}")
                 continue
-            stored_sub = "SUBTRACTION" in frame_types(datasets[0])  # Image or Frame Type
-            found.append((0 if stored_sub else 1, comp))
+            found.append((0 if comp.stored_subtraction else 1, comp))
     return [c for _, c in sorted(found, key=lambda item: item[0])], left_out
 
 
