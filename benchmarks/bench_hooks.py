@@ -199,6 +199,17 @@ def peer_app() -> Any:
     return app
 
 
+def configure_peer(env: dict[str, str], home: Path, port: int, db_url: str | None = None) -> None:
+    """Point the peer (``BENCH_PEER_*`` in ``env``) at ours' audience, JWKS and a jti table in
+    ``db_url`` (default: a SQLite file in ``home``), and create that table."""
+    env.update(
+        BENCH_PEER_AUD=f"http://127.0.0.1:{port}{SERVICE_PATH}",
+        BENCH_PEER_JWKS=str(home / "jwks.json"),
+        BENCH_PEER_DB_URL=db_url or f"sqlite:///{home / 'peer.db'}",
+    )
+    _peer_tables(env["BENCH_PEER_DB_URL"])
+
+
 def _peer_tables(url: str) -> None:
     """Create the peer's jti table once, before gunicorn forks (like a migration)."""
     import sqlalchemy as sa
@@ -738,12 +749,7 @@ def main() -> int:
         env, body = _prepare(home, ports["ours"], db_url)
         if args.no_reuse:
             env["HER2LOW_CDS_HOOK_LOOKUP_CACHE_SIZE"] = "0"
-        env.update(
-            BENCH_PEER_AUD=f"http://127.0.0.1:{ports['ours']}{SERVICE_PATH}",
-            BENCH_PEER_JWKS=str(home / "jwks.json"),
-            BENCH_PEER_DB_URL=db_url or f"sqlite:///{home / 'peer.db'}",
-        )
-        _peer_tables(env["BENCH_PEER_DB_URL"])
+        configure_peer(env, home, ports["ours"], db_url)
         dirs = {n: home / n for n in ("ours", "bare", "peer")}
         for folder in dirs.values():
             folder.mkdir()

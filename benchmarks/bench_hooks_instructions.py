@@ -52,13 +52,8 @@ def _inner(app_name: str, calls: int, tokens_total: int) -> int:
     home = Path(tempfile.mkdtemp(prefix="bench-instr-"))
     try:
         env, body = bench_hooks._prepare(home, 8080)
-        env.update(
-            BENCH_PEER_AUD=f"http://127.0.0.1:8080{bench_hooks.SERVICE_PATH}",
-            BENCH_PEER_JWKS=str(home / "jwks.json"),
-            BENCH_PEER_DB_URL=f"sqlite:///{home / 'peer.db'}",
-        )
+        bench_hooks.configure_peer(env, home, 8080)
         os.environ.update(env)
-        bench_hooks._peer_tables(env["BENCH_PEER_DB_URL"])
         if app_name == "peer":
             app = bench_hooks.peer_app()
         else:
