@@ -17,13 +17,15 @@ so these are shares of the time the workers run, not of wall time.
     .venv/bin/python benchmarks/bench_hooks_parts.py [--rounds 2] [--duration 10] [--rate 250]
 
 Needs ``wrk`` (Debian: apt-get install -y wrk) and py-spy (pip install py-spy; it traces other
-processes, so run it as root or with ptrace allowed). About 1.5 minutes a round. SQLite only.
+processes, so run it as root or with ptrace allowed). About 1.5 minutes a round. ``--postgres``
+starts a throwaway PostgreSQL (as ``bench_hooks.py --postgres`` does) for both apps' tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import re
 import shutil
@@ -176,6 +178,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="gunicorn sync workers")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--tokens-per-thread", type=int, default=9000)
+    parser.add_argument(
+        "--postgres", action="store_true", help="both apps on a throwaway PostgreSQL"
+    )
     args = parser.parse_args()
     for tool in ("wrk", str(Path(sys.executable).parent / "py-spy")):
         if shutil.which(tool) is None:
@@ -183,11 +188,16 @@ def main() -> int:
             return 2
     counts = {n: collections.Counter[str]() for n in ("peer", "ours")}
     rates: dict[str, list[float]] = {"peer": [], "ours": []}
-    with tempfile.TemporaryDirectory(prefix="bench-hooks-parts-") as tmp:
-        home = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-hooks-parts-")))
+        db_url = None
+        if args.postgres:
+            from tests.scaled_servers import postgres_server
+
+            db_url = stack.enter_context(postgres_server()).create_database("bench_hooks_parts")
         port = free_port()  # the audience both apps check; each app gets its own port
-        env, body = bench_hooks._prepare(home, port)
-        bench_hooks.configure_peer(env, home, port)
+        env, body = bench_hooks._prepare(home, port, db_url)
+        bench_hooks.configure_peer(env, home, port, db_url)
         raw_body = json.dumps(body).encode()
         for index in range(args.rounds):
             for name in ("peer", "ours") if index % 2 == 0 else ("ours", "peer"):
@@ -204,7 +214,11 @@ def main() -> int:
     if len(units) != 2:
         print("no signature samples: is py-spy allowed to trace?", file=sys.stderr)
         return 1
-    print(f"\nunits of the ES384 signature check per request ({args.rounds} rounds pooled)")
+    database = "PostgreSQL" if args.postgres else "SQLite"
+    print(
+        f"\nunits of the ES384 signature check per request ({args.rounds} rounds pooled, "
+        f"{database})"
+    )
     print(f"{'part':44} {'peer':>6} {'ours':>6} {'ours - peer':>12}")
     for part, _ in PARTS:
         peer, ours = units["peer"][part], units["ours"][part]

@@ -7,6 +7,7 @@ not at its head revision.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from her2low.core.private_files import create_private_file
 
@@ -52,11 +55,13 @@ def make_engine(url: str) -> Engine:
 
     SQLite runs in WAL mode with a busy timeout and foreign keys: WAL + ``synchronous=NORMAL``
     survives a process crash, and after power loss the node rebuilds its index from the fsynced
-    files. Network databases get ``pool_pre_ping`` because they drop idle connections.
+    files. Network databases get a liveness check on checkout (:func:`ping_when_idle`).
     """
     parsed = engine_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True)
+        engine = create_engine(parsed)
+        ping_when_idle(engine)
+        return engine
     if parsed.database and parsed.database != ":memory:" and not parsed.query.get("mode"):
         # 0640 before SQLite creates it 0644: its -wal and -shm files copy the file's mode
         create_private_file(Path(parsed.database))
@@ -72,6 +77,46 @@ def make_engine(url: str) -> Engine:
         cursor.close()
 
     return engine
+
+
+#: A pooled connection used less than this long ago is handed out without a ping (HikariCP's
+#: ``aliveBypassWindowMs``, 500 ms by default, is the same rule).
+ALIVE_WINDOW_SECONDS = 0.5
+_IDLE_SINCE = "her2low_idle_since"
+
+
+def ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection on checkout only if it sat idle for ``ALIVE_WINDOW_SECONDS``.
+
+    SQLAlchemy's ``pool_pre_ping`` pings on every checkout: on PostgreSQL one more round trip
+    per hook call, per results post, per job step. Servers, proxies and firewalls drop
+    connections that sat idle, not ones in use a moment ago, so a connection checked in within
+    the window is trusted; an older one is pinged, and if the ping fails the pool discards it
+    and connects afresh (``DisconnectionError`` in a checkout event, SQLAlchemy's documented
+    pessimistic disconnect handling). A server restart inside the window fails the statement
+    that follows, as with no ping at all.
+    """
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "connect")
+    def _connected(_dbapi: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()  # a new connection needs no ping
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(
+        dbapi: Any, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection
+    ) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is not None and time.monotonic() - since < ALIVE_WINDOW_SECONDS:
+            return
+        try:
+            dialect.do_ping(dbapi)
+        except dialect.loaded_dbapi.Error as exc:
+            raise DisconnectionError(f"pooled connection is gone: {type(exc).__name__}") from exc
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
