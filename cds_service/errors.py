@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from flask import Flask, Response, has_request_context, jsonify, request
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class IssueType(StrEnum):
     INCOMPLETE = "incomplete"
     EXCEPTION = "exception"
     CONFLICT = "conflict"
+    TRANSIENT = "transient"
 
 
 _DEFAULT_CODES: dict[int, IssueType] = {
@@ -98,7 +100,8 @@ def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = No
 
 
 def register_error_handlers(app: Flask) -> None:
-    """Install app-level handlers: ApiError, any HTTPException, and the last-resort 500."""
+    """Install app-level handlers: ApiError, any HTTPException, a database outage (503), and
+    the last-resort 500."""
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
@@ -115,6 +118,22 @@ def register_error_handlers(app: Flask) -> None:
                 headers["Allow"] = allow
         text = exc.description if status != 401 else None
         return _json(operation_outcome(text, code), status, headers)
+
+    @app.errorhandler(OperationalError)
+    def _database_unavailable(exc: OperationalError) -> Response:
+        """The database dropped the connection, is restarting or is locked: retry, not a bug.
+
+        Logged without the message, which holds the statement and may hold its values.
+        """
+        log.warning(
+            "database unavailable",
+            extra={
+                "exc_class": type(exc.orig).__name__,
+                "endpoint": request.endpoint if has_request_context() else None,
+            },
+        )
+        body = operation_outcome("the database is unavailable; retry", IssueType.TRANSIENT)
+        return _json(body, 503, {"Retry-After": "1"})
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

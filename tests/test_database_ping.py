@@ -2,17 +2,21 @@
 
 A connection checked in less than ``ALIVE_WINDOW_SECONDS`` ago is handed out without a ping
 (no extra round trip per hook call under load); an older one is pinged, and one the server
-dropped meanwhile is replaced before anyone uses it.
+dropped meanwhile is replaced before anyone uses it. A dropped connection inside the window
+fails its statement, and the service answers that request with a 503 OperationOutcome.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import requests
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
+from test_cds_support import RESULTS_TOKEN, start_service, stop_service
 
 from her2low.core import database
 from her2low.core.database import make_engine
@@ -98,3 +102,45 @@ def test_inside_the_window_a_dropped_connection_fails_its_statement(
     with pytest.raises(OperationalError):
         _backend_pid(engine)
     assert _backend_pid(engine) != dropped  # SQLAlchemy invalidated it; the next one is fresh
+
+
+def _terminate_all(engine: Engine) -> int:
+    """Drop every backend of the engine's database but the one asking (a server restart)."""
+    other = make_engine(engine.url.render_as_string(hide_password=False))
+    try:
+        with other.connect() as conn:
+            return len(
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).all()
+            )
+    finally:
+        other.dispose()
+
+
+def test_the_service_answers_a_dropped_connection_with_503_and_then_recovers(
+    server: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart that catches a connection inside the window: a 503 OperationOutcome
+    (``transient``, ``Retry-After``) for that request, never a 500, and the next one works."""
+    url = server.create_database(f"ping_svc_{uuid.uuid4().hex[:12]}")
+    svc = start_service(tmp_path, cds_db_url=url)
+    try:
+        auth = {"Authorization": f"Bearer {RESULTS_TOKEN}"}
+        results = f"{svc.url}/api/v1/results"
+        assert requests.get(results, headers=auth, timeout=10).status_code == 200
+        monkeypatch.setattr(database, "ALIVE_WINDOW_SECONDS", 3600.0)
+        assert _terminate_all(svc.app.extensions["her2low_cds"].engine) >= 1
+        failed = requests.get(results, headers=auth, timeout=10)
+        assert failed.status_code == 503
+        assert failed.headers["Retry-After"] == "1"
+        issue = failed.json()["issue"][0]
+        assert failed.json()["resourceType"] == "OperationOutcome"
+        assert issue["code"] == "transient"
+        assert "database" in issue["diagnostics"]
+        assert requests.get(results, headers=auth, timeout=10).status_code == 200
+    finally:
+        stop_service(svc)
