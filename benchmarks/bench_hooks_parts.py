@@ -136,6 +136,7 @@ def _sample(
     bench_hooks._empty_jti_tables(env["HER2LOW_CDS_DB_URL"], env["BENCH_PEER_DB_URL"])
     proc = bench_hooks._gunicorn(app, port, args.workers, env, chdir, "sync", 1)
     out = folder / "pyspy.txt"
+    spy: subprocess.Popen[bytes] | None = None
     try:
         wait_port(port)
         bench_hooks._wait_booted(port)
@@ -164,7 +165,12 @@ def _sample(
         result = bench_hooks._wrk(url, folder, args.duration, args.connections, 2)
         spy.wait(timeout=args.duration + 60)
     finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+            spy.wait()
         bench_hooks._stop(proc)
+    if spy.returncode != 0 or not out.exists():
+        raise RuntimeError("py-spy could not sample the workers (run as root or allow ptrace)")
     if result["errors"]:
         raise RuntimeError(f"{name}: {result['errors']} failed requests")
     return out.read_text(), float(result["rps"])
@@ -201,7 +207,11 @@ def main() -> int:
         raw_body = json.dumps(body).encode()
         for index in range(args.rounds):
             for name in ("peer", "ours") if index % 2 == 0 else ("ours", "peer"):
-                raw, rps = _sample(name, home, env, raw_body, args)
+                try:
+                    raw, rps = _sample(name, home, env, raw_body, args)
+                except RuntimeError as exc:
+                    print(exc, file=sys.stderr)
+                    return 1
                 found, outside = parts_of(raw)
                 counts[name].update(found)
                 rates[name].append(rps)
