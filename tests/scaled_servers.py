@@ -79,6 +79,19 @@ class Postgres:
 
 
 @contextmanager
+def postgres_for_tests() -> Iterator[Postgres]:
+    """``postgres_server()`` for a test fixture: a server that cannot start fails the test
+    (``make test`` installs it), it is not skipped."""
+    import pytest
+
+    try:
+        with postgres_server() as pg:
+            yield pg
+    except ServerUnavailable as exc:
+        pytest.fail(f"{exc}; `make test` installs it")
+
+
+@contextmanager
 def postgres_server() -> Iterator[Postgres]:
     """initdb + postgres on a free port; trust authentication on loopback only."""
     bindir = postgres_bindir()

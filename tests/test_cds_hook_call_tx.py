@@ -20,7 +20,7 @@ from sqlalchemy import Engine, text
 from cds_service.db import MIGRATIONS
 from cds_service.store import AuditTuple, StaleLookupError, Store, UsedToken
 from her2low.core.database import make_engine, session_factory
-from tests.scaled_servers import Postgres, ServerUnavailable, postgres_server
+from tests.scaled_servers import Postgres, postgres_for_tests
 
 
 @pytest.fixture(
@@ -31,11 +31,8 @@ def server(request: pytest.FixtureRequest) -> Iterator[Postgres | None]:
     if request.param == "sqlite":
         yield None
         return
-    try:
-        with postgres_server() as pg:
-            yield pg
-    except ServerUnavailable as exc:
-        pytest.fail(f"{exc}; `make test` installs it")
+    with postgres_for_tests() as pg:
+        yield pg
 
 
 @pytest.fixture

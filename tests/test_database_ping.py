@@ -20,18 +20,15 @@ from test_cds_support import RESULTS_TOKEN, start_service, stop_service
 
 from her2low.core import database
 from her2low.core.database import make_engine
-from tests.scaled_servers import Postgres, ServerUnavailable, postgres_server
+from tests.scaled_servers import Postgres, postgres_for_tests
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Postgres]:
-    try:
-        with postgres_server() as pg:
-            yield pg
-    except ServerUnavailable as exc:
-        pytest.fail(f"{exc}; `make test` installs it")
+    with postgres_for_tests() as pg:
+        yield pg
 
 
 @pytest.fixture
