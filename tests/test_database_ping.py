@@ -57,14 +57,24 @@ def _backend_pid(engine: Engine) -> int:
         return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
 
 
-def _terminate(server: Postgres, engine: Engine, pid: int) -> None:
-    """Drop one backend from the server side, as a restart or an idle timeout would."""
+def _terminate(engine: Engine, pid: int | None = None) -> int:
+    """Drop backend ``pid`` of the engine's database from the server side, as an idle timeout
+    would, or (``None``) every backend but the one asking, as a restart would."""
     other = make_engine(engine.url.render_as_string(hide_password=False))
+    which = "pid = :pid" if pid is not None else "pid <> pg_backend_pid()"
     try:
         with other.connect() as conn:
-            assert conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar_one()
+            dropped = conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    f"WHERE datname = current_database() AND {which}"
+                ),
+                {"pid": pid},
+            ).all()
     finally:
         other.dispose()
+    assert dropped and all(ok for (ok,) in dropped)
+    return len(dropped)
 
 
 def test_a_connection_checked_in_moments_ago_is_not_pinged(
@@ -79,10 +89,10 @@ def test_a_connection_checked_in_moments_ago_is_not_pinged(
 
 
 def test_an_idle_connection_the_server_dropped_is_replaced_before_use(
-    server: Postgres, engine: Engine, pings: list[object], monkeypatch: pytest.MonkeyPatch
+    engine: Engine, pings: list[object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dropped = _backend_pid(engine)
-    _terminate(server, engine, dropped)
+    _terminate(engine, dropped)
     monkeypatch.setattr(database, "ALIVE_WINDOW_SECONDS", 0.0)
     replaced = _backend_pid(engine)  # the ping fails, the pool connects afresh, the query runs
     assert replaced != dropped
@@ -90,32 +100,15 @@ def test_an_idle_connection_the_server_dropped_is_replaced_before_use(
 
 
 def test_inside_the_window_a_dropped_connection_fails_its_statement(
-    server: Postgres, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The control: without the ping (inside the window) the dead connection is used."""
     dropped = _backend_pid(engine)
-    _terminate(server, engine, dropped)
+    _terminate(engine, dropped)
     monkeypatch.setattr(database, "ALIVE_WINDOW_SECONDS", 3600.0)
     with pytest.raises(OperationalError):
         _backend_pid(engine)
     assert _backend_pid(engine) != dropped  # SQLAlchemy invalidated it; the next one is fresh
-
-
-def _terminate_all(engine: Engine) -> int:
-    """Drop every backend of the engine's database but the one asking (a server restart)."""
-    other = make_engine(engine.url.render_as_string(hide_password=False))
-    try:
-        with other.connect() as conn:
-            return len(
-                conn.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                    )
-                ).all()
-            )
-    finally:
-        other.dispose()
 
 
 def test_the_service_answers_a_dropped_connection_with_503_and_then_recovers(
@@ -130,7 +123,7 @@ def test_the_service_answers_a_dropped_connection_with_503_and_then_recovers(
         results = f"{svc.url}/api/v1/results"
         assert requests.get(results, headers=auth, timeout=10).status_code == 200
         monkeypatch.setattr(database, "ALIVE_WINDOW_SECONDS", 3600.0)
-        assert _terminate_all(svc.app.extensions["her2low_cds"].engine) >= 1
+        _terminate(svc.app.extensions["her2low_cds"].engine)
         failed = requests.get(results, headers=auth, timeout=10)
         assert failed.status_code == 503
         assert failed.headers["Retry-After"] == "1"
