@@ -64,6 +64,13 @@ FIXED_CARD = {
     ]
 }
 
+#: Each app as gunicorn loads it: (WSGI app spec, folder gunicorn runs it from).
+GUNICORN_APPS: dict[str, tuple[str, Path]] = {
+    "bare": ("bench_hooks:bare_app()", ROOT / "benchmarks"),
+    "peer": ("bench_hooks:peer_app()", ROOT / "benchmarks"),
+    "ours": ("cds_service.wsgi:app()", ROOT),
+}
+
 #: The order the apps run in, by round. Any three rounds in a row put each app first, second and
 #: third once (six rounds use every order once), so no app always runs after the same one: with
 #: the old alternation the peer always ran second.
@@ -638,13 +645,8 @@ def _round(
         f"{time.monotonic() - started:.1f} s; load {_load()}",
         flush=True,
     )
-    apps = {
-        "bare": ("bench_hooks:bare_app()", ROOT / "benchmarks"),
-        "peer": ("bench_hooks:peer_app()", ROOT / "benchmarks"),
-        "ours": ("cds_service.wsgi:app()", ROOT),
-    }
     for name in order:
-        app, chdir = apps[name]
+        app, chdir = GUNICORN_APPS[name]
         port = ports[name]
         proc = _gunicorn(
             app, port, args.workers, env, chdir, args.worker_class, args.worker_threads

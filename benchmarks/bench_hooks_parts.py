@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
 
 import bench_hooks  # noqa: E402  (its sys.path set-up makes tests/ and the project importable)
-from _local import ROOT, free_port, wait_port  # noqa: E402
+from _local import free_port, wait_port  # noqa: E402
 
 #: (part, frames marking it), innermost first: a sample goes to the first part, walking from
 #: its innermost frame outwards, that one of its frames marks. A frame is ``Qualified.name
@@ -94,7 +94,7 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
 )
 UNIT = PARTS[0][0]
-REQUEST_FRAME = "SyncWorker.handle_request (gunicorn/workers/sync.py)"
+REQUEST_FRAME = PARTS[-1][1][0]  # gunicorn's request handler: a sample outside it is no request
 _LINE = re.compile(r":\d+\)$")
 _MARKS = {frame: part for part, frames in PARTS for frame in frames}
 
@@ -122,10 +122,7 @@ def _sample(
     """One app under wrk with py-spy on its workers: the raw profile and the requests/s."""
     from test_cds_support import make_token
 
-    app, chdir = {
-        "peer": ("bench_hooks:peer_app()", ROOT / "benchmarks"),
-        "ours": ("cds_service.wsgi:app()", ROOT),
-    }[name]
+    app, chdir = bench_hooks.GUNICORN_APPS[name]
     port = free_port()
     folder = home / name
     folder.mkdir(exist_ok=True)
