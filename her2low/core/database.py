@@ -98,13 +98,11 @@ def ping_when_idle(engine: Engine) -> None:
     """
     dialect = engine.dialect
 
-    @event.listens_for(engine, "connect")
-    def _connected(_dbapi: Any, record: ConnectionPoolEntry) -> None:
-        record.info[_IDLE_SINCE] = time.monotonic()  # a new connection needs no ping
-
-    @event.listens_for(engine, "checkin")
-    def _checked_in(_dbapi: Any, record: ConnectionPoolEntry) -> None:
+    def _idle_from_now(_dbapi: Any, record: ConnectionPoolEntry) -> None:
         record.info[_IDLE_SINCE] = time.monotonic()
+
+    event.listen(engine, "connect", _idle_from_now)  # a new connection needs no ping
+    event.listen(engine, "checkin", _idle_from_now)
 
     @event.listens_for(engine, "checkout")
     def _checked_out(
