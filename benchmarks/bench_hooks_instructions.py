@@ -39,61 +39,74 @@ sys.path[:0] = [str(Path(__file__).resolve().parent)]
 import bench_hooks  # noqa: E402  (its sys.path set-up makes tests/ and the project importable)
 
 WARM_UP = 100
+#: what ``_prepare_home`` leaves for the counted process: its environment and hook body
+PREPARED = "prepared.json"
 APPS = ("peer", "ours")
 #: cachegrind summary counters kept (instructions; with --cache-sim, cache misses)
 COUNTERS = ("Ir", "I1mr", "ILmr", "D1mr", "DLmr", "D1mw", "DLmw")
 
 
-def _inner(app_name: str, calls: int, tokens_total: int) -> int:
-    """Set up one app, warm it up, then run ``calls`` hook calls (measured by the parent)."""
-    from test_cds_support import make_token
+def _prepare_home(home: Path) -> None:
+    """Migrate and fill one run's databases (outside Valgrind); env and body to ``prepared.json``.
+
+    The set-up scores 201 cases through ONNX Runtime, whose thread pool spins for a while after
+    each run. Counted under Valgrind, that made the set-up differ by over a billion instructions
+    from one process to the next (the peer's per-call figure moved from 5.0 M to 8.1 M between
+    two runs), which drowned the calls being measured. So each run's home is prepared in a
+    plain process first, and the counted process only starts the app, mints tokens and calls.
+    """
+    env, body = bench_hooks._prepare(home, 8080)
+    bench_hooks.configure_peer(env, home, 8080)
+    changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    (home / PREPARED).write_text(json.dumps({"env": changed, "body": body}))
+
+
+def _inner(app_name: str, calls: int, tokens_total: int, home: Path) -> int:
+    """Start one prepared app, warm it up, then run ``calls`` hook calls (measured by the parent)."""
+    from test_cds_support import jwks, make_token
     from werkzeug.test import EnvironBuilder
 
-    home = Path(tempfile.mkdtemp(prefix="bench-instr-"))
-    try:
-        env, body = bench_hooks._prepare(home, 8080)
-        bench_hooks.configure_peer(env, home, 8080)
-        os.environ.update(env)
-        if app_name == "peer":
-            app = bench_hooks.peer_app()
-        else:
-            from cds_service.wsgi import app as factory
+    prepared = json.loads((home / PREPARED).read_text())
+    os.environ.update(prepared["env"])
+    # The test keys are made per process: trust this process's (an EC key costs the same work
+    # every time; the RSA key, whose prime search is random, is not made, nor needed).
+    (home / "jwks.json").write_text(json.dumps(jwks("es")))
+    body = prepared["body"]
+    if app_name == "peer":
+        app = bench_hooks.peer_app()
+    else:
+        from cds_service.wsgi import app as factory
 
-            app = factory()
-        raw = json.dumps(body).encode()
-        audience = f"http://127.0.0.1:8080{bench_hooks.SERVICE_PATH}"
-        # the same number of tokens whatever ``calls`` is, so both runs' set-up is the same work
-        tokens = iter(
-            [
-                make_token(audience, iss=bench_hooks.ISSUER, lifetime=280)
-                for _ in range(tokens_total)
-            ]
-        )
-        base = EnvironBuilder(
-            path=bench_hooks.SERVICE_PATH,
-            method="POST",
-            data=raw,
-            headers={"Content-Type": "application/json", "Host": "127.0.0.1:8080"},
-        ).get_environ()
+        app = factory()
+    raw = json.dumps(body).encode()
+    audience = f"http://127.0.0.1:8080{bench_hooks.SERVICE_PATH}"
+    # the same number of tokens whatever ``calls`` is, so both runs' set-up is the same work
+    tokens = iter(
+        [make_token(audience, iss=bench_hooks.ISSUER, lifetime=280) for _ in range(tokens_total)]
+    )
+    base = EnvironBuilder(
+        path=bench_hooks.SERVICE_PATH,
+        method="POST",
+        data=raw,
+        headers={"Content-Type": "application/json", "Host": "127.0.0.1:8080"},
+    ).get_environ()
 
-        def call() -> None:
-            environ = dict(base)
-            environ["wsgi.input"] = io.BytesIO(raw)
-            environ["HTTP_AUTHORIZATION"] = "Bearer " + next(tokens)
-            status: list[str] = []
+    def call() -> None:
+        environ = dict(base)
+        environ["wsgi.input"] = io.BytesIO(raw)
+        environ["HTTP_AUTHORIZATION"] = "Bearer " + next(tokens)
+        status: list[str] = []
 
-            def start_response(line: str, headers: Any, exc_info: Any = None) -> None:
-                status.append(line)
+        def start_response(line: str, headers: Any, exc_info: Any = None) -> None:
+            status.append(line)
 
-            for _chunk in app(environ, start_response):
-                pass
-            if not status or not status[0].startswith("200"):
-                raise RuntimeError(f"{app_name}: hook call answered {status}")
+        for _chunk in app(environ, start_response):
+            pass
+        if not status or not status[0].startswith("200"):
+            raise RuntimeError(f"{app_name}: hook call answered {status}")
 
-        for _ in range(WARM_UP + calls):
-            call()
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    for _ in range(WARM_UP + calls):
+        call()
     return 0
 
 
@@ -103,6 +116,14 @@ def _counted(
     """Run ``_inner`` under cachegrind; its whole-process counters (its file kept in ``keep``)."""
     with tempfile.TemporaryDirectory(prefix="bench-instr-cg-") as tmp:
         out = (keep or Path(tmp)) / f"cachegrind.{app_name}.{calls}.out"
+        home = Path(tmp) / "home"
+        home.mkdir()
+        subprocess.run(
+            [sys.executable, __file__, "--prepare", str(home)],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         subprocess.run(
             [
                 "valgrind",
@@ -115,6 +136,7 @@ def _counted(
                 app_name,
                 str(calls),
                 str(tokens_total),
+                str(home),
             ],
             check=True,
             capture_output=True,
@@ -140,12 +162,16 @@ def main() -> int:
         "the full one of an app, then cg_annotate the difference)",
     )
     parser.add_argument(
-        "--inner", nargs=3, metavar=("APP", "CALLS", "TOKENS"), help=argparse.SUPPRESS
+        "--inner", nargs=4, metavar=("APP", "CALLS", "TOKENS", "HOME"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--prepare", type=Path, metavar="HOME", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.prepare:
+        _prepare_home(args.prepare)
+        return 0
     if args.inner:
-        app_name, calls, tokens_total = args.inner
-        return _inner(app_name, int(calls), int(tokens_total))
+        app_name, calls, tokens_total, home = args.inner
+        return _inner(app_name, int(calls), int(tokens_total), Path(home))
     if shutil.which("valgrind") is None:
         print("valgrind not found: apt-get install -y valgrind", file=sys.stderr)
         return 2
