@@ -115,3 +115,43 @@ def test_write_gate_serializes_sqlite_writers_and_reopens_after_fork(tmp_path: P
         assert Store(session_factory(memory)).write_gate.path is None
     finally:
         memory.dispose()
+
+
+def test_wal_is_checkpointed_by_a_thread_not_inside_commits(tmp_path: Path) -> None:
+    """Commits leave SQLite's own checkpoint to a safety net; a thread copies the WAL instead."""
+    import time
+    import uuid
+
+    from cds_service.store import Store, UsedToken
+    from cds_service.store.write_gate import AUTOCHECKPOINT_PAGES, CHECKPOINT_EVERY, THREAD_NAME
+
+    database = tmp_path / "cds.db"
+    url = f"sqlite:///{database}"
+    MIGRATIONS.upgrade(url)
+    engine = make_engine(url)
+    try:
+        store = Store(session_factory(engine))
+        checkpointer = store.write_gate.checkpointer
+        assert checkpointer is not None
+        with engine.connect() as conn:
+            pages = conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar()
+        assert pages == AUTOCHECKPOINT_PAGES  # not SQLite's 1000: no commit copies the WAL
+        before = database.stat().st_size
+        detail = {"padding": "x" * 2000}  # about a page per audit row
+        for _ in range(3 * CHECKPOINT_EVERY):  # ~1000 WAL pages, well under the safety net
+            used = UsedToken.of("iss", str(uuid.uuid4()), int(time.time()) + 60, 0)
+            assert store.record_call(used, [("actor", "card-shown", None, detail)])
+        deadline = time.monotonic() + 20
+        while database.stat().st_size < before + 500_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert database.stat().st_size > before + 500_000  # the pages reached the database file
+        assert checkpointer.runs >= 1
+        thread = checkpointer._thread
+        assert thread is not None and thread.name == THREAD_NAME and thread.is_alive()
+        checkpointer._thread = None  # as after a fork (threads do not survive one)
+        for _ in range(CHECKPOINT_EVERY):
+            used = UsedToken.of("iss", str(uuid.uuid4()), int(time.time()) + 60, 0)
+            assert store.record_call(used, ())
+        assert checkpointer._thread is not None and checkpointer._thread is not thread
+    finally:
+        engine.dispose()
