@@ -3,7 +3,8 @@
 Wall-clock rates on a shared 2-core machine move by 10-20 % from one minute to the next (see
 ``docs/benchmarks.md``), more than the difference being looked for. An instruction count does
 not: each app runs in-process (the WSGI callable, no HTTP server) under Valgrind's cachegrind,
-once with no measured calls and once with ``--calls`` calls after the same set-up and warm-up.
+once with no measured calls and once with ``--calls`` calls after the same start-up and
+warm-up; each run's databases are prepared beforehand in a plain process (``_prepare_home``).
 The difference divided by the calls is what one call costs in user-space instructions. Each
 call is a real signed ES384 call with a fresh token (same checks, same card as
 ``bench_hooks.py``). ``--cache-sim`` adds cachegrind's cache model (first-level and last-level
@@ -49,11 +50,11 @@ COUNTERS = ("Ir", "I1mr", "ILmr", "D1mr", "DLmr", "D1mw", "DLmw")
 def _prepare_home(home: Path) -> None:
     """Migrate and fill one run's databases (outside Valgrind); env and body to ``prepared.json``.
 
-    The set-up scores 201 cases through ONNX Runtime, whose thread pool spins for a while after
-    each run. Counted under Valgrind, that made the set-up differ by over a billion instructions
-    from one process to the next (the peer's per-call figure moved from 5.0 M to 8.1 M between
-    two runs), which drowned the calls being measured. So each run's home is prepared in a
-    plain process first, and the counted process only starts the app, mints tokens and calls.
+    Counted under Valgrind, the set-up (migrations, 201 results posted and scored through ONNX
+    Runtime) differed by over a billion instructions from one process to the next: the peer's
+    per-call figure read 8.1 M in one run and 5.0 M in the next, which drowned the calls being
+    measured. So each run's home is prepared in a plain process first, and the counted process
+    only starts the app, mints tokens and calls; two runs then agree within 0.2 %.
     """
     env, body = bench_hooks._prepare(home, 8080)
     bench_hooks.configure_peer(env, home, 8080)

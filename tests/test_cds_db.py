@@ -130,6 +130,8 @@ def test_wal_is_checkpointed_by_a_thread_not_inside_commits(tmp_path: Path) -> N
     MIGRATIONS.upgrade(url)
     engine = make_engine(url)
     try:
+        with engine.connect() as conn:  # pooled before the store exists, as at start-up
+            conn.exec_driver_sql("SELECT 1")
         store = Store(session_factory(engine))
         checkpointer = store.write_gate.checkpointer
         assert checkpointer is not None

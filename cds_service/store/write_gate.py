@@ -68,7 +68,11 @@ class WalCheckpointer:
             self._wake.set()
 
     def _run(self, wake: threading.Event) -> None:
-        conn = sqlite3.connect(self.database, timeout=0, check_same_thread=False)
+        try:
+            conn = sqlite3.connect(self.database, timeout=0, check_same_thread=False)
+        except sqlite3.Error as exc:  # the next wake-up tries again; the safety net remains
+            log.warning("WAL checkpoint failed", extra={"error_class": type(exc).__name__})
+            return
         try:
             while wake.wait(IDLE_SECONDS):
                 wake.clear()
@@ -81,13 +85,18 @@ class WalCheckpointer:
             conn.close()
 
     def attach(self, engine: Engine) -> None:
-        """Count ``engine``'s commits, and move SQLite's own checkpoint to the safety net."""
+        """Count ``engine``'s commits, and move SQLite's own checkpoint to the safety net.
+
+        Connections already pooled (the start-up migration check's) are closed, so every
+        connection the engine hands out from now on has the setting.
+        """
 
         def _safety_net(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
 
         event.listen(engine, "connect", _safety_net)
         event.listen(engine, "commit", lambda _conn: self.committed())
+        engine.dispose()
 
 
 class WriteGate:
@@ -110,11 +119,7 @@ class WriteGate:
 
     @classmethod
     def for_engine(cls, engine: Engine) -> WriteGate:
-        """The gate of ``engine``'s SQLite file (none for other databases), with its checkpointer.
-
-        The engine's connections opened from now on keep SQLite's own checkpoint as a safety
-        net only; one opened before (a migration check's) still checkpoints at 1000 pages.
-        """
+        """The gate of ``engine``'s SQLite file (none for other databases), with its checkpointer."""
         database = engine.url.database
         if engine.dialect.name != "sqlite" or not database or database == ":memory:":
             return cls(None)
