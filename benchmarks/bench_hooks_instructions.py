@@ -195,7 +195,9 @@ def main() -> int:
                 )
             )
     except subprocess.CalledProcessError as exc:
-        print(f"an app under valgrind failed (exit {exc.returncode}):", file=sys.stderr)
+        print(
+            f"a run (preparing or counting an app) failed, exit {exc.returncode}:", file=sys.stderr
+        )
         print(exc.stderr.decode(errors="replace")[-3000:], file=sys.stderr)
         return 1
     per_call: dict[str, dict[str, float]] = {}
