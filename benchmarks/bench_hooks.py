@@ -217,6 +217,25 @@ def configure_peer(env: dict[str, str], home: Path, port: int, db_url: str | Non
     _peer_tables(env["BENCH_PEER_DB_URL"])
 
 
+def prepared_apps(
+    stack: contextlib.ExitStack, port: int, *, postgres: bool = False, db_url: str | None = None
+) -> tuple[Path, dict[str, str], dict[str, Any], str | None]:
+    """A temporary home with ours' database filled and the peer configured (``stack`` owns both).
+
+    ``port`` is ours' port, the audience both apps check. ``postgres``: a throwaway PostgreSQL
+    (closed with ``stack``) holds both apps' tables; else ``db_url``, else SQLite files in the
+    home. Returns the home, the apps' environment, the hook body and the database URL.
+    """
+    home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-hooks-")))
+    if postgres:
+        from tests.scaled_servers import postgres_server
+
+        db_url = stack.enter_context(postgres_server()).create_database("bench_hooks")
+    env, body = _prepare(home, port, db_url)
+    configure_peer(env, home, port, db_url)
+    return home, env, body, db_url
+
+
 def _peer_tables(url: str) -> None:
     """Create the peer's jti table once, before gunicorn forks (like a migration)."""
     import sqlalchemy as sa
@@ -740,18 +759,12 @@ def main() -> int:
         return 2
     rounds: list[tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], str]] = []
     with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-hooks-"))
-        db_url = args.db_url
-        if args.postgres:
-            from tests.scaled_servers import postgres_server
-
-            db_url = stack.enter_context(postgres_server()).create_database("bench_hooks")
-        home = Path(tmp)
         ports = {"ours": free_port(), "bare": free_port(), "peer": free_port()}
-        env, body = _prepare(home, ports["ours"], db_url)
+        home, env, body, db_url = prepared_apps(
+            stack, ports["ours"], postgres=args.postgres, db_url=args.db_url
+        )
         if args.no_reuse:
             env["HER2LOW_CDS_HOOK_LOOKUP_CACHE_SIZE"] = "0"
-        configure_peer(env, home, ports["ours"], db_url)
         dirs = {n: home / n for n in ("ours", "bare", "peer")}
         for folder in dirs.values():
             folder.mkdir()

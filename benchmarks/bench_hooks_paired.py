@@ -26,7 +26,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -119,15 +118,8 @@ def main() -> int:
 
     pairs: list[dict[str, Slice]] = []
     with contextlib.ExitStack() as stack:
-        home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-paired-")))
-        db_url = None
-        if args.postgres:
-            from tests.scaled_servers import postgres_server
-
-            db_url = stack.enter_context(postgres_server()).create_database("bench_paired")
         ports = {name: free_port() for name in APPS}
-        env, body = bench_hooks._prepare(home, ports["ours"], db_url)
-        bench_hooks.configure_peer(env, home, ports["ours"], db_url)
+        home, env, body, _ = bench_hooks.prepared_apps(stack, ports["ours"], postgres=args.postgres)
         raw_body = json.dumps(body).encode()
         aud = f"http://127.0.0.1:{ports['ours']}{bench_hooks.SERVICE_PATH}"
         tokens = home / "tokens"

@@ -31,7 +31,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
@@ -192,15 +191,8 @@ def main() -> int:
     counts = {n: collections.Counter[str]() for n in ("peer", "ours")}
     rates: dict[str, list[float]] = {"peer": [], "ours": []}
     with contextlib.ExitStack() as stack:
-        home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-hooks-parts-")))
-        db_url = None
-        if args.postgres:
-            from tests.scaled_servers import postgres_server
-
-            db_url = stack.enter_context(postgres_server()).create_database("bench_hooks_parts")
         port = free_port()  # the audience both apps check; each app gets its own port
-        env, body = bench_hooks._prepare(home, port, db_url)
-        bench_hooks.configure_peer(env, home, port, db_url)
+        home, env, body, _ = bench_hooks.prepared_apps(stack, port, postgres=args.postgres)
         raw_body = json.dumps(body).encode()
         for index in range(args.rounds):
             for name in ("peer", "ours") if index % 2 == 0 else ("ours", "peer"):
