@@ -149,6 +149,55 @@ def test_stability_uses_database_timers(ingestor: Ingestor) -> None:
     assert pending_jobs(sessions) == jobs
 
 
+def test_quiet_period_counts_only_while_the_node_listens(ingestor: Ingestor) -> None:
+    ds = mr_dataset(generate_uid(), generate_uid())
+    _ingest(ingestor, encode(ds))
+    sessions = ingestor.sessions
+    with sessions() as s:
+        last = s.get(Series, ds.SeriesInstanceUID).last_received_at  # type: ignore[union-attr]
+    # the node crashed after this instance and came back 60 s later: the sender gets 10 s
+    restarted = last + 60
+    assert promote_stable(sessions, 10.0, now=restarted + 1, listening_since=restarted) == []
+    assert promote_stable(sessions, 10.0, now=restarted + 9, listening_since=restarted) == []
+    assert len(promote_stable(sessions, 10.0, now=restarted + 10, listening_since=restarted)) == 1
+
+
+def test_housekeeping_after_a_restart_waits_a_quiet_period_before_promoting(
+    ingestor: Ingestor,
+) -> None:
+    import threading
+    import time
+
+    from dicom_node.jobs.scheduler import run_forever
+
+    ds = mr_dataset(generate_uid(), generate_uid())
+    _ingest(ingestor, encode(ds))
+    sessions = ingestor.sessions
+    with sessions() as s:  # the last instance came long before the node (re)started
+        series = s.get(Series, ds.SeriesInstanceUID)
+        assert series is not None
+        series.last_received_at = time.time() - 3600
+        s.commit()
+    queued: list[tuple[float, str]] = []
+    stop = threading.Event()
+    started = time.monotonic()
+    loop = threading.Thread(
+        target=run_forever,
+        args=(sessions, lambda job: queued.append((time.monotonic() - started, job)), 2.0),
+        kwargs={"stop": stop.is_set, "tick": 0.1, "early_promotion": False},
+    )
+    loop.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not queued and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    assert len(queued) == 1, queued
+    assert queued[0][0] >= 2.0  # not on the first tick: the sender had 2 s to resume
+
+
 def test_dead_worker_lease_requeues_then_gives_up(ingestor: Ingestor) -> None:
     from dicom_node.jobs.runner import claim
 

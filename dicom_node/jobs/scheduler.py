@@ -39,16 +39,28 @@ def _new_job(series: Series, now: float) -> Job:
 
 
 def promote_stable(
-    sessions: sessionmaker[Session], quiet_seconds: float, *, now: float | None = None
+    sessions: sessionmaker[Session],
+    quiet_seconds: float,
+    *,
+    now: float | None = None,
+    listening_since: float = 0.0,
 ) -> list[str]:
-    """Queue a job for every series quiet for ``quiet_seconds``; returns the new job ids."""
+    """Queue a job for every series quiet for ``quiet_seconds``; returns the new job ids.
+
+    Quiet counts only while the node listens (since ``listening_since``): a sender cut off by
+    a node crash or upgrade could not send, so after a restart it gets a whole quiet period to
+    resume before a series it was sending is analysed half-received.
+    """
     now = time.time() if now is None else now
+    cutoff = now - quiet_seconds
+    if listening_since > cutoff:
+        return []
     job_ids: list[str] = []
     with sessions() as session:
         due = session.scalars(
             select(Series).where(
                 Series.state == SeriesState.RECEIVING,
-                Series.last_received_at <= now - quiet_seconds,
+                Series.last_received_at <= cutoff,
             )
         ).all()
         # A study's SEG first: its diffusion series, due in the same tick, then find it done
@@ -186,7 +198,8 @@ def run_forever(
     stale_every: float = 15.0,
     early_promotion: bool = True,
 ) -> None:
-    """The node's housekeeping loop (a thread of ``her2low node``)."""
+    """The node's housekeeping loop (a thread of ``her2low node``, started once it listens)."""
+    listening_since = time.time()
     for job_id in pending_jobs(sessions):
         enqueue(job_id)
     last_stale = 0.0
@@ -196,7 +209,7 @@ def run_forever(
             if early_promotion:
                 for job_id in promote_complete(sessions, tracker):
                     enqueue(job_id)
-            for job_id in promote_stable(sessions, quiet_seconds):
+            for job_id in promote_stable(sessions, quiet_seconds, listening_since=listening_since):
                 enqueue(job_id)
             if time.monotonic() - last_stale >= stale_every:
                 last_stale = time.monotonic()
