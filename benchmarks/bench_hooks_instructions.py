@@ -8,13 +8,16 @@ warm-up; each run's databases are prepared beforehand in a plain process (``_pre
 The difference divided by the calls is what one call costs in user-space instructions. Each
 call is a real signed ES384 call with a fresh token (same checks, same card as
 ``bench_hooks.py``). ``--cache-sim`` adds cachegrind's cache model (first-level and last-level
-misses per call), which is about twice as slow.
+misses per call), which is about twice as slow; ``--last-level KIB`` sizes its last-level
+cache (Valgrind otherwise models the host's whole one); ``--branch-sim`` adds its branch
+predictor model (conditional and indirect branches and their mispredictions).
 
-Not counted: the kernel (syscalls) and time. Cache misses are modelled (``--cache-sim``), not
-timed, and branch prediction not at all. So this shows whether our code does more *work* than
-the peer, and how much more code and data it touches, not how fast it runs.
+Not counted: the kernel (syscalls) and time. Cache misses and mispredictions are modelled, not
+timed. So this shows whether our code does more *work* than the peer, and how much more code and
+data it touches, not how fast it runs.
 
     .venv/bin/python benchmarks/bench_hooks_instructions.py [--calls 400] [--cache-sim]
+        [--last-level 1024] [--branch-sim]
 
 Needs ``valgrind`` (Debian: apt-get install -y valgrind). About 8 minutes on 2 cores, 13 with
 ``--cache-sim``.
@@ -43,8 +46,9 @@ WARM_UP = 100
 #: what ``_prepare_home`` leaves for the counted process: its environment and hook body
 PREPARED = "prepared.json"
 APPS = ("peer", "ours")
-#: cachegrind summary counters kept (instructions; with --cache-sim, cache misses)
-COUNTERS = ("Ir", "I1mr", "ILmr", "D1mr", "DLmr", "D1mw", "DLmw")
+#: cachegrind summary counters kept (instructions; with --cache-sim, cache misses; with
+#: --branch-sim, conditional and indirect branches and their mispredictions)
+COUNTERS = ("Ir", "I1mr", "ILmr", "D1mr", "DLmr", "D1mw", "DLmw", "Bc", "Bcm", "Bi", "Bim")
 
 
 def _prepare_home(home: Path) -> None:
@@ -111,8 +115,26 @@ def _inner(app_name: str, calls: int, tokens_total: int, home: Path) -> int:
     return 0
 
 
+def cachegrind_model(cache_sim: bool, last_level_kib: int | None, branch_sim: bool) -> list[str]:
+    """cachegrind's model options: caches (a sized last level implies them), branch predictor.
+
+    Valgrind sizes the last level like the host's (here a 32 MiB L3 that other guests share);
+    a smaller one, e.g. the 1 MiB of L2 per core pair, shows what misses it when crowded.
+    """
+    if last_level_kib is not None and (
+        last_level_kib < 64 or last_level_kib & (last_level_kib - 1)
+    ):
+        raise ValueError("--last-level must be a power of two, at least 64 (KiB)")
+    model = [f"--cache-sim={'yes' if cache_sim or last_level_kib else 'no'}"]
+    if last_level_kib:
+        model.append(f"--LL={last_level_kib * 1024},16,64")
+    if branch_sim:
+        model.append("--branch-sim=yes")
+    return model
+
+
 def _counted(
-    app_name: str, calls: int, tokens_total: int, cache_sim: bool, keep: Path | None
+    app_name: str, calls: int, tokens_total: int, model: list[str], keep: Path | None
 ) -> dict[str, int]:
     """Run ``_inner`` under cachegrind; its whole-process counters (its file kept in ``keep``)."""
     with tempfile.TemporaryDirectory(prefix="bench-instr-cg-") as tmp:
@@ -129,7 +151,7 @@ def _counted(
             [
                 "valgrind",
                 "--tool=cachegrind",
-                f"--cache-sim={'yes' if cache_sim else 'no'}",
+                *model,
                 f"--cachegrind-out-file={out}",
                 sys.executable,
                 __file__,
@@ -156,6 +178,16 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=400, help="measured calls per app")
     parser.add_argument("--cache-sim", action="store_true", help="also count cache misses")
     parser.add_argument(
+        "--branch-sim", action="store_true", help="also count branch mispredictions"
+    )
+    parser.add_argument(
+        "--last-level",
+        type=int,
+        metavar="KIB",
+        help="model the last-level cache with this size (KiB, 16-way; implies --cache-sim): "
+        "Valgrind takes the host's, which on a shared VM is far more than one process gets",
+    )
+    parser.add_argument(
         "--keep",
         type=Path,
         metavar="DIR",
@@ -173,6 +205,11 @@ def main() -> int:
     if args.inner:
         app_name, calls, tokens_total, home = args.inner
         return _inner(app_name, int(calls), int(tokens_total), Path(home))
+    try:
+        model = cachegrind_model(args.cache_sim, args.last_level, args.branch_sim)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     if shutil.which("valgrind") is None:
         print("valgrind not found: apt-get install -y valgrind", file=sys.stderr)
         return 2
@@ -188,9 +225,7 @@ def main() -> int:
             counted = dict(
                 zip(
                     runs,
-                    pool.map(
-                        lambda run: _counted(*run, tokens_total, args.cache_sim, args.keep), runs
-                    ),
+                    pool.map(lambda run: _counted(*run, tokens_total, model, args.keep), runs),
                     strict=True,
                 )
             )
