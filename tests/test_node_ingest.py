@@ -136,12 +136,19 @@ def test_storage_full_is_raised_as_such(tmp_path: Path) -> None:
         store.write(b"x", study_uid="1.2", series_uid="3.4", sop_uid="5.6")
 
 
-def test_stability_uses_database_timers(ingestor: Ingestor) -> None:
+def _one_instance_received_at(ingestor: Ingestor) -> float:
+    """Ingest one instance of a new series; when its series last received an instance."""
     ds = mr_dataset(generate_uid(), generate_uid())
     _ingest(ingestor, encode(ds))
+    with ingestor.sessions() as s:
+        series = s.get(Series, ds.SeriesInstanceUID)
+        assert series is not None
+        return series.last_received_at
+
+
+def test_stability_uses_database_timers(ingestor: Ingestor) -> None:
+    last = _one_instance_received_at(ingestor)
     sessions = ingestor.sessions
-    with sessions() as s:
-        last = s.get(Series, ds.SeriesInstanceUID).last_received_at  # type: ignore[union-attr]
     assert promote_stable(sessions, 10.0, now=last + 5) == []
     jobs = promote_stable(sessions, 10.0, now=last + 11)
     assert len(jobs) == 1
@@ -150,11 +157,8 @@ def test_stability_uses_database_timers(ingestor: Ingestor) -> None:
 
 
 def test_quiet_period_counts_only_while_the_node_listens(ingestor: Ingestor) -> None:
-    ds = mr_dataset(generate_uid(), generate_uid())
-    _ingest(ingestor, encode(ds))
+    last = _one_instance_received_at(ingestor)
     sessions = ingestor.sessions
-    with sessions() as s:
-        last = s.get(Series, ds.SeriesInstanceUID).last_received_at  # type: ignore[union-attr]
     # the node crashed after this instance and came back 60 s later: the sender gets 10 s
     restarted = last + 60
     assert promote_stable(sessions, 10.0, now=restarted + 1, listening_since=restarted) == []
