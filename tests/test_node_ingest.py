@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState
-from dicom_node.jobs.scheduler import MAX_ATTEMPTS, pending_jobs, promote_stable, stale_jobs
+from dicom_node.jobs.scheduler import (
+    MAX_ATTEMPTS,
+    pending_jobs,
+    promote_stable,
+    run_forever,
+    stale_jobs,
+)
 from dicom_node.receiving.ingest import Ingestor
 from dicom_node.receiving.status import StoreStatus
 from dicom_node.receiving.storage import FileStore, StorageFull
@@ -136,18 +144,18 @@ def test_storage_full_is_raised_as_such(tmp_path: Path) -> None:
         store.write(b"x", study_uid="1.2", series_uid="3.4", sop_uid="5.6")
 
 
-def _one_instance_received_at(ingestor: Ingestor) -> float:
-    """Ingest one instance of a new series; when its series last received an instance."""
+def _one_instance_series(ingestor: Ingestor) -> Series:
+    """Ingest one instance of a new series; that series' index row (detached, as read)."""
     ds = mr_dataset(generate_uid(), generate_uid())
     _ingest(ingestor, encode(ds))
     with ingestor.sessions() as s:
         series = s.get(Series, ds.SeriesInstanceUID)
         assert series is not None
-        return series.last_received_at
+        return series
 
 
 def test_stability_uses_database_timers(ingestor: Ingestor) -> None:
-    last = _one_instance_received_at(ingestor)
+    last = _one_instance_series(ingestor).last_received_at
     sessions = ingestor.sessions
     assert promote_stable(sessions, 10.0, now=last + 5) == []
     jobs = promote_stable(sessions, 10.0, now=last + 11)
@@ -157,7 +165,7 @@ def test_stability_uses_database_timers(ingestor: Ingestor) -> None:
 
 
 def test_quiet_period_counts_only_while_the_node_listens(ingestor: Ingestor) -> None:
-    last = _one_instance_received_at(ingestor)
+    last = _one_instance_series(ingestor).last_received_at
     sessions = ingestor.sessions
     # the node crashed after this instance and came back 60 s later: the sender gets 10 s
     restarted = last + 60
@@ -169,18 +177,14 @@ def test_quiet_period_counts_only_while_the_node_listens(ingestor: Ingestor) -> 
 def test_housekeeping_after_a_restart_waits_a_quiet_period_before_promoting(
     ingestor: Ingestor,
 ) -> None:
-    import threading
-    import time
-
-    from dicom_node.jobs.scheduler import run_forever
-
-    ds = mr_dataset(generate_uid(), generate_uid())
-    _ingest(ingestor, encode(ds))
+    series_uid = _one_instance_series(ingestor).series_instance_uid
     sessions = ingestor.sessions
     with sessions() as s:  # the last instance came long before the node (re)started
-        series = s.get(Series, ds.SeriesInstanceUID)
-        assert series is not None
-        series.last_received_at = time.time() - 3600
+        s.execute(
+            update(Series)
+            .where(Series.series_instance_uid == series_uid)
+            .values(last_received_at=time.time() - 3600)
+        )
         s.commit()
     queued: list[tuple[float, str]] = []
     stop = threading.Event()
