@@ -105,11 +105,11 @@ def test_the_connection_serves_the_next_write_after_a_refused_replay(engine: Eng
     assert _audits(engine) == 2
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("server", ["postgresql"], indirect=True)  # the write is PostgreSQL's
 def test_postgresql_records_the_call_in_one_statement(engine: Engine, tmp_path: Path) -> None:
     """Autocommit on PostgreSQL: the generation, the lookup and ONE INSERT (the jti CTE feeding
     the audit), with no BEGIN or COMMIT: read from libpq's own protocol trace of the call."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("the single-statement write is PostgreSQL's")
     store = Store(session_factory(engine))
     trace = tmp_path / "libpq.trace"
     conn = store.hook_connection()
