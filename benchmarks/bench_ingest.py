@@ -1,8 +1,9 @@
 """Ingest throughput: DCMTK storescu sends one 500-image series to three receivers in one run.
 
 (a) DCMTK storescp, (b) a bare pynetdicom SCP that only writes bytes, (b') the same bare SCP
-fsyncing each file before answering (the least any durable receiver must do), (c) our node with full
-durability (fsync + atomic rename + directory fsync) and indexing (SQLite, synchronous=FULL).
+fsyncing each file before answering (the least any durable receiver must do), (c) our node with its
+default durability (``node_durability=file``: fsync + atomic rename, lost renames recovered at
+start) and indexing (SQLite in WAL mode, ``synchronous=NORMAL``).
 Prints images/s and the ratios the issue sets goals for (node ≥ 0.9× bare, ≥ 0.5× storescp).
 
 Scaled mode: ``--associations 4`` splits the series over 4 storescu processes sending at once
