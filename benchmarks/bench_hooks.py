@@ -231,9 +231,21 @@ def prepared_apps(
         from tests.scaled_servers import postgres_server
 
         db_url = stack.enter_context(postgres_server()).create_database("bench_hooks")
+    env, body = prepare_home(home, port, db_url)
+    return home, env, body, db_url
+
+
+def prepare_home(
+    home: Path, port: int, db_url: str | None = None
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Fill ours' database in ``home`` (or ``db_url``) and configure the peer beside it.
+
+    Returns both apps' environment and the hook body. ``prepared_apps`` calls it on a folder it
+    owns; ``bench_hooks_instructions`` on one it hands to another process.
+    """
     env, body = _prepare(home, port, db_url)
     configure_peer(env, home, port, db_url)
-    return home, env, body, db_url
+    return env, body
 
 
 def _peer_tables(url: str) -> None:

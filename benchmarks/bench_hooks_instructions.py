@@ -60,8 +60,7 @@ def _prepare_home(home: Path) -> None:
     measured. So each run's home is prepared in a plain process first, and the counted process
     only starts the app, mints tokens and calls; two runs then agree within 0.2 %.
     """
-    env, body = bench_hooks._prepare(home, 8080)
-    bench_hooks.configure_peer(env, home, 8080)
+    env, body = bench_hooks.prepare_home(home, 8080)
     changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
     (home / PREPARED).write_text(json.dumps({"env": changed, "body": body}))
 
