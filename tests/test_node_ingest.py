@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -19,7 +20,7 @@ from dicom_node.jobs.scheduler import (
     run_forever,
     stale_jobs,
 )
-from dicom_node.receiving.ingest import Ingestor
+from dicom_node.receiving.ingest import Ingestor, IngestOutcome
 from dicom_node.receiving.status import StoreStatus
 from dicom_node.receiving.storage import FileStore, StorageFull
 from her2low.core.database import make_engine, session_factory
@@ -37,7 +38,7 @@ def ingestor(home: Path) -> Ingestor:
 
 def _ingest(
     ingestor: Ingestor, data: bytes, sop_class: str = MRImageStorage, sop: str | None = None
-) -> object:
+) -> IngestOutcome:
     from io import BytesIO
 
     import pydicom
@@ -63,6 +64,27 @@ def test_stored_instance_is_on_disk_and_indexed(ingestor: Ingestor) -> None:
         series is not None and series.state is SeriesState.RECEIVING and series.instance_count == 1
     )
     assert not any(p.name.endswith(".tmp") for p in Path(row.path).parent.iterdir())
+
+
+def test_an_instance_is_hashed_once_on_its_way_in(
+    ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index's digest is handed to the store, not computed again for the same bytes."""
+    from dicom_node.receiving import ingest, storage
+
+    hashed: list[int] = []
+
+    def counting(data: bytes) -> str:
+        hashed.append(len(data))
+        return hashlib.sha256(data).hexdigest()
+
+    monkeypatch.setattr(ingest, "digest", counting)
+    monkeypatch.setattr(storage, "digest", counting)
+    data = encode(mr_dataset(generate_uid(), generate_uid()))
+    assert _ingest(ingestor, data).detail == "stored"
+    assert hashed == [len(data)]
+    with ingestor.sessions() as s:
+        assert s.scalars(select(Instance.sha256)).one() == hashlib.sha256(data).hexdigest()
 
 
 def test_same_bytes_twice_is_success_without_new_work(ingestor: Ingestor) -> None:

@@ -169,6 +169,7 @@ class Ingestor:
                         series_uid=series_uid,
                         sop_uid=sop_instance_uid,
                         version=version,
+                        sha256=sha,
                     )
                     # Index while the device flushes; commit only once the bytes are durable.
                     _touch_series(conn, series_uid, study_uid, modality, new=latest is None)

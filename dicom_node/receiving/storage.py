@@ -181,9 +181,20 @@ class FileStore:
         ).wait()
 
     def begin_write(
-        self, data: bytes, *, study_uid: str, series_uid: str, sop_uid: str, version: int = 1
+        self,
+        data: bytes,
+        *,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        version: int = 1,
+        sha256: str | None = None,
     ) -> PendingWrite:
-        """Write ``data`` to a temporary file now; flush and rename it on a pool thread."""
+        """Write ``data`` to a temporary file now; flush and rename it on a pool thread.
+
+        ``sha256``: the caller's :func:`digest` of ``data``, if it has one (the ingest path
+        digests every instance to find re-sends; hashing 130 KB again costs 0.1 ms).
+        """
         target = self.path_for(study_uid, series_uid, sop_uid, version)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident():x}.tmp")
         try:
@@ -203,7 +214,7 @@ class FileStore:
             os.close(fd)
             self._discard(tmp)
             raise StorageFull(exc.errno, f"cannot store instance: {exc.strerror}") from exc
-        stored = StoredFile(path=target, sha256=digest(data), size=len(data))
+        stored = StoredFile(path=target, sha256=sha256 or digest(data), size=len(data))
         return PendingWrite(stored, self._flusher.submit(self._finish, fd, tmp, target))
 
     def _finish(self, fd: int, tmp: Path, target: Path) -> None:
