@@ -2,9 +2,10 @@
 
 Stability is a heuristic (a quiet period after the last instance); it is re-evaluated from the
 database on every tick, so a restart loses no series (only time the node listened counts as
-quiet: :func:`promote_stable`), and a late instance simply re-opens the series (see :mod:`dicom_node.receiving.ingest`). A series whose headers declare its size and that has
-fully arrived is promoted at once (:func:`promote_complete`, :mod:`dicom_node.series.completeness`). Jobs
-whose message was lost or whose worker died are re-queued here; the worker's claim makes
+quiet: :func:`promote_stable`), and a late instance simply re-opens the series (see
+:mod:`dicom_node.receiving.ingest`). A series whose headers declare its size and that has fully
+arrived is promoted at once (:func:`promote_complete`, :mod:`dicom_node.series.completeness`).
+Jobs whose message was lost or whose worker died are re-queued here; the worker's claim makes
 duplicates harmless.
 """
 
