@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
@@ -276,6 +277,63 @@ def test_recovery_indexes_orphaned_and_unindexed_files(ingestor: Ingestor) -> No
     assert uids == {orphan_ds.SOPInstanceUID, lost_ds.SOPInstanceUID}
     assert not orphan.exists() and not torn.exists()
     assert recover(ingestor) == 0  # idempotent
+
+
+def test_recovery_leaves_a_live_sibling_processs_write_alone(
+    ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several node processes share one store: one starting (and recovering) while another is
+    between writing an instance and renaming it must neither take nor remove that file."""
+    from dicom_node.receiving import storage
+    from dicom_node.receiving.ingest import recover
+
+    flushing, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+    calls: list[int] = []
+
+    def held_fsync(fd: int) -> None:  # the first flush waits: the writer is mid-write
+        calls.append(fd)
+        if len(calls) == 1:
+            flushing.set()
+            release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", held_fsync)
+    ds = mr_dataset(generate_uid(), generate_uid())
+    outcomes: list[IngestOutcome] = []
+    writer = threading.Thread(target=lambda: outcomes.append(_ingest(ingestor, encode(ds))))
+    writer.start()
+    try:
+        assert flushing.wait(30)
+        (in_flight,) = ingestor.store.orphans()
+        sibling = Ingestor(FileStore(ingestor.store.root), ingestor.sessions)
+        assert recover(sibling) == 0
+        assert in_flight.exists()
+    finally:
+        release.set()
+        writer.join(60)
+    assert [(o.status, o.detail) for o in outcomes] == [(StoreStatus.SUCCESS, "stored")]
+    with ingestor.sessions() as s:
+        (row,) = s.scalars(select(Instance)).all()
+    assert Path(row.path).read_bytes() == encode(ds) and not ingestor.store.orphans()
+
+
+def test_a_claimed_orphan_is_read_once_its_writer_is_gone(tmp_path: Path) -> None:
+    """The lock, not the file name, tells a live writer's file from a dead one's."""
+    store = FileStore(tmp_path)
+    folder = tmp_path / "1.2" / "3.4"
+    folder.mkdir(parents=True)
+    orphan = folder / ".5.6.dcm.1.abc.tmp"
+    orphan.write_bytes(b"bytes a crashed writer fsynced")
+    held = os.open(orphan, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a live writer (another open file description)
+    with store.claim_orphan(orphan) as data:
+        assert data is None
+    os.close(held)  # the writer died: its lock went with it
+    with store.claim_orphan(orphan) as data:
+        assert data == b"bytes a crashed writer fsynced"
+    with store.claim_orphan(folder / ".gone.dcm.1.abc.tmp") as data:
+        assert data is None
 
 
 def test_a_studys_seg_is_queued_before_its_images(ingestor: Ingestor) -> None:

@@ -347,34 +347,42 @@ def recover(ingestor: Ingestor) -> int:
     """Index what a crash left unindexed: orphaned temporary files and unindexed files.
 
     Each is fed back through :meth:`Ingestor.ingest` (which de-duplicates by content), and the
-    orphan removed afterwards. Returns how many instances were recovered.
+    orphan removed afterwards. A temporary file a live sibling process is still writing is left
+    to it. Returns how many instances were recovered.
     """
-    recovered = 0
+    recovered = found = 0
     with ingestor.sessions() as session:
         known = set(session.scalars(select(Instance.path)))
-    candidates = ingestor.store.orphans() + [
-        p for p in ingestor.store.files() if str(p) not in known
-    ]
-    for path in candidates:
-        data = path.read_bytes()
-        try:
-            meta = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-            outcome = ingestor.ingest(
-                data,
-                sop_class_uid=str(meta.file_meta.MediaStorageSOPClassUID),
-                sop_instance_uid=str(meta.file_meta.MediaStorageSOPInstanceUID),
-                transfer_syntax_uid=str(meta.file_meta.TransferSyntaxUID),
-                calling_aet="recovered",
-            )
-        except Exception:
-            outcome = IngestOutcome(StoreStatus.CANNOT_UNDERSTAND, "unreadable")
-        if path.name.endswith(".tmp"):
-            path.unlink(missing_ok=True)  # a copy now lives under its final name, or it was torn
-        if outcome.status is StoreStatus.SUCCESS and outcome.detail != "duplicate":
-            recovered += 1
-    if candidates:
+    for orphan in ingestor.store.orphans():
+        with ingestor.store.claim_orphan(orphan) as data:
+            if data is None:
+                continue
+            found += 1
+            recovered += _recover_one(ingestor, data)
+            orphan.unlink(missing_ok=True)  # a copy now lives under its final name, or it was torn
+    for path in ingestor.store.files():
+        if str(path) not in known:
+            found += 1
+            recovered += _recover_one(ingestor, path.read_bytes())
+    if found:
         log.warning(
             "recovered files after an unclean stop",
-            extra={"found": len(candidates), "recovered": recovered},
+            extra={"found": found, "recovered": recovered},
         )
     return recovered
+
+
+def _recover_one(ingestor: Ingestor, data: bytes) -> int:
+    """1 if ``data`` was a new instance now indexed, 0 if a duplicate or unreadable."""
+    try:
+        meta = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        outcome = ingestor.ingest(
+            data,
+            sop_class_uid=str(meta.file_meta.MediaStorageSOPClassUID),
+            sop_instance_uid=str(meta.file_meta.MediaStorageSOPInstanceUID),
+            transfer_syntax_uid=str(meta.file_meta.TransferSyntaxUID),
+            calling_aet="recovered",
+        )
+    except Exception:
+        return 0
+    return int(outcome.status is StoreStatus.SUCCESS and outcome.detail != "duplicate")

@@ -5,15 +5,23 @@ on POSIX), so a success status never points at a torn file. Syncing the folder a
 rename itself durable against power loss but costs a second device flush (7 ms measured here);
 by default the node instead recovers at start-up any fsynced temporary file whose rename was
 lost (:meth:`FileStore.orphans`, ``Ingestor.recover``). ``dir_fsync=True`` buys the strict form.
+
+Several node processes may share one store (``node_reuse_port``), and one may start while another
+is writing. A writer therefore holds an exclusive ``flock`` on its temporary file from creation
+until after the rename, and recovery claims a temporary file only when it can take that lock
+(:meth:`FileStore.claim_orphan`): a starting process never takes a live sibling's file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
+import secrets
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
@@ -167,6 +175,9 @@ class FileStore:
         ensure_private_dir(self.root)
         self._flusher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
         self._folders: set[Path] = set()  # series folders known to exist
+        # Temporary names unique to this store object, so that its writes never open a file that
+        # another process (same PID in another container, or a PID reused) left or is writing.
+        self._writer = f"{os.getpid()}.{secrets.token_hex(4)}"
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str, version: int) -> Path:
         name = _safe_uid(sop_uid) + (f".v{version}" if version > 1 else "") + ".dcm"
@@ -196,14 +207,14 @@ class FileStore:
         digests every instance to find re-sends; hashing 130 KB again costs 0.1 ms).
         """
         target = self.path_for(study_uid, series_uid, sop_uid, version)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident():x}.tmp")
+        tmp = target.with_name(f".{target.name}.{self._writer}.{threading.get_ident():x}.tmp")
         try:
             if target.parent not in self._folders:
                 # one level at a time: mkdir(parents=True) gives parents the default mode
                 target.parent.parent.mkdir(mode=FOLDER_MODE, exist_ok=True)
                 target.parent.mkdir(mode=FOLDER_MODE, exist_ok=True)
                 self._folders.add(target.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            fd = self._open_locked(tmp)
         except OSError as exc:
             raise StorageFull(exc.errno, f"cannot store instance: {exc.strerror}") from exc
         try:
@@ -217,14 +228,29 @@ class FileStore:
         stored = StoredFile(path=target, sha256=sha256 or digest(data), size=len(data))
         return PendingWrite(stored, self._flusher.submit(self._finish, fd, tmp, target))
 
+    @staticmethod
+    def _open_locked(tmp: Path) -> int:
+        """Create ``tmp`` and lock it; again if a sibling's recovery removed it before the lock
+        (between create and lock the file is empty, which recovery reads as torn)."""
+        while True:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.fstat(fd).st_nlink:
+                    return fd
+            except OSError:
+                os.close(fd)
+                raise
+            os.close(fd)
+
     def _finish(self, fd: int, tmp: Path, target: Path) -> None:
         try:
             try:
                 if self.fsync:
                     os.fsync(fd)
+                os.replace(tmp, target)  # before close: the lock is held until the file is in place
             finally:
                 os.close(fd)
-            os.replace(tmp, target)
             if self.dir_fsync:
                 dir_fd = os.open(target.parent, os.O_RDONLY)
                 try:
@@ -241,8 +267,37 @@ class FileStore:
             tmp.unlink(missing_ok=True)
 
     def orphans(self) -> list[Path]:
-        """Temporary files left by a crash between fsync and rename (or before fsync)."""
+        """Temporary files left by a crash between fsync and rename (or before fsync), and any
+        a live writer holds now: :meth:`claim_orphan` tells them apart."""
         return sorted(self.root.glob("*/*/.*.tmp"))
+
+    @contextlib.contextmanager
+    def claim_orphan(self, tmp: Path) -> Iterator[bytes | None]:
+        """The bytes of temporary file ``tmp``, locked against writers while the caller recovers
+        and removes it; ``None`` when a live writer holds it or it was renamed into place."""
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield None  # a live writer: it renames the file when its fsync ends
+                return
+            try:
+                still_there = os.stat(tmp).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                still_there = False
+            if not still_there:
+                yield None  # renamed into place between the listing and the lock
+                return
+            with os.fdopen(os.dup(fd), "rb") as file:
+                data = file.read()
+            yield data
+        finally:
+            os.close(fd)
 
     def files(self) -> list[Path]:
         return sorted(self.root.glob("*/*/*.dcm"))
