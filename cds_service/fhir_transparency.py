@@ -481,21 +481,27 @@ def _rewrite_references(value: Any, local: Mapping[str, str]) -> Any:
     return value
 
 
-def link_imaging_studies(value: Any, study_ids: Mapping[str, str]) -> Any:
-    """A copy of ``value`` whose ImagingStudy references by StudyInstanceUID gain the EHR's id.
+def mark_imaging_studies(value: Any, mark: str) -> Any:
+    """A copy of ``value`` in which each ImagingStudy reference by StudyInstanceUID (logical,
+    without a literal ``reference``) starts with the key ``mark`` holding that UID.
 
-    ``study_ids``: StudyInstanceUID → ImagingStudy id (``prefetch.imaging_study_ids``).
+    The card template (``card_cache.CardTemplate``) turns each mark into
+    ``"reference": "ImagingStudy/<id>"`` when the EHR's ``imaging`` prefetch names the study
+    (``prefetch.imaging_study_ids``), and into nothing when it does not.
     """
     if isinstance(value, dict):
-        out = {k: link_imaging_studies(v, study_ids) for k, v in value.items()}
+        out = {k: mark_imaging_studies(v, mark) for k, v in value.items()}
         ident = out.get("identifier")
-        if out.get("type") == "ImagingStudy" and isinstance(ident, dict) and "reference" not in out:
-            uid = str(ident.get("value", "")).removeprefix("urn:oid:")
-            if ident.get("system") == DICOM_UID_SYSTEM and uid in study_ids:
-                out = {"reference": f"ImagingStudy/{study_ids[uid]}", **out}
+        if (
+            out.get("type") == "ImagingStudy"
+            and isinstance(ident, dict)
+            and ident.get("system") == DICOM_UID_SYSTEM
+            and "reference" not in out
+        ):
+            out = {mark: str(ident.get("value", "")).removeprefix("urn:oid:"), **out}
         return out
     if isinstance(value, list):
-        return [link_imaging_studies(v, study_ids) for v in value]
+        return [mark_imaging_studies(v, mark) for v in value]
     return value
 
 

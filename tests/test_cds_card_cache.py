@@ -17,6 +17,8 @@ from typing import Any
 import jwt
 import pytest
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_cds_support import (
     MASS_DESCRIPTORS,
     SERVICE_PATH,
@@ -217,6 +219,84 @@ def test_template_escapes_spliced_values() -> None:
     assert parsed["cards"][0]["suggestions"][0]["resource"]["subject"] == "Patient/p-1"
     with pytest.raises(KeyError):
         template.render({Slot.PATIENT_ID: "p-1"})  # a slot never goes out unfilled
+
+
+_UIDS = st.sampled_from(["1.2.3", "1.2.3.4", "9.9"])
+
+
+@st.composite
+def _study_references(draw: st.DrawFn) -> dict[str, Any]:
+    ref: dict[str, Any] = {
+        "type": draw(st.sampled_from(["ImagingStudy", "ImagingStudy", "Patient"])),
+        "identifier": {
+            "system": draw(st.sampled_from(["urn:dicom:uid", "urn:dicom:uid", "urn:other"])),
+            "value": "urn:oid:" + draw(_UIDS),
+        },
+    }
+    if draw(st.booleans()) and draw(st.booleans()):
+        ref["reference"] = "ImagingStudy/already"
+    if draw(st.booleans()):
+        ref["display"] = draw(st.text(max_size=8))
+    return ref
+
+
+@st.composite
+def _cards_with_study_references(draw: st.DrawFn) -> dict[str, Any]:
+    """Cards whose resources reference studies by UID, by literal reference, or not at all."""
+    refs = _study_references()
+    return {
+        "uuid": "u",
+        "detail": f"{Slot.BIOPSY_LINE.value}",
+        "suggestions": [
+            {
+                "resource": {
+                    "subject": f"Patient/{Slot.PATIENT_ID.value}",
+                    "derivedFrom": draw(st.lists(refs, max_size=3)),
+                    "nested": [{"entity": draw(st.lists(refs, max_size=2))}],
+                }
+            }
+        ],
+    }
+
+
+def _linked(value: Any, study_ids: dict[str, str]) -> Any:
+    """Oracle: each ImagingStudy reference by a DICOM UID the EHR names gains its literal
+    reference, as the first key; everything else as it was."""
+    if isinstance(value, list):
+        return [_linked(v, study_ids) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: _linked(v, study_ids) for k, v in value.items()}
+    ident = out.get("identifier")
+    if out.get("type") == "ImagingStudy" and isinstance(ident, dict) and "reference" not in out:
+        uid = ident["value"].removeprefix("urn:oid:")
+        if ident.get("system") == "urn:dicom:uid" and uid in study_ids:
+            out = {"reference": f"ImagingStudy/{study_ids[uid]}", **out}
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    card=_cards_with_study_references(),
+    study_ids=st.dictionaries(_UIDS, st.text(min_size=1, max_size=12), max_size=3),
+)
+def test_template_names_the_ehrs_imaging_studies_as_a_parsed_card_would(
+    card: dict[str, Any], study_ids: dict[str, str]
+) -> None:
+    """The ImagingStudy ids are spliced into the prepared bytes (no parse of the card per call):
+    the body is exactly the serialized card with the references linked, key order included."""
+    values = {Slot.BIOPSY_LINE: "biopsy", Slot.PATIENT_ID: "p-1"}
+    body = CardTemplate(card).render(values, study_ids)
+    filled = json.loads(
+        json.dumps(card)
+        .replace(Slot.BIOPSY_LINE.value, "biopsy")
+        .replace(Slot.PATIENT_ID.value, "p-1")
+    )
+    expected = json.dumps(
+        {"cards": [_linked(filled, study_ids)]}, ensure_ascii=False, separators=(",", ":")
+    )
+    assert body.decode() == expected
+    assert "@@" not in body.decode()
 
 
 def test_cache_is_bounded_lru() -> None:

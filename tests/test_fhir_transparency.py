@@ -33,8 +33,8 @@ from test_cds_support import (
     walk_empty,
 )
 
+from cds_service.card_cache import CardTemplate
 from cds_service.fhir_transparency import (
-    link_imaging_studies,
     transaction_bundle,
     variant_model_card,
 )
@@ -254,7 +254,8 @@ def test_imaging_study_ids_skips_clashes_and_other_systems() -> None:
     assert imaging_study_ids(_imaging_study()) == {STUDY_UID: "img-7"}
     assert imaging_study_ids(None) == {}
     ref = {"type": "ImagingStudy", "identifier": {"system": "urn:dicom:uid", "value": "urn:oid:9"}}
-    assert link_imaging_studies([ref], {STUDY_UID: "img-7"}) == [ref]  # another study: untouched
+    body = CardTemplate({"derivedFrom": [ref]}).render({}, {STUDY_UID: "img-7"})
+    assert json.loads(body)["cards"][0]["derivedFrom"] == [ref]  # another study: untouched
 
 
 def test_transaction_bundle_uses_urn_uuid_and_conditional_creates(service: Service) -> None:

@@ -9,7 +9,6 @@ most one light read query (``lookup``, reused while nothing changed) and one wri
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -17,7 +16,7 @@ from typing import Any
 
 from cds_service.audit import AuditAction
 from cds_service.biopsy import BiopsyHer2, BiopsyReading, latest_reading
-from cds_service.card_cache import CardTemplate, PreparedCard, Slot, dumps
+from cds_service.card_cache import CardTemplate, PreparedCard, Slot
 from cds_service.cards import (
     CardContext,
     PredictionBasis,
@@ -31,7 +30,6 @@ from cds_service.case_state import is_discordant
 from cds_service.errors import ApiError
 from cds_service.fhir_transparency import (
     DescriptorSource,
-    link_imaging_studies,
     variant_model_card,
 )
 from cds_service.identity import AmbiguousIdentityError, patient_keys
@@ -147,13 +145,13 @@ def handle(
         biopsy_her2_zero=biopsy.status is BiopsyHer2.ZERO,
     )
     template = prepared.discordant if discordant and prepared.discordant else prepared.plain
-    body = template.render(
-        {Slot.PATIENT_ID: request.context.patient_id, Slot.BIOPSY_LINE: biopsy_line(biopsy)}
-    )
+    study_ids = None
     if prepared.needs_biopsy:  # a prediction card: name the EHR's ImagingStudy when it has one
         study_ids = imaging_study_ids(resolver.get(PrefetchKey.IMAGING, required=False))
-        if study_ids:
-            body = dumps(link_imaging_studies(json.loads(body), study_ids)).encode()
+    body = template.render(
+        {Slot.PATIENT_ID: request.context.patient_id, Slot.BIOPSY_LINE: biopsy_line(biopsy)},
+        study_ids,
+    )
     detail = {"card": prepared.card_uuid, "hookInstance": request.hook_instance}
     events: list[AuditTuple] = [(actor, AuditAction.CARD_SHOWN, row.result_id, detail)]
     if discordant:
