@@ -533,6 +533,18 @@ def _prepare(
     return env, body
 
 
+def imaging_prefetch(study_uid: str = "1.2.826.0.1.3680043.8.498.1") -> dict[str, Any]:
+    """The `imaging` prefetch naming the benchmark patient's MRI study (as `result_payload`)."""
+    study = {
+        "resourceType": "ImagingStudy",
+        "id": "img-1",
+        "status": "available",
+        "subject": {"reference": "Patient/pat-1"},
+        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}],
+    }
+    return {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": study}]}
+
+
 def _tokens(folder: Path, aud: str, threads: int, per_thread: int, kind: str = "es") -> None:
     from test_cds_support import make_token
 
@@ -590,14 +602,19 @@ def _profile(requests_n: int) -> int:
         client = app.test_client()
         aud = f"http://127.0.0.1:{port}{SERVICE_PATH}"
         raw = json.dumps(body).encode()
-        tokens = [make_token(aud, iss=ISSUER, lifetime=280) for _ in range(3 * requests_n + 50)]
+        # The same call as an EHR honouring the discovery's `imaging` prefetch sends it.
+        with_imaging = {**body, "prefetch": {**body["prefetch"], "imaging": imaging_prefetch()}}
+        raw_imaging = json.dumps(with_imaging).encode()
+        tokens = [make_token(aud, iss=ISSUER, lifetime=280) for _ in range(4 * requests_n + 50)]
         headers = {"Content-Type": "application/json"}
 
-        def call(token: str) -> None:
+        def call(token: str, data: bytes = raw) -> None:
             response = client.post(
-                SERVICE_PATH, data=raw, headers={**headers, "Authorization": "Bearer " + token}
+                SERVICE_PATH, data=data, headers={**headers, "Authorization": "Bearer " + token}
             )
             assert response.status_code == 200, response.data
+            if data is raw_imaging:
+                assert b'"reference":"ImagingStudy/img-1"' in response.data
 
         for token in tokens[:50]:  # warm-up: caches, compiled statements
             call(token)
@@ -627,14 +644,16 @@ def _profile(requests_n: int) -> int:
             used = UsedToken.of(verified.iss, verified.jti, verified.exp, leeway)
             event = [("Practitioner/doc-1", "card-shown", row.result_id, {"card": "x"})]
             timed("jti + audit (1 commit)", lambda u=used, e=event: st.store.record_call(u, e))
-        for token in tokens[50 + requests_n : 50 + 2 * requests_n]:
+        plain, imaging = tokens[50 + requests_n : 50 + 2 * requests_n], tokens[-requests_n:]
+        for token, other in zip(plain, imaging, strict=True):  # interleaved
             timed("whole request (test client)", lambda t=token: call(t))
+            timed("  with imaging prefetch", lambda t=other: call(t, raw_imaging))
         print(f"stage timings, median of {requests_n} calls (load {_load()}):")
         for name, values in stage.items():
             print(f"  {name:30} {_median(values) * 1e3:7.3f} ms")
         profiler = cProfile.Profile()
         profiler.enable()
-        for token in tokens[50 + 2 * requests_n :]:
+        for token in tokens[50 + 2 * requests_n : 50 + 3 * requests_n]:
             call(token)
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
