@@ -11,6 +11,7 @@ of ``bench_hooks.py``; a pair's tokens are minted just before it (they expire) a
 apps, each of which records them in its own jti table.
 
     .venv/bin/python benchmarks/bench_hooks_paired.py [--pairs 20] [--slice 3] [--postgres]
+        [--imaging-prefetch]
 
 Needs ``wrk`` (Debian: apt-get install -y wrk). Loopback only; stops its servers by itself.
 About 5 minutes with the defaults.
@@ -107,6 +108,11 @@ def main() -> int:
     parser.add_argument(
         "--postgres", action="store_true", help="both apps on a throwaway PostgreSQL"
     )
+    parser.add_argument(
+        "--imaging-prefetch",
+        action="store_true",
+        help="send the imaging prefetch the discovery asks for, naming the patient's MRI study",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
@@ -120,6 +126,8 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         ports = {name: free_port() for name in APPS}
         home, env, body, _ = bench_hooks.prepared_apps(stack, ports["ours"], postgres=args.postgres)
+        if args.imaging_prefetch:
+            body["prefetch"]["imaging"] = bench_hooks.imaging_prefetch()
         raw_body = json.dumps(body).encode()
         aud = f"http://127.0.0.1:{ports['ours']}{bench_hooks.SERVICE_PATH}"
         tokens = home / "tokens"
