@@ -318,6 +318,29 @@ def test_recovery_leaves_a_live_sibling_processs_write_alone(
     assert Path(row.path).read_bytes() == encode(ds) and not ingestor.store.orphans()
 
 
+def test_a_write_whose_new_file_a_recovery_removed_before_the_lock_starts_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between creating its temporary file and locking it, a writer's file is empty; a sibling's
+    recovery may read it as torn and remove it. The writer must notice and write a new one."""
+    from dicom_node.receiving import storage
+
+    real_flock = fcntl.flock
+    removed: list[str] = []
+
+    def flock_after_a_recovery(fd: int, operation: int) -> None:
+        if not removed:
+            (tmp,) = tmp_path.glob("*/*/.*.tmp")
+            tmp.unlink()  # what recover() does with an empty (torn) temporary file
+            removed.append(tmp.name)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(storage.fcntl, "flock", flock_after_a_recovery)
+    stored = FileStore(tmp_path).write(b"instance", study_uid="1.2", series_uid="3.4", sop_uid="5")
+    assert removed and stored.path.read_bytes() == b"instance"
+    assert not list(tmp_path.glob("*/*/.*.tmp"))
+
+
 def test_a_claimed_orphan_is_read_once_its_writer_is_gone(tmp_path: Path) -> None:
     """The lock, not the file name, tells a live writer's file from a dead one's."""
     store = FileStore(tmp_path)
