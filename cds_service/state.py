@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 
 from cds_service.auth import TokenVerifier
 from cds_service.card_cache import CardCache
+from cds_service.pathology import KnownSources
 from cds_service.predictions import PredictionService, RuntimeProvider
 from cds_service.store import Store
 from cds_service.store.lookup_cache import HookLookupCache
@@ -28,6 +29,7 @@ class ServiceState:
     predictions: PredictionService
     cards: CardCache = field(default_factory=CardCache)  # per process: rows are immutable
     lookups: HookLookupCache = field(default_factory=HookLookupCache)  # per process, checked
+    pathology_sources: KnownSources = field(default_factory=KnownSources)  # rows append-only
     writeback: FhirWriteback | None = None  # made on first use (writeback.writer_for)
 
     @property

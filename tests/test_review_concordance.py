@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 from test_cds_support import (
     ReviewClient,
     Service,
@@ -120,11 +121,24 @@ def test_later_her2_observation_from_the_ehr_is_kept_once(service: Service) -> N
         "patient": patient_resource(),
         "her2": _her2("IHC 2+, ISH not amplified", "2026-12-01"),
     }
-    for _ in range(2):
-        assert service.post_hook(hook_body(prefetch=later)).status_code == 200
+    attempts: list[str] = []
+
+    def count_inserts(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("INSERT INTO pathology_results"):
+            attempts.append(statement)
+
+    engine = service.app.extensions["her2low_cds"].engine
+    event.listen(engine, "before_cursor_execute", count_inserts)
+    try:
+        for _ in range(3):
+            assert service.post_hook(hook_body(prefetch=later)).status_code == 200
+    finally:
+        event.remove(engine, "before_cursor_execute", count_inserts)
     (report,) = store.pathology_for(rid)
     assert (report.her2, report.score, report.source) == ("low", "2+ ISH-", PathologySource.EHR)
     assert report.reported_at == datetime(2026, 12, 1, tzinfo=UTC)
+    # the same result in every later call's prefetch is not offered to the database again
+    assert len(attempts) == 1
 
 
 def _row(p: float | None, her2: Her2Pathology) -> ConcordanceRow:

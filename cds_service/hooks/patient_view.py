@@ -158,7 +158,9 @@ def handle(
         events.append((actor, AuditAction.DISCORDANCE_DETECTED, row.result_id, detail))
     commit(events)
     if biopsy.date:  # a HER2 result dated after the MRI is kept for the concordance view
-        record_from_prefetch(st.store, row.result_id, row.acquired_at, biopsy, actor)
+        record_from_prefetch(
+            st.store, row.result_id, row.acquired_at, biopsy, actor, st.pathology_sources
+        )
     if prepared.needs_biopsy and st.settings.cds_fhir_writeback:
         _write_back(st, request, body, row.result_id, prepared.card_uuid)
     return body
