@@ -545,6 +545,19 @@ def imaging_prefetch(study_uid: str = "1.2.826.0.1.3680043.8.498.1") -> dict[str
     return {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": study}]}
 
 
+def later_her2_prefetch(day: str = "2026-12-01") -> dict[str, Any]:
+    """A `her2` prefetch with a HER2 result dated after the MRI (`result_payload`: 2026-11-25)."""
+    observation = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "48676-1"}]},
+        "subject": {"reference": "Patient/pat-1"},
+        "effectiveDateTime": day,
+        "valueCodeableConcept": {"text": "IHC 1+"},
+    }
+    return {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": observation}]}
+
+
 def _tokens(folder: Path, aud: str, threads: int, per_thread: int, kind: str = "es") -> None:
     from test_cds_support import make_token
 
@@ -602,10 +615,18 @@ def _profile(requests_n: int) -> int:
         client = app.test_client()
         aud = f"http://127.0.0.1:{port}{SERVICE_PATH}"
         raw = json.dumps(body).encode()
-        # The same call as an EHR honouring the discovery's `imaging` prefetch sends it.
-        with_imaging = {**body, "prefetch": {**body["prefetch"], "imaging": imaging_prefetch()}}
-        raw_imaging = json.dumps(with_imaging).encode()
-        tokens = [make_token(aud, iss=ISSUER, lifetime=280) for _ in range(4 * requests_n + 50)]
+        # The same call as EHRs send it: honouring the discovery's `imaging` prefetch, and for a
+        # patient whose later pathology (dated after the MRI) is in the `her2` prefetch.
+        variants = {
+            "  with imaging prefetch": {"imaging": imaging_prefetch()},
+            "  with a later HER2 result": {"her2": later_her2_prefetch()},
+        }
+        raws = {
+            name: json.dumps({**body, "prefetch": {**body["prefetch"], **extra}}).encode()
+            for name, extra in variants.items()
+        }
+        n_tokens = (3 + len(raws)) * requests_n + 50
+        tokens = [make_token(aud, iss=ISSUER, lifetime=280) for _ in range(n_tokens)]
         headers = {"Content-Type": "application/json"}
 
         def call(token: str, data: bytes = raw) -> None:
@@ -613,7 +634,7 @@ def _profile(requests_n: int) -> int:
                 SERVICE_PATH, data=data, headers={**headers, "Authorization": "Bearer " + token}
             )
             assert response.status_code == 200, response.data
-            if data is raw_imaging:
+            if data is raws["  with imaging prefetch"]:
                 assert b'"reference":"ImagingStudy/img-1"' in response.data
 
         for token in tokens[:50]:  # warm-up: caches, compiled statements
@@ -644,10 +665,11 @@ def _profile(requests_n: int) -> int:
             used = UsedToken.of(verified.iss, verified.jti, verified.exp, leeway)
             event = [("Practitioner/doc-1", "card-shown", row.result_id, {"card": "x"})]
             timed("jti + audit (1 commit)", lambda u=used, e=event: st.store.record_call(u, e))
-        plain, imaging = tokens[50 + requests_n : 50 + 2 * requests_n], tokens[-requests_n:]
-        for token, other in zip(plain, imaging, strict=True):  # interleaved
+        spare = iter(tokens[50 + 3 * requests_n :])
+        for token in tokens[50 + requests_n : 50 + 2 * requests_n]:  # the bodies interleaved
             timed("whole request (test client)", lambda t=token: call(t))
-            timed("  with imaging prefetch", lambda t=other: call(t, raw_imaging))
+            for name, data in raws.items():
+                timed(name, lambda t=next(spare), d=data: call(t, d))
         print(f"stage timings, median of {requests_n} calls (load {_load()}):")
         for name, values in stage.items():
             print(f"  {name:30} {_median(values) * 1e3:7.3f} ms")
