@@ -11,7 +11,7 @@ of ``bench_hooks.py``; a pair's tokens are minted just before it (they expire) a
 apps, each of which records them in its own jti table.
 
     .venv/bin/python benchmarks/bench_hooks_paired.py [--pairs 20] [--slice 3] [--postgres]
-        [--imaging-prefetch]
+        [--imaging-prefetch] [--later-her2]
 
 Needs ``wrk`` (Debian: apt-get install -y wrk). Loopback only; stops its servers by itself.
 About 5 minutes with the defaults.
@@ -113,6 +113,11 @@ def main() -> int:
         action="store_true",
         help="send the imaging prefetch the discovery asks for, naming the patient's MRI study",
     )
+    parser.add_argument(
+        "--later-her2",
+        action="store_true",
+        help="send a her2 prefetch holding a HER2 result dated after the MRI",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
@@ -128,6 +133,8 @@ def main() -> int:
         home, env, body, _ = bench_hooks.prepared_apps(stack, ports["ours"], postgres=args.postgres)
         if args.imaging_prefetch:
             body["prefetch"]["imaging"] = bench_hooks.imaging_prefetch()
+        if args.later_her2:
+            body["prefetch"]["her2"] = bench_hooks.later_her2_prefetch()
         raw_body = json.dumps(body).encode()
         aud = f"http://127.0.0.1:{ports['ours']}{bench_hooks.SERVICE_PATH}"
         tokens = home / "tokens"
