@@ -279,7 +279,7 @@ def test_recovery_indexes_orphaned_and_unindexed_files(ingestor: Ingestor) -> No
     assert recover(ingestor) == 0  # idempotent
 
 
-def test_recovery_leaves_a_live_sibling_processs_write_alone(
+def test_recovery_leaves_alone_a_file_a_live_sibling_process_is_writing(
     ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Several node processes share one store: one starting (and recovering) while another is
