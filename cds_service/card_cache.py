@@ -21,13 +21,13 @@ import json
 import re
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from cds_service.fhir_transparency import mark_imaging_studies
+from cds_service.lru import LruDict
 
 # Random per process: a placeholder can never be produced by stored or EHR data.
 _NONCE = uuid.uuid4().hex
@@ -126,27 +126,26 @@ class CardCache:
     """A small thread-safe LRU of PreparedCard by key (gthread workers share one per process)."""
 
     def __init__(self, maxsize: int = 512) -> None:
-        self.maxsize = maxsize
-        self._items: OrderedDict[Hashable, PreparedCard] = OrderedDict()
+        self._items: LruDict[Hashable, PreparedCard] = LruDict(maxsize)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
+    @property
+    def maxsize(self) -> int:
+        return self._items.capacity
+
     def get_or_build(self, key: Hashable, build: Callable[[], PreparedCard]) -> PreparedCard:
         """The cached entry, or ``build()`` stored under ``key`` (built outside the lock)."""
         with self._lock:
-            found = self._items.get(key)
+            found = self._items.touch(key)
             if found is not None:
-                self._items.move_to_end(key)
                 self.hits += 1
                 return found
             self.misses += 1
         built = build()
         with self._lock:
-            self._items[key] = built
-            self._items.move_to_end(key)
-            while len(self._items) > self.maxsize:
-                self._items.popitem(last=False)
+            self._items.put(key, built)
         return built
 
     def clear(self) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 import threading
-from collections import OrderedDict
 from datetime import UTC, date, datetime, time
 
 from cds_service.biopsy import BiopsyHer2, BiopsyReading
+from cds_service.lru import LruDict
 from cds_service.store import Her2Pathology, PathologySource, Store
 
 _NOT_AMPLIFIED = re.compile(r"(not\s+amplified|non-?amplified|ish\s*(-|neg)|fish\s*(-|neg))")
@@ -72,23 +72,16 @@ class KnownSources:
     """
 
     def __init__(self, capacity: int = 10_000) -> None:
-        self.capacity = capacity
-        self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._pairs: LruDict[tuple[str, str], bool] = LruDict(capacity)
         self._lock = threading.Lock()
 
     def __contains__(self, pair: tuple[str, str]) -> bool:
         with self._lock:
-            if pair not in self._pairs:
-                return False
-            self._pairs.move_to_end(pair)
-            return True
+            return self._pairs.touch(pair) is not None
 
     def add(self, pair: tuple[str, str]) -> None:
         with self._lock:
-            self._pairs[pair] = None
-            self._pairs.move_to_end(pair)
-            while len(self._pairs) > self.capacity:
-                self._pairs.popitem(last=False)
+            self._pairs.put(pair, True)
 
     def __len__(self) -> int:
         return len(self._pairs)

@@ -12,8 +12,8 @@ call, whichever process or tool made the change (the generation is bumped by tri
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 
+from cds_service.lru import LruDict
 from cds_service.store.values import HookLookup
 
 Keys = tuple[tuple[str, str], ...]
@@ -23,18 +23,17 @@ class HookLookupCache:
     """A bounded LRU of lookups by patient keys, all of one generation (the latest read)."""
 
     def __init__(self, capacity: int = 20_000) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[Keys, HookLookup] = OrderedDict()
+        self._entries: LruDict[Keys, HookLookup] = LruDict(capacity)
         self._generation: int | None = None
         self._lock = threading.Lock()
 
+    @property
+    def capacity(self) -> int:
+        return self._entries.capacity
+
     def get(self, keys: Keys) -> HookLookup | None:
         with self._lock:
-            found = self._entries.get(keys)
-            if found is None:
-                return None
-            self._entries.move_to_end(keys)
-            return found
+            return self._entries.touch(keys)
 
     def put(self, keys: Keys, lookup: HookLookup) -> None:
         """Keep ``lookup``; one of another generation than the kept ones drops them all.
@@ -49,10 +48,7 @@ class HookLookupCache:
             if lookup.generation != self._generation:
                 self._entries.clear()
                 self._generation = lookup.generation
-            self._entries[keys] = lookup
-            self._entries.move_to_end(keys)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            self._entries.put(keys, lookup)
 
     def __len__(self) -> int:
         return len(self._entries)
