@@ -547,15 +547,12 @@ def imaging_prefetch(study_uid: str = "1.2.826.0.1.3680043.8.498.1") -> dict[str
 
 def later_her2_prefetch(day: str = "2026-12-01") -> dict[str, Any]:
     """A `her2` prefetch with a HER2 result dated after the MRI (`result_payload`: 2026-11-25)."""
-    observation = {
-        "resourceType": "Observation",
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "48676-1"}]},
-        "subject": {"reference": "Patient/pat-1"},
-        "effectiveDateTime": day,
-        "valueCodeableConcept": {"text": "IHC 1+"},
-    }
-    return {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": observation}]}
+    from test_cds_support import her2_bundle
+
+    bundle = her2_bundle(text="IHC 1+")
+    assert bundle is not None
+    bundle["entry"][0]["resource"]["effectiveDateTime"] = day
+    return bundle
 
 
 def _tokens(folder: Path, aud: str, threads: int, per_thread: int, kind: str = "es") -> None:
